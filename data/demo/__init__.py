@@ -1,0 +1,1 @@
+"""Bundled demo task: synthetic medical-style images with Chinese captions and VQA."""
