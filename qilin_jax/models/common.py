@@ -1,0 +1,62 @@
+"""Small shared pieces: parameter creation with logical axes, norms, dtype helpers, remat."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def param(rngs: nnx.Rngs, shape, axes, *, std: float | None = 0.02, value: float | None = None):
+    """A float32 nnx.Param with logical `axes` metadata: normal(std) or a constant `value`."""
+    if len(axes) != len(shape):
+        raise ValueError(f"axes {axes} do not match shape {shape}")
+    if value is not None:
+        x = jnp.full(shape, value, jnp.float32)
+    else:
+        x = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+    return nnx.Param(x, axes=tuple(axes))
+
+
+def rms_norm(x, weight, eps: float):
+    """LLaMA RMSNorm, computed in float32 and cast back as HF does."""
+    dtype = x.dtype
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(dtype) * x32.astype(dtype)
+
+
+def layer_norm(x, scale, bias, eps: float):
+    """LayerNorm over the last axis, statistics in float32."""
+    dtype = x.dtype
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    return (y * scale + bias).astype(dtype)
+
+
+def remat_policy(name: str):
+    """jax.checkpoint policy for a config name ('none' returns None: no remat)."""
+    if name == "none":
+        return None
+    if name == "full":
+        return jax.checkpoint_policies.nothing_saveable
+    if name == "save_dots":
+        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    raise ValueError(f"unknown remat policy {name!r}")
+
+
+def scan_layers(body, carry, xs, *, remat: str = "none", length: int | None = None):
+    """lax.scan of `body(carry, x) -> (carry, y)` over stacked layers, optionally rematerialised."""
+    policy = remat_policy(remat)
+    if policy is not None:
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    return jax.lax.scan(body, carry, xs, length=length)
+
+
+def stacked_values(module: nnx.Module) -> dict:
+    """The Param values of a module with stacked layers, as a flat dict name -> array."""
+    return {k: v.get_value() if hasattr(v, "get_value") else v.value
+            for k, v in vars(module).items() if isinstance(v, nnx.Param)}

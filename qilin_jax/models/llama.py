@@ -1,0 +1,204 @@
+"""LLaMA-2 decoder in Flax NNX: RMSNorm, rotate-half RoPE, SwiGLU, MHA/GQA, KV cache.
+
+Layers are stored stacked (leading `layers` axis) and run with `lax.scan`, so a 40-layer
+model compiles one block. Kernels are [in, out] (torch Linear weights transposed).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qilin_jax.models.attention import attention, make_mask, resolve_implementation
+from qilin_jax.models.common import DTYPES, param, rms_norm, scan_layers, stacked_values
+from qilin_jax.models.configs import TextConfig
+from qilin_jax.sharding import constrain
+
+
+class KVCache(NamedTuple):
+    """Decoder KV cache: k/v [layers, batch, slots, kv_heads, head_dim], valid slots, next slot."""
+
+    k: jax.Array
+    v: jax.Array
+    mask: jax.Array  # [batch, slots] int32, 1 where the slot holds a real token
+    index: jax.Array  # int32 scalar: the slot the next token is written to
+
+    @classmethod
+    def init(cls, cfg: TextConfig, batch: int, slots: int, dtype=jnp.float32) -> "KVCache":
+        shape = (cfg.num_hidden_layers, batch, slots, cfg.num_key_value_heads, cfg.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                   jnp.zeros((batch, slots), jnp.int32), jnp.zeros((), jnp.int32))
+
+
+def rope_inv_freq(cfg: TextConfig):
+    """Inverse frequencies and the position scale for rotate-half RoPE."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    scale = 1.0
+    if cfg.rope_scaling:
+        kind = cfg.rope_scaling.get("rope_type", cfg.rope_scaling.get("type"))
+        if kind == "linear":
+            scale = 1.0 / float(cfg.rope_scaling["factor"])
+        elif kind not in (None, "default"):
+            raise ValueError(f"text.rope_scaling type {kind!r} is not supported (use 'linear')")
+    return inv, scale
+
+
+def rope_cos_sin(positions, cfg: TextConfig):
+    """cos/sin [batch, seq, head_dim] in float32 for integer positions [batch, seq]."""
+    inv, scale = rope_inv_freq(cfg)
+    freqs = (positions.astype(jnp.float32) * scale)[..., None] * inv
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate-half RoPE on [batch, seq, heads, head_dim]."""
+    half = x.shape[-1] // 2
+    rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos = cos[:, :, None, :].astype(x.dtype)
+    sin = sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rot * sin
+
+
+class LlamaLayers(nnx.Module):
+    """All decoder blocks, parameters stacked over a leading `layers` axis."""
+
+    def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs):
+        L, D, M = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size
+        H, KV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.attn_norm = param(rngs, (L, D), ("layers", "norm"), value=1.0)
+        self.q_proj = param(rngs, (L, D, H * hd), ("layers", "embed", "heads"))
+        self.k_proj = param(rngs, (L, D, KV * hd), ("layers", "embed", "kv_heads"))
+        self.v_proj = param(rngs, (L, D, KV * hd), ("layers", "embed", "kv_heads"))
+        self.o_proj = param(rngs, (L, H * hd, D), ("layers", "heads", "embed"))
+        self.mlp_norm = param(rngs, (L, D), ("layers", "norm"), value=1.0)
+        self.gate_proj = param(rngs, (L, D, M), ("layers", "embed", "mlp"))
+        self.up_proj = param(rngs, (L, D, M), ("layers", "embed", "mlp"))
+        self.down_proj = param(rngs, (L, M, D), ("layers", "mlp", "embed"))
+
+
+def _block(p, x, *, cfg: TextConfig, cos, sin, mask, segment_ids, lengths, impl, dtype,
+           cache_kv=None, cache_index=None):
+    """One decoder block on [batch, seq, embed]; returns (x, (k, v) for the cache or None)."""
+    B, T, _ = x.shape
+    H, KV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+    q = (h @ p["q_proj"].astype(dtype)).reshape(B, T, H, hd)
+    k = (h @ p["k_proj"].astype(dtype)).reshape(B, T, KV, hd)
+    v = (h @ p["v_proj"].astype(dtype)).reshape(B, T, KV, hd)
+    q = constrain(q, ("batch", "act_seq", "act_heads", None))
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    new_kv = None
+    if cache_kv is not None:
+        ck, cv = cache_kv
+        ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
+        cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
+        new_kv = (ck, cv)
+        k, v = ck.astype(dtype), cv.astype(dtype)
+    out = attention(q, k, v, mask=mask, causal=True, segment_ids=segment_ids, lengths=lengths,
+                    implementation=impl)
+    out = constrain(out, ("batch", "act_seq", "act_heads", None))
+    x = x + out.reshape(B, T, H * hd) @ p["o_proj"].astype(dtype)
+    x = constrain(x, ("batch", "act_seq", "act_embed"))
+    h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+    gate = h @ p["gate_proj"].astype(dtype)
+    up = h @ p["up_proj"].astype(dtype)
+    act = constrain(jax.nn.silu(gate) * up, ("batch", "act_seq", "act_mlp"))
+    x = x + act @ p["down_proj"].astype(dtype)
+    x = constrain(x, ("batch", "act_seq", "act_embed"))
+    return x, new_kv
+
+
+class LlamaModel(nnx.Module):
+    """Decoder-only LLaMA with an LM head; `__call__` returns (hidden_states, new_cache)."""
+
+    def __init__(self, cfg: TextConfig, *, dtype: str = "float32", attention_impl: str = "auto",
+                 remat: str = "none", rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.attention_impl = attention_impl
+        self.remat = remat
+        self.embed_tokens = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
+        self.layers = LlamaLayers(cfg, rngs=rngs)
+        self.norm = param(rngs, (cfg.hidden_size,), ("norm",), value=1.0)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"))
+
+    def embed(self, input_ids):
+        """Token embeddings [batch, seq, embed] in the compute dtype (ids clipped to the vocab)."""
+        ids = jnp.clip(input_ids, 0, self.cfg.vocab_size - 1)
+        emb = jnp.take(self.embed_tokens.get_value(), ids, axis=0).astype(DTYPES[self.dtype])
+        return constrain(emb, ("batch", "act_seq", "act_embed"))
+
+    def head_kernel(self):
+        """The [embed, vocab] output projection (the transposed embedding when tied)."""
+        if self.cfg.tie_word_embeddings:
+            return self.embed_tokens.get_value().T
+        return self.lm_head.get_value()
+
+    def logits(self, hidden):
+        """Logits [batch, seq, vocab] in the compute dtype."""
+        out = hidden @ self.head_kernel().astype(hidden.dtype)
+        return constrain(out, ("batch", "act_seq", "act_vocab"))
+
+    def __call__(self, inputs_embeds, *, segment_ids=None, position_ids=None,
+                 cache: KVCache | None = None, packed: bool = False):
+        """Final-norm hidden states [batch, seq, embed] and the updated cache (or None).
+
+        segment_ids: [batch, seq], 1.. for tokens of each packed sample, 0 for padding
+        (an attention mask is segment ids with a single segment); `packed` (static) says rows
+        may hold several segments, which rules out kernels that only know lengths. With a cache, the new
+        tokens are written at cache.index and attend to every valid slot before them.
+        """
+        cfg = self.cfg
+        dtype = DTYPES[self.dtype]
+        x = inputs_embeds.astype(dtype)
+        B, T, _ = x.shape
+        if segment_ids is None:
+            segment_ids = jnp.ones((B, T), jnp.int32)
+        segment_ids = segment_ids.astype(jnp.int32)
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+            if cache is not None:
+                position_ids = position_ids + cache.index
+        cos, sin = rope_cos_sin(position_ids, cfg)
+        params = stacked_values(self.layers)
+
+        if cache is None:
+            impl = resolve_implementation(self.attention_impl, dtype, packed=packed, decoding=False)
+            mask = make_mask(segment_ids, segment_ids, causal=True) if impl == "xla" else None
+            lengths = jnp.sum(segment_ids != 0, axis=1) if impl == "cudnn" else None
+
+            def body(h, p):
+                h, _ = _block(p, h, cfg=cfg, cos=cos, sin=sin, mask=mask, segment_ids=segment_ids,
+                              lengths=lengths, impl=impl, dtype=dtype)
+                return h, None
+
+            x, _ = scan_layers(body, x, params, remat=self.remat)
+            new_cache = None
+        else:
+            S = cache.k.shape[2]
+            slots = jnp.arange(S, dtype=jnp.int32)
+            q_slots = cache.index + jnp.arange(T, dtype=jnp.int32)
+            written = (slots[None, :] >= cache.index) & (slots[None, :] < cache.index + T)
+            new_mask = jnp.where(written, jax.lax.dynamic_update_slice(
+                jnp.zeros((B, S), jnp.int32), (segment_ids != 0).astype(jnp.int32), (0, cache.index)),
+                cache.mask)
+            mask = make_mask(jnp.ones((B, T), jnp.int32), new_mask, causal=True,
+                             q_positions=jnp.broadcast_to(q_slots, (B, T)),
+                             kv_positions=jnp.broadcast_to(slots, (B, S)))
+
+            def body(h, xs):
+                p, ck, cv = xs
+                h, (ck, cv) = _block(p, h, cfg=cfg, cos=cos, sin=sin, mask=mask, segment_ids=None,
+                                     lengths=None, impl="xla", dtype=dtype,
+                                     cache_kv=(ck, cv), cache_index=cache.index)
+                return h, (ck, cv)
+
+            x, (ks, vs) = scan_layers(body, x, (params, cache.k, cache.v))
+            new_cache = KVCache(ks, vs, new_mask, cache.index + T)
+        x = rms_norm(x, self.norm.get_value(), cfg.rms_norm_eps)
+        return x, new_cache
