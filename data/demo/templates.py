@@ -89,6 +89,7 @@ CHOICE_STEMS = {
     "size": ("病灶的大小是？", "该病变属于哪种大小？"),
     "kind": ("图中病灶的表现是？", "下列哪项最符合图中所见？"),
 }
+CHOICE_TOPICS = ("modality", "location", "count", "size", "kind")
 CHOICE_SUFFIX = "请直接回答选项字母。"
 NO_LESION = "未见病灶"
 CHOICE_EXTRA = {"size": NO_LESION}  # the 4th option where the closed set has only 3
@@ -171,7 +172,8 @@ def applicable_qtypes(case: dict) -> list[str]:
     return out
 
 
-def _choice_options(case: dict, topic: str, rng: np.random.Generator) -> tuple[list[str], str]:
+def _choice_options(case: dict, topic: str, rng: np.random.Generator,
+                    answer_pos: int | None = None) -> tuple[list[str], str]:
     """Return (4 options in display order, correct option) for a multiple-choice topic."""
     if topic == "kind":
         correct = kind_name(case)
@@ -188,6 +190,9 @@ def _choice_options(case: dict, topic: str, rng: np.random.Generator) -> tuple[l
         others = [others[i] for i in rng.permutation(len(others))[:3]]
     options = [correct] + others
     options = [options[i] for i in rng.permutation(4)]
+    if answer_pos is not None:  # move the correct option to a forced letter (balanced splits)
+        options.remove(correct)
+        options.insert(answer_pos, correct)
     return options, correct
 
 
@@ -201,14 +206,22 @@ def choice_topics(case: dict) -> list[str]:
     return out
 
 
-def question(case: dict, qtype: str, rng: np.random.Generator) -> dict:
-    """Return {'question','answer'} (+ 'choices','topic' for choice) for one question."""
+def question(case: dict, qtype: str, rng: np.random.Generator, topic: str | None = None,
+             answer_pos: int | None = None) -> dict:
+    """Return {'question','answer'} (+ 'choices','topic','stem','answer_text' for choice).
+
+    For choice questions `topic` forces the sub-topic and `answer_pos` (0-3) the correct letter.
+    """
     if qtype != "choice":
         qs = QUESTIONS[qtype]
         return {"question": qs[rng.integers(len(qs))], "answer": answer(case, qtype)}
     topics = choice_topics(case)
-    topic = topics[rng.integers(len(topics))]
-    options, correct = _choice_options(case, topic, rng)
+    drawn = topics[rng.integers(len(topics))]
+    if topic is None:
+        topic = drawn
+    elif topic not in topics:
+        raise ValueError(f"choice topic {topic!r} is ambiguous for this case (allowed: {topics})")
+    options, correct = _choice_options(case, topic, rng, answer_pos)
     letters = ANSWER_SETS["choice"]
     choices = [f"{letters[i]}:{o}" for i, o in enumerate(options)]
     stems = CHOICE_STEMS[topic]
@@ -225,16 +238,24 @@ def question(case: dict, qtype: str, rng: np.random.Generator) -> dict:
 
 
 def sample_case(rng: np.random.Generator, modality: str | None = None, count: int | None = None,
-                n_images: int = 1) -> dict:
-    """Return a random case description (modality, count, kind, size, distinct quadrants)."""
+                n_images: int = 1, size: str | None = None, location: str | None = None) -> dict:
+    """Return a random case description (modality, count, kind, size, distinct quadrants).
+
+    `location` (only with count 1) and `size` force those attributes, for balanced splits.
+    """
     if modality is None:
         modality = MODALITY_KEYS[rng.integers(len(MODALITY_KEYS))]
     if count is None:
         count = int(rng.choice(4, p=[0.1, 0.5, 0.25, 0.15]))
     kinds = sorted(KINDS[modality])
     kind = kinds[rng.integers(len(kinds))]
-    size = SIZES[rng.integers(len(SIZES))]
+    drawn_size = SIZES[rng.integers(len(SIZES))]
+    size = drawn_size if size is None else size
     locs = [LOCATIONS[i] for i in sorted(rng.permutation(len(LOCATIONS))[:count])]
+    if location is not None:
+        if count != 1:
+            raise ValueError("location can only be forced for single-lesion cases (count=1)")
+        locs = [location]
     return {"modality": modality, "count": int(count), "kind": kind, "size": size,
             "locations": locs, "n_images": int(n_images)}
 
