@@ -24,6 +24,9 @@ class VisionConfig:
     layer_norm_eps: float = 1e-5
     hidden_act: str = "quick_gelu"
 
+    def __hash__(self):  # hashable (nnx graph definitions are jit-static), dict fields included
+        return hash(repr(self))
+
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
@@ -54,6 +57,9 @@ class TextConfig:
     bos_token_id: int = 1
     eos_token_id: int = 2
     pad_token_id: int = 0
+
+    def __hash__(self):  # hashable (nnx graph definitions are jit-static), dict fields included
+        return hash(repr(self))
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -88,6 +94,9 @@ class QilinConfig:
     remat: str = "none"
     # Sequence chunk for the memory-lean cross-entropy (0 = whole sequence at once).
     loss_chunk: int = 0
+
+    def __hash__(self):  # hashable (nnx graph definitions are jit-static), dict fields included
+        return hash(repr(self))
 
     def __post_init__(self):
         if isinstance(self.vision, dict):
