@@ -142,7 +142,11 @@ def conv(q: str, a: str, *more: str) -> list[dict]:
 
 
 def make_llava_dataset(root: str | os.PathLike, n: int = 12, size: int = 64) -> tuple[str, str]:
-    """Writes n good LLaVA-style samples (JSON + images); returns (json_path, image_folder)."""
+    """Writes n good LLaVA-style samples (JSON + images); returns (json_path, image_folder).
+
+    Sample i has id f"s{i}", image PMC{i:04d}_Fig1_{i}.jpg (random, seed i) and an answer that
+    starts with f"编号{i}：", so tests can tell samples apart from the decoded labels.
+    """
     root = Path(root)
     img_dir = root / "images"
     rows = []
@@ -155,10 +159,32 @@ def make_llava_dataset(root: str | os.PathLike, n: int = 12, size: int = 64) -> 
                 "image": name,
                 "conversations": conv(
                     "<image>\n图中显示了什么？" + "病变" * (i % 4),
-                    "胸部X光片显示左肺有一个结节。" * (1 + i % 3),
+                    f"编号{i}：" + "胸部X光片显示左肺有一个结节。" * (1 + i % 3),
                 ),
             }
         )
     path = root / "train.json"
     path.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
     return str(path), str(img_dir)
+
+
+def answers_in_batch(batch: dict, tok) -> list[list[str]]:
+    """Returns, per row, the decoded supervised text of each packed segment (</s> removed)."""
+    out = []
+    for r in range(batch["input_ids"].shape[0]):
+        row = []
+        seg = batch["segment_ids"][r]
+        for k in range(1, int(seg.max()) + 1):
+            lab = batch["labels"][r][(seg == k) & (batch["labels"][r] != -100)]
+            row.append(tok.decode(lab.tolist()).replace("</s>", "").strip())
+        out.append(row)
+    return out
+
+
+def sample_number(answer: str) -> int:
+    """Returns i from an answer that starts with 编号{i}："""
+    import re
+
+    m = re.match(r"编号(\d+)：", answer)
+    assert m, answer
+    return int(m.group(1))

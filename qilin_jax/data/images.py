@@ -162,7 +162,11 @@ def load_image(
                 if draft_size and img.format == "JPEG":
                     img.draft("RGB", (draft_size, draft_size))
                 img.load()  # decode now, so truncated files fail here
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
+        except UnidentifiedImageError:
+            raise DataError(
+                "corrupt_image", f"cannot decode image {name}: not a recognised image format"
+            ) from None
+        except (OSError, SyntaxError, ValueError, EOFError,
                 Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise DataError(
                 "corrupt_image", f"cannot decode image {name}: {type(e).__name__}: {e}"

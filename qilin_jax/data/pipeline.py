@@ -656,6 +656,11 @@ def make_loader(
         grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch_buffer)
     )
     if cfg.worker_count > 0:
+        from absl import flags
+
+        # Grain's worker start reads absl flags; outside an absl app they are never parsed.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(
             grain.MultiprocessingOptions(
                 num_workers=cfg.worker_count, per_worker_buffer_size=cfg.worker_buffer_size

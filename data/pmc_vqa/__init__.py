@@ -1,0 +1,1 @@
+"""TFDS builder for PMC-VQA (CSV + figure folder)."""
