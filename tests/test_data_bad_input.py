@@ -148,3 +148,19 @@ def test_unreadable_files_fail_early_with_the_file_name(tmp_path, tokenizer):
     with pytest.raises(FileNotFoundError, match="missing.json"):
         make_loader(DataConfig(paths=[str(tmp_path / "missing.json")]), tokenizer,
                     process_index=0, process_count=1)
+
+
+def test_inspect_reports_the_same_reasons(dirty, tokenizer):
+    from qilin_jax.data.inspect import inspect_dataset
+
+    _, _, bad = dirty
+    report = inspect_dataset(_cfg(dirty), tokenizer)
+    expected = {}
+    for reason, _ in bad:
+        expected[reason] = expected.get(reason, 0) + 1
+    assert report["rows"] == GOOD + len(bad) and report["kept"] == GOOD
+    assert report["skipped"] == expected
+    assert int(report["length_percentiles"]["50"]) > 0
+    # Without decoding, corrupt images are not found; everything else is.
+    fast = inspect_dataset(_cfg(dirty), tokenizer, images=False)
+    assert fast["skipped"] == {k: v for k, v in expected.items() if k != "corrupt_image"}

@@ -208,6 +208,18 @@ def test_prompt_mode_is_seeded_per_sample(dataset, tokenizer):
     assert any("简洁" in t or "直接" in t for t in texts)
 
 
+def test_text_only_samples(tmp_path, tokenizer):
+    rows = [{"id": "t0", "conversations": [{"from": "human", "value": "肝脏在哪里？"},
+                                           {"from": "gpt", "value": "编号0：右上腹。"}]}]
+    (tmp_path / "t.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    cfg = DataConfig(paths=[str(tmp_path / "t.json")], image_size=SIZE, seq_buckets=BUCKETS,
+                     batch_size=1, read_threads=0, prefetch_buffer=0)
+    (b,) = list(make_loader(cfg, tokenizer, process_index=0, process_count=1))
+    assert b["image_valid"].tolist() == [[0]] and not b["pixel_values"].any()
+    assert not (b["input_ids"] == len(tokenizer)).any()
+    assert answers_in_batch(b, tokenizer) == [["编号0：右上腹。"]]
+
+
 def test_config_from_dict_and_validation():
     cfg = DataConfig.from_dict({"template": "plain", "image_mode": "square", "seq_buckets": [640, 1024]})
     assert cfg.resolved_image_tokens() == 576 and cfg.image_slots() == 1
