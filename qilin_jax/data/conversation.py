@@ -83,7 +83,11 @@ def _check_text(value: Any, where: str) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise DataError("not_utf8", f"{where}: text is not valid UTF-8 (undecodable bytes)") from None
+        raise DataError(
+            "not_utf8",
+            f"{where}: text is not valid UTF-8 (undecodable bytes; if the whole file is in "
+            "another encoding such as GBK, convert it: iconv -f GBK -t UTF-8)",
+        ) from None
     return value
 
 

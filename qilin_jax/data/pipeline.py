@@ -171,7 +171,9 @@ class DataConfig:
         keys = ("format", "paths", "split", "template", "prompt_mode", "max_length", "image_size",
                 "batch_size", "seq_buckets", "packing", "pack_length", "pack_buffer",
                 "images_per_row", "shuffle", "seed", "num_epochs", "composite", "composite_max")
-        blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True, default=str)
+        d = {k: getattr(self, k) for k in keys}
+        d["paths"] = [os.path.basename(str(x).rstrip("/")) for x in self.paths]  # mount-agnostic
+        blob = json.dumps(d, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
