@@ -94,12 +94,20 @@ FORMATS: dict[str, dict[str, str]] = {
         "adapter": "model.multi_modal_projector.",
         "vision": "model.vision_tower.vision_model.",
     },
-    # transformers 5.x in-memory / save_pretrained layout of LlavaForConditionalGeneration.
+    # transformers 5.x LlavaForConditionalGeneration in memory (its state_dict()).
     "hf-llava-v5": {
         "llm": "model.language_model.",
         "lm_head": "lm_head.",
         "adapter": "model.multi_modal_projector.",
         "vision": "model.vision_tower.",
+    },
+    # What transformers 5.x save_pretrained writes for llava: the old LLM/adapter prefixes but
+    # a vision tower without `vision_model.`.
+    "hf-llava-v5-saved": {
+        "llm": "language_model.model.",
+        "lm_head": "language_model.lm_head.",
+        "adapter": "multi_modal_projector.",
+        "vision": "vision_tower.",
     },
     # transformers LlamaForCausalLM (e.g. FlagAlpha/Llama2-Chinese-13b-Chat).
     "hf-llama": {"llm": "model.", "lm_head": "lm_head."},

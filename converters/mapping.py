@@ -67,70 +67,143 @@ def _vocab_hint(key, got, want, config) -> str:
     return ""
 
 
-def convert_state(tensors: Iterable[tuple[str, np.ndarray]], config, fmt: str, *,
-                  parts: Iterable[str] | None = None, dtype=np.float32,
-                  strict: bool = True) -> dict[str, np.ndarray]:
-    """Flat 'part/name' -> array for the parts a checkpoint holds, from (key, tensor) pairs.
+def transformed_shape(shape, kind: str) -> tuple[int, ...]:
+    """The shape a torch tensor has after `transform(kind)` (no data needed)."""
+    shape = tuple(shape)
+    if kind == "T":
+        return shape[::-1]
+    if kind == "conv":
+        return (shape[2], shape[3], shape[1], shape[0]) if len(shape) == 4 else shape
+    return shape
 
-    Unknown keys and shape mismatches raise ConversionError naming the key; keys missing for
-    the requested parts raise too (strict). Known buffers are skipped.
-    """
-    parts = set(parts) if parts is not None else None
-    rows = K.compile_table(fmt, config.adapter, config.text.tie_word_embeddings, parts)
-    shapes = expected_shapes(config)
-    out: dict[str, np.ndarray] = {}
-    seen: dict[str, set] = {}
-    unexpected = []
-    for key, tensor in tensors:
+
+def _shown(keys, n=8) -> str:
+    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+class _Checker:
+    """Matches keys to parameters and checks shapes; collects unexpected and seen keys."""
+
+    def __init__(self, config, fmt, parts, skip_other_parts):
+        self.config, self.fmt = config, fmt
+        self.parts = set(parts) if parts is not None else None
+        self.skip_other_parts = skip_other_parts
+        self.rows = K.compile_table(fmt, config.adapter, config.text.tie_word_embeddings,
+                                    None if skip_other_parts else self.parts)
+        self.shapes = expected_shapes(config)
+        self.seen: dict[str, set] = {}
+        self.unexpected: list[str] = []
+        self.skipped: list[str] = []
+
+    def _wanted(self, part) -> bool:
+        if self.parts is None:
+            return True
+        return part in self.parts or (part == "lm_head" and "llm" in self.parts)
+
+    def check(self, key, shape):
+        """(path, layer, kind) for a key whose tensor goes into the model, else None."""
         if K.is_ignored(key):
-            continue
-        m = K.match(key, rows)
+            return None
+        m = K.match(key, self.rows)
         if m is None:
-            unexpected.append(key)
-            continue
-        path, layer, kind, _ = m
+            self.unexpected.append(key)
+            return None
+        path, layer, kind, part = m
+        if not self._wanted(part):
+            self.skipped.append(key)
+            return None
         if kind == "tied":
-            continue
-        want = shapes[path]
-        x = transform(np.asarray(tensor), kind)
+            return None
+        if path not in self.shapes:
+            raise ConversionError(f"{key}: the config has no parameter {path} (adapter="
+                                  f"{self.config.adapter!r}, tie_word_embeddings="
+                                  f"{self.config.text.tie_word_embeddings})")
+        want = self.shapes[path]
+        got = transformed_shape(shape, kind)
         if layer is not None:
             n = want[0]
             if layer >= n:
                 raise ConversionError(f"{key}: layer {layer} but the config has {n} layers "
                                       f"(model.{path.split('/')[0]}.num_hidden_layers)")
-            if x.shape != want[1:]:
-                raise ConversionError(f"{key}: shape {tuple(np.shape(tensor))} does not fit parameter "
-                                      f"{path} (expects per-layer {want[1:]} after transform {kind!r})")
+            if got != want[1:]:
+                raise ConversionError(f"{key}: shape {tuple(shape)} does not fit parameter {path} "
+                                      f"(expects per-layer {want[1:]} after transform {kind!r})")
+        elif got != want:
+            raise ConversionError(f"{key}: shape {tuple(shape)} does not fit parameter {path} "
+                                  f"(expects {want} after transform {kind!r})."
+                                  + _vocab_hint(key, got, want, self.config))
+        if layer in self.seen.get(path, ()):
+            raise ConversionError(f"{key}: parameter {path} (layer {layer}) is given twice")
+        self.seen.setdefault(path, set()).add(layer)
+        return path, layer, kind
+
+    def finish(self, strict: bool):
+        """Raise for unexpected keys, and for missing ones when strict."""
+        if self.unexpected:
+            raise ConversionError(
+                f"{len(self.unexpected)} unexpected key(s) for format {self.fmt!r} with adapter "
+                f"{self.config.adapter!r}: {_shown(self.unexpected)}")
+        if not strict:
+            return
+        missing = []
+        for _, path, kind, part in self.rows:
+            if kind == "tied" or not self._wanted(part):
+                continue
+            n = _layer_count(path, self.config)
+            if n is None:
+                if path not in self.seen:
+                    missing.append(K.torch_key(path, None, self.fmt, self.config.adapter))
+            else:
+                for i in sorted(set(range(n)) - self.seen.get(path, set())):
+                    missing.append(K.torch_key(path, i, self.fmt, self.config.adapter))
+        if missing:
+            raise ConversionError(f"{len(missing)} key(s) missing for format {self.fmt!r}: "
+                                  f"{_shown(missing)}")
+
+
+def plan_state(items: Iterable[tuple[str, tuple]], config, fmt: str, *,
+               parts: Iterable[str] | None = None, strict: bool = True,
+               skip_other_parts: bool = False):
+    """Check (key, shape) pairs against a config without reading data.
+
+    Returns ([(key, path, layer, transform)] for every tensor that goes into the model, the
+    keys skipped because they belong to parts not asked for). Raises ConversionError naming
+    the keys for unexpected keys, missing keys (strict), shape and layer-count mismatches.
+    """
+    chk = _Checker(config, fmt, parts, skip_other_parts)
+    plan = []
+    for key, shape in items:
+        r = chk.check(key, shape)
+        if r is not None:
+            plan.append((key,) + r)
+    chk.finish(strict)
+    return plan, chk.skipped
+
+
+def convert_state(tensors: Iterable[tuple[str, np.ndarray]], config, fmt: str, *,
+                  parts: Iterable[str] | None = None, dtype=np.float32,
+                  strict: bool = True, skip_other_parts: bool = False) -> dict[str, np.ndarray]:
+    """Flat 'part/name' -> array for the parts a checkpoint holds, from (key, tensor) pairs.
+
+    Unknown keys and shape mismatches raise ConversionError naming the key; keys missing for
+    the requested parts raise too (strict). Known buffers are skipped.
+    """
+    chk = _Checker(config, fmt, parts, skip_other_parts)
+    out: dict[str, np.ndarray] = {}
+    for key, tensor in tensors:
+        r = chk.check(key, np.shape(tensor))
+        if r is None:
+            continue
+        path, layer, kind = r
+        x = transform(np.asarray(tensor), kind)
+        if layer is not None:
             if path not in out:
-                out[path] = np.zeros(want, dtype)
+                out[path] = np.zeros(chk.shapes[path], dtype)
             out[path][layer] = x
         else:
-            if x.shape != want:
-                raise ConversionError(f"{key}: shape {tuple(np.shape(tensor))} does not fit parameter "
-                                      f"{path} (expects {want} after transform {kind!r})."
-                                      + _vocab_hint(key, x.shape, want, config))
             out[path] = np.asarray(x, dtype)
-        seen.setdefault(path, set()).add(layer)
         del tensor, x
-    if unexpected:
-        shown = ", ".join(unexpected[:8]) + (f" (+{len(unexpected) - 8} more)" if len(unexpected) > 8 else "")
-        raise ConversionError(f"{len(unexpected)} unexpected key(s) for format {fmt!r} with adapter "
-                              f"{config.adapter!r}: {shown}")
-    if strict:
-        missing = []
-        for _, path, kind, _ in rows:
-            if kind == "tied":
-                continue
-            n = _layer_count(path, config)
-            if n is None:
-                if path not in seen:
-                    missing.append(K.torch_key(path, None, fmt, config.adapter))
-            else:
-                for i in sorted(set(range(n)) - seen.get(path, set())):
-                    missing.append(K.torch_key(path, i, fmt, config.adapter))
-        if missing:
-            shown = ", ".join(missing[:8]) + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else "")
-            raise ConversionError(f"{len(missing)} key(s) missing for format {fmt!r}: {shown}")
+    chk.finish(strict)
     return out
 
 
