@@ -12,6 +12,8 @@ restore it with Orbax to keep this honest.
 
 Chunks: one layer of a stacked parameter at most, halved along the largest even dimension
 until a chunk is at most CHUNK_BYTES, so a sharded restore reads little beyond its shards.
+The converter also reads big source tensors in row blocks that cover whole chunks (see
+to_jax.convert_tensor), so even the 32000 x 5120 embedding never sits in memory at once.
 No compression (weights hardly compress; zstd would cost minutes on 26 GB).
 """
 from __future__ import annotations
@@ -47,8 +49,9 @@ def zarr_dtype(dt) -> str:
     return dt.str
 
 
-def chunk_shape(shape, itemsize: int, stacked: bool, limit: int = CHUNK_BYTES) -> list[int]:
+def chunk_shape(shape, itemsize: int, stacked: bool, limit: int | None = None) -> list[int]:
     """Chunk shape: one layer of a stacked array, halved along even dims down to `limit` bytes."""
+    limit = CHUNK_BYTES if limit is None else limit
     chunk = list(shape)
     first = 0
     if stacked and chunk:
@@ -93,17 +96,30 @@ class ParamWriter:
                          "dimension_separator": ".", "fill_value": None, "filters": None},
         }
         self.arrays[path] = ts.open(spec, create=True, delete_existing=True, context=self.ctx).result()
-        self.meta[path] = (tuple(shape), dt)
+        self.meta[path] = (tuple(shape), dt, tuple(spec["metadata"]["chunks"]), stacked)
 
-    def write(self, path: str, value: np.ndarray, layer: int | None = None):
-        """Write a whole parameter, or one layer of a stacked one, in the array's dtype."""
-        shape, dt = self.meta[path]
+    def slot_chunks(self, path: str) -> tuple[int, ...]:
+        """The chunk shape of one slot (one layer of a stacked parameter, else the whole)."""
+        _, _, chunks, stacked = self.meta[path]
+        return chunks[1:] if stacked else chunks
+
+    def write(self, path: str, value: np.ndarray, layer: int | None = None, *,
+              axis: int | None = None, start: int = 0):
+        """Write a whole parameter or one layer of a stacked one, or (axis, start) the block
+        value occupies along `axis` of that slot; cast to the array's dtype."""
+        shape, dt, _, _ = self.meta[path]
         value = np.ascontiguousarray(value, dtype=dt)
-        want = shape[1:] if layer is not None else shape
+        want = list(shape[1:] if layer is not None else shape)
+        if axis is not None:
+            want[axis] = value.shape[axis]
         if tuple(value.shape) != tuple(want):
-            raise ValueError(f"{path}: writing shape {value.shape} into a slot of {want}")
+            raise ValueError(f"{path}: writing shape {value.shape} into a slot of {tuple(want)}")
         arr = self.arrays[path]
         target = arr[layer] if layer is not None else arr
+        if axis is not None:
+            index = [slice(None)] * len(want)
+            index[axis] = slice(start, start + value.shape[axis])
+            target = target[tuple(index)]
         self.flush()
         # One write in flight: the next tensor is read while this one goes to disk.
         self.pending = (target.write(value), value)

@@ -84,6 +84,8 @@ class TensorInfo:
     dtype: np.dtype
     file: str
     _read: Callable[[], np.ndarray] = dataclasses.field(repr=False, default=None)
+    # (start, stop) -> rows start:stop of dim 0, reading only those bytes (contiguous tensors).
+    _read_rows: Callable[[int, int], np.ndarray] | None = dataclasses.field(repr=False, default=None)
 
     @property
     def nbytes(self) -> int:
@@ -92,6 +94,12 @@ class TensorInfo:
     def read(self) -> np.ndarray:
         """The tensor as a numpy array in its stored dtype (a fresh buffer)."""
         return self._read()
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows start:stop (of dim 0); reads only those bytes when the layout allows."""
+        if self._read_rows is not None:
+            return self._read_rows(start, stop)
+        return np.ascontiguousarray(self._read()[start:stop])
 
 
 # --- safetensors --------------------------------------------------------------------------
@@ -131,7 +139,14 @@ def safetensors_infos(path) -> list[TensorInfo]:
             with open(path, "rb") as f:
                 return _read_exact(f, base + begin, end - begin, path).view(dt).reshape(shape)
 
-        out.append(TensorInfo(key, shape, dt, path, read))
+        def read_rows(start, stop, begin=begin, dt=dt, shape=shape):
+            row = int(np.prod(shape[1:], dtype=np.int64)) * dt.itemsize
+            stop = min(stop, shape[0])
+            with open(path, "rb") as f:
+                raw = _read_exact(f, base + begin + start * row, (stop - start) * row, path)
+            return raw.view(dt).reshape((stop - start,) + shape[1:])
+
+        out.append(TensorInfo(key, shape, dt, path, read, read_rows if shape else None))
     return out
 
 
@@ -166,6 +181,23 @@ class _LazyTensor:
         view = np.lib.stride_tricks.as_strided(
             flat, self.shape, tuple(s * dt.itemsize for s in self.stride), writeable=False)
         return np.ascontiguousarray(view)
+
+    @property
+    def contiguous(self) -> bool:
+        want = tuple(int(np.prod(self.shape[i + 1:], dtype=np.int64)) for i in range(len(self.shape)))
+        return len(self.shape) > 0 and all(
+            s == w for n, s, w in zip(self.shape, self.stride, want) if n != 1)
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        dt = self.storage.dtype
+        stop = min(stop, self.shape[0])
+        row = int(np.prod(self.shape[1:], dtype=np.int64))
+        raw = self.storage.reader.read(self.storage.key, (self.offset + start * row) * dt.itemsize,
+                                       (stop - start) * row * dt.itemsize)
+        flat = raw.view(dt)
+        if self.storage.reader.big_endian:
+            flat = flat.byteswap()
+        return flat.reshape((stop - start,) + self.shape[1:])
 
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
@@ -288,7 +320,8 @@ def torch_zip_infos(path) -> list[TensorInfo]:
     path = str(path)
     records = _ZipRecords(path)
     obj = RestrictedUnpickler(io.BytesIO(records.pickle_bytes), records).load()
-    return [TensorInfo(k, t.shape, t.storage.dtype, path, t.read) for k, t in _state_dict_items(obj, path)]
+    return [TensorInfo(k, t.shape, t.storage.dtype, path, t.read, t.read_rows if t.contiguous else None)
+            for k, t in _state_dict_items(obj, path)]
 
 
 def torch_legacy_infos(path) -> list[TensorInfo]:

@@ -130,6 +130,31 @@ def random_adapter(cfg, seed: int) -> dict[str, np.ndarray]:
     return {f"adapter/{k}": np.asarray(v) for k, v in flat.items()}
 
 
+BLOCK_BYTES = 64 << 20
+
+
+def convert_tensor(info, path, layer, kind, writer, out_dt) -> int:
+    """Read, transform and write one source tensor; big 2-D ones in row blocks that cover
+    whole output chunks (no read-modify-write), so memory stays near one block. Returns the
+    bytes read."""
+    if kind not in ("id", "T") or len(info.shape) != 2:
+        x = info.read()
+        writer.write(path, transform(x, kind).astype(out_dt, copy=False), layer)
+        return x.nbytes
+    rows, cols = info.shape
+    axis = 0 if kind == "id" else 1  # where torch dim 0 lands in our layout
+    chunk = writer.slot_chunks(path)[axis]
+    per_chunk = chunk * cols * max(out_dt.itemsize, info.dtype.itemsize)
+    step = chunk * max(1, BLOCK_BYTES // max(per_chunk, 1))
+    total = 0
+    for start in range(0, rows, step):
+        x = info.read_rows(start, min(rows, start + step))
+        writer.write(path, transform(x, kind).astype(out_dt, copy=False), layer, axis=axis, start=start)
+        total += x.nbytes
+        del x
+    return total
+
+
 def to_jax(src, dst, *, vision=None, projector=None, dtype: str = "float32",
            preset: str | None = None, seed: int = 0, overwrite: bool = False, log=print) -> dict:
     """Convert PyTorch checkpoint(s) into a qilin-jax checkpoint dir; returns a report dict."""
@@ -195,13 +220,7 @@ def to_jax(src, dst, *, vision=None, projector=None, dtype: str = "float32",
         for s, plan in plans:
             # Read in file order (and offset order within a file) for sequential disk access.
             for info, path, layer, kind in plan:
-                x = info.read()
-                bytes_read += x.nbytes
-                y = transform(x, kind)
-                if y.dtype != out_dt:
-                    y = y.astype(out_dt)
-                writer.write(path, y, layer)
-                del x, y
+                bytes_read += convert_tensor(info, path, layer, kind, writer, out_dt)
                 n_read += 1
         if "adapter" not in parts:
             for path, arr in random_adapter(cfg, seed).items():

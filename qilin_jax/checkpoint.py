@@ -38,7 +38,10 @@ class CheckpointError(ValueError):
 
 def model_config_from_dict(d: dict[str, Any]):
     """A QilinConfig from a config mapping: QilinConfig.to_dict() itself, or a run config
-    whose `model` section holds it (optionally as {"preset": name, **overrides})."""
+    whose `model` section holds it, or names {"preset": name, "overrides": {...}} (the
+    qilin_jax.config ModelSection; other QilinConfig fields next to `preset` override too)."""
+    import dataclasses
+
     from qilin_jax.models import QilinConfig, model_preset
 
     if "model" in d and isinstance(d["model"], dict):
@@ -47,8 +50,11 @@ def model_config_from_dict(d: dict[str, Any]):
     preset = d.pop("preset", None)
     if preset is None:
         return QilinConfig.from_dict(d)
+    fields = {f.name for f in dataclasses.fields(QilinConfig)}
+    overrides = {k: v for k, v in d.items() if k in fields}
+    overrides.update(d.get("overrides") or {})
     base = model_preset(preset).to_dict()
-    for k, v in d.items():  # nested overrides: {"text": {"vocab_size": ...}} merges into the preset
+    for k, v in overrides.items():  # nested: {"text": {"vocab_size": ...}} merges into the preset
         if isinstance(v, dict) and isinstance(base.get(k), dict):
             base[k] = {**base[k], **v}
         else:

@@ -540,3 +540,39 @@ def test_parity_summary():
     for k, v in PARITY.items():
         print(f"parity {k}: rel err {v:.2e}")
     assert all(v <= TOL for v in PARITY.values())
+
+
+def test_blockwise_conversion_matches_whole(ref, files, tmp_path, monkeypatch):
+    """Tiny chunks force many row blocks per tensor (the path big checkpoints take)."""
+    import importlib
+    from converters import orbax_io
+    TJ = importlib.import_module("converters.to_jax")
+
+    whole = tmp_path / "whole"
+    to_jax("--src", files["llama"], "--vision", files["clip"], "--projector", files["projector"], "--dst", whole)
+    monkeypatch.setattr(orbax_io, "CHUNK_BYTES", 1024)
+    monkeypatch.setattr(TJ, "BLOCK_BYTES", 1)
+    blocks = tmp_path / "blocks"
+    to_jax("--src", files["llama"], "--vision", files["clip"], "--projector", files["projector"], "--dst", blocks)
+    z = json.loads((blocks / "params" / "llm.lm_head" / ".zarray").read_text())
+    assert z["chunks"] != z["shape"]
+    from flax import nnx
+    a = nnx.state(load_pretrained(whole), nnx.Param).to_pure_dict()
+    b = nnx.state(load_pretrained(blocks), nnx.Param).to_pure_dict()
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_model_config_from_run_config():
+    from qilin_jax.checkpoint import model_config_from_dict
+    cfg = model_config_from_dict({"model": {"preset": "tiny", "overrides": {"text": {"vocab_size": 256}},
+                                            "checkpoint": None, "tokenizer": "data/tokenizer"}})
+    assert cfg.text.vocab_size == 256 and cfg.text.hidden_size == 64
+
+
+def test_converters_import_without_torch():
+    import subprocess
+    import sys
+    code = ("import sys, converters.cli, converters.to_jax, converters.to_torch, converters.detect, "
+            "converters.readers, qilin_jax.checkpoint; assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
