@@ -1,0 +1,306 @@
+"""Evaluation: PMC-VQA multiple choice, the bundled demo task, open-ended answers.
+
+`run_eval(model, tokenizer, eval_cfg)` writes into eval_cfg.output_dir:
+    generations.jsonl   raw answers, one per sample id (appended per batch; a rerun resumes)
+    predictions.jsonl   per sample: question, gold, answer, parsed prediction, correct
+    report.json         the scores (the returned dict)
+
+PMC-VQA: the prompt is the question, the four options ("A:...") and the answer-with-letter
+instruction (en/zh), greedy. The letter is parsed from the answer (`metrics.parse_choice`);
+when there is none, the answer is matched to the most similar option, as the benchmark's own
+evaluation does. Accuracy overall and by gold letter. Samples whose image is missing are
+reported (`skipped`) and not scored.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from qilin_jax.data.errors import DataError
+from qilin_jax.infer.batch import Request, answer_requests, request
+from qilin_jax.infer.config import EvalConfig
+from qilin_jax.infer.metrics import (LETTERS, choice_accuracy, exact_match, open_scores, option_text,
+                                     parse_choice, rouge_l)
+
+GENERATIONS = "generations.jsonl"
+PREDICTIONS = "predictions.jsonl"
+REPORT = "report.json"
+
+
+def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def write_report(report: dict, output_dir: str | os.PathLike) -> Path:
+    """Write report.json into output_dir; returns its path."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    p = out / REPORT
+    p.write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    return p
+
+
+def _generate(model, tokenizer, reqs: list[Request], cfg: EvalConfig, output_dir, mesh, desc):
+    out = Path(output_dir) / GENERATIONS if output_dir else None
+    if out is not None and not cfg.resume and out.exists():
+        out.unlink()  # resume off: start over (the predictions are derived, never the source)
+    return answer_requests(model, tokenizer, reqs, cfg, output=out, batch_size=cfg.batch_size,
+                           resume=cfg.resume, strict=cfg.strict, progress=cfg.progress, mesh=mesh,
+                           desc=desc)
+
+
+def _settings(cfg: EvalConfig) -> dict:
+    return {"template": cfg.template, "image_mode": cfg.image_mode, "max_new_tokens": cfg.max_new_tokens,
+            "do_sample": cfg.do_sample, "temperature": cfg.temperature, "top_k": cfg.top_k,
+            "top_p": cfg.top_p, "seed": cfg.seed, "stop": list(cfg.stop)}
+
+
+# --------------------------------------------------------------------------------------------
+# PMC-VQA
+
+
+def pmc_vqa_requests(csv_path: str, image_folder: str = "", language: str = "en",
+                     limit: int = 0) -> list[tuple[Request, dict]]:
+    """(Request, gold {"label", "options"}) per PMC-VQA CSV row; bad rows carry the error."""
+    from qilin_jax.data.sources import PmcVqaCsvSource, pmc_vqa_conversation
+
+    src = PmcVqaCsvSource([csv_path], image_folder)
+    n = len(src) if not limit else min(limit, len(src))
+    out = []
+    for i in range(n):
+        item = src[i]
+        row, origin = item["row"], item["origin"]
+        rid = str(i)  # Figure_path is not unique (several questions per figure); the row is
+        try:
+            conv = pmc_vqa_conversation(row, "choice", language)
+            name = (row.get("Figure_path") or "").strip()
+            if not name:
+                raise DataError("bad_record", "empty or missing 'Figure_path'")
+            q = conv[0]["value"].replace("<image>\n", "", 1)
+            options = {x: option_text(row.get(f"Choice {x}") or "", x) for x in LETTERS}
+            req = request(rid, q, [name], image_folder=image_folder, origin=origin,
+                          echo={"image": name})
+            gold = {"label": conv[1]["value"], "options": options,
+                    "question": (row.get("Question") or "").strip()}
+        except DataError as e:
+            req = Request(rid, [], origin=origin, error=str(e), reason=e.reason)
+            gold = {}
+        out.append((req, gold))
+    return out
+
+
+def evaluate_pmc_vqa(model, tokenizer, cfg: EvalConfig, *, mesh=None) -> dict:
+    """PMC-VQA multiple-choice accuracy (overall, by gold letter); writes predictions and report."""
+    pairs = pmc_vqa_requests(cfg.csv, cfg.image_folder, cfg.language, cfg.limit)
+    t0 = time.time()
+    res = _generate(model, tokenizer, [r for r, _ in pairs], cfg, cfg.output_dir, mesh, "pmc-vqa")
+    preds = []
+    for req, gold in pairs:
+        rec = res["records"].get(req.id)
+        if rec is None or not gold:
+            continue
+        letter, method = parse_choice(rec["answer"], gold["options"])
+        preds.append({"id": req.id, "image": rec.get("image"), "question": gold["question"],
+                      "options": gold["options"], "label": gold["label"], "answer": rec["answer"],
+                      "pred": letter, "method": method, "correct": letter == gold["label"]})
+    scores = choice_accuracy(preds)
+    report = {"task": "pmc_vqa", "csv": cfg.csv, "language": cfg.language, **scores,
+              "chance": 0.25, "skipped": len(res["errors"]), "skipped_rows": res["errors"][:50],
+              "seconds": round(time.time() - t0, 2), "settings": _settings(cfg)}
+    if cfg.output_dir:
+        _write_jsonl(Path(cfg.output_dir) / PREDICTIONS, preds)
+        write_report(report, cfg.output_dir)
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# The demo task (data/demo)
+
+
+def _demo_helpers():
+    try:
+        from data.demo import make_demo
+    except ImportError as e:
+        raise ImportError("the demo evaluation needs the repository's data/demo package; run from "
+                          f"the repository root ({e})") from e
+    return make_demo
+
+
+def evaluate_demo(model, tokenizer, heldout_json: str, image_folder: str = "", *,
+                  output_dir: str | None = None, batch_size: int = 32, max_new_tokens: int = 16,
+                  template: str = "v1", image_mode: str = "pad", limit: int = 0,
+                  progress: bool = False, mesh=None, cfg: EvalConfig | None = None) -> dict:
+    """Held-out accuracy of the demo task overall and per question type, chance beside it.
+
+    Returns {"heldout_accuracy", "heldout_accuracy_by_type": {qtype: acc}, "chance_by_type",
+    "n_by_type", ...}. Closed-set answers are compared after the demo's `normalize_answer`;
+    multiple-choice rows with `parse_choice` against their options. image_folder defaults to
+    <dir of heldout.json>/images.
+    """
+    demo = _demo_helpers()
+    if cfg is None:
+        cfg = EvalConfig(task="demo", json=heldout_json, image_folder=image_folder,
+                         output_dir=output_dir or "", batch_size=batch_size,
+                         max_new_tokens=max_new_tokens, template=template, image_mode=image_mode,
+                         limit=limit, progress=progress)
+    image_folder = cfg.image_folder or str(Path(heldout_json).parent / "images")
+    rows = json.loads(Path(heldout_json).read_text(encoding="utf-8"))
+    if not isinstance(rows, list):
+        raise ValueError(f"{heldout_json}: expected a JSON list of held-out samples")
+    if cfg.limit:
+        rows = rows[:cfg.limit]
+    reqs, golds = [], {}
+    for i, row in enumerate(rows):
+        origin = f"{Path(heldout_json).name}[{i}]"
+        rid = str(row.get("id", f"row-{i}"))
+        try:
+            q = next(t["value"] for t in row["conversations"] if t.get("from") == "human")
+            ims = row["image"] if isinstance(row["image"], list) else [row["image"]]
+            reqs.append(request(rid, q, ims, image_folder=image_folder, origin=origin,
+                                echo={"image": row["image"], "qtype": row["qtype"]}))
+            golds[rid] = row
+        except (KeyError, StopIteration, TypeError) as e:
+            reqs.append(Request(rid, [], origin=origin, reason="bad_record",
+                                error=f"held-out row lacks {e}; regenerate with data/demo/make_demo.py"))
+    t0 = time.time()
+    res = _generate(model, tokenizer, reqs, cfg, cfg.output_dir or None, mesh, "demo eval")
+    preds = []
+    for rid, row in golds.items():
+        rec = res["records"].get(rid)
+        if rec is None:
+            continue
+        qtype = row["qtype"]
+        if qtype == "choice":
+            pred, _ = parse_choice(rec["answer"], row.get("choices"))
+        else:
+            pred = demo.normalize_answer(rec["answer"], qtype)
+        gold = demo.normalize_answer(row["answer"], qtype)
+        preds.append({"id": rid, "qtype": qtype, "question": row["conversations"][0]["value"],
+                      "answer": rec["answer"], "pred": pred, "gold": gold, "correct": pred == gold})
+    by_type, n_by_type = {}, {}
+    for q in demo.QTYPES:
+        rs = [p for p in preds if p["qtype"] == q]
+        if rs:
+            n_by_type[q] = len(rs)
+            by_type[q] = sum(p["correct"] for p in rs) / len(rs)
+    n = len(preds)
+    report = {"task": "demo", "heldout_accuracy": sum(p["correct"] for p in preds) / n if n else 0.0,
+              "heldout_accuracy_by_type": by_type,
+              "chance_by_type": {q: demo.CHANCE[q] for q in by_type},
+              "n": n, "n_by_type": n_by_type, "skipped": len(res["errors"]),
+              "seconds": round(time.time() - t0, 2), "settings": _settings(cfg)}
+    if cfg.output_dir:
+        _write_jsonl(Path(cfg.output_dir) / PREDICTIONS, preds)
+        write_report(report, cfg.output_dir)
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# Open-ended answers
+
+
+def open_requests(cfg: EvalConfig) -> list[tuple[Request, str]]:
+    """(Request, reference answer) from a LLaVA-style JSON/JSONL or a PMC-VQA CSV (Answer column)."""
+    out = []
+    if cfg.csv:
+        from qilin_jax.data.sources import PmcVqaCsvSource, pmc_vqa_conversation
+
+        src = PmcVqaCsvSource([cfg.csv], cfg.image_folder)
+        for i in range(len(src)):
+            row, origin = src[i]["row"], src[i]["origin"]
+            try:
+                conv = pmc_vqa_conversation(row, "open")
+                name = (row.get("Figure_path") or "").strip()
+                out.append((request(str(i), conv[0]["value"], [name] if name else [],
+                                    image_folder=cfg.image_folder, origin=origin,
+                                    echo={"image": name}), conv[1]["value"]))
+            except DataError as e:
+                out.append((Request(str(i), [], origin=origin, error=str(e), reason=e.reason), ""))
+    else:
+        from qilin_jax.infer.batch import _read_rows
+
+        for i, (origin, row) in enumerate(_read_rows(cfg.json)):
+            rid = str(row.get("id", f"row-{i}")) if isinstance(row, dict) else f"row-{i}"
+            try:
+                if not isinstance(row, dict):
+                    raise DataError("bad_record", f"not a JSON object: {row!s:.80}")
+                if "conversations" in row:
+                    conv = row["conversations"]
+                    q = next(t["value"] for t in conv if t.get("from") == "human")
+                    ref = next(t["value"] for t in conv if t.get("from") == "gpt")
+                else:
+                    q, ref = row["question"], row["answer"]
+                im = row.get("image")
+                ims = [] if not im else (im if isinstance(im, list) else [im])
+                out.append((request(rid, q, ims, image_folder=cfg.image_folder, origin=origin,
+                                    echo={"image": im}), str(ref)))
+            except (KeyError, StopIteration, TypeError) as e:
+                out.append((Request(rid, [], origin=origin, reason="bad_record",
+                                    error=f"needs conversations (human + gpt) or question + answer; "
+                                          f"missing {e}"), ""))
+            except DataError as e:
+                out.append((Request(rid, [], origin=origin, reason=e.reason, error=str(e)), ""))
+    if cfg.limit:
+        out = out[:cfg.limit]
+    ids = [r.id for r, _ in out]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise ValueError(f"{cfg.json or cfg.csv}: id {dup!r} appears more than once; make ids unique")
+    return out
+
+
+def evaluate_open(model, tokenizer, cfg: EvalConfig, *, mesh=None) -> dict:
+    """Exact match, character-level BLEU-4 and ROUGE-L of open-ended answers; writes predictions and report."""
+    pairs = open_requests(cfg)
+    t0 = time.time()
+    res = _generate(model, tokenizer, [r for r, _ in pairs], cfg, cfg.output_dir, mesh, "open eval")
+    preds = []
+    for req, ref in pairs:
+        rec = res["records"].get(req.id)
+        if rec is None or req.error:
+            continue
+        preds.append({"id": req.id, "image": rec.get("image"), "reference": ref, "answer": rec["answer"],
+                      "exact_match": exact_match(rec["answer"], ref),
+                      "rouge_l": round(rouge_l(rec["answer"], ref), 6)})
+    scores = open_scores([p["answer"] for p in preds], [p["reference"] for p in preds])
+    report = {"task": "open", "source": cfg.json or cfg.csv, **scores, "skipped": len(res["errors"]),
+              "skipped_rows": res["errors"][:50], "seconds": round(time.time() - t0, 2),
+              "settings": _settings(cfg),
+              "tokenization": "character-level for CJK, word-level for Latin, punctuation dropped"}
+    if cfg.output_dir:
+        _write_jsonl(Path(cfg.output_dir) / PREDICTIONS, preds)
+        write_report(report, cfg.output_dir)
+    return report
+
+
+def run_eval(model, tokenizer, eval_cfg: EvalConfig, *, mesh=None) -> dict:
+    """Run the configured evaluation; writes report.json + predictions.jsonl into output_dir, returns the report."""
+    eval_cfg.validate("eval")
+    if eval_cfg.task == "pmc_vqa":
+        report = evaluate_pmc_vqa(model, tokenizer, eval_cfg, mesh=mesh)
+        headline = f"PMC-VQA accuracy {report['accuracy']:.4f} on {report['n']} samples (chance 0.25)"
+    elif eval_cfg.task == "demo":
+        report = evaluate_demo(model, tokenizer, eval_cfg.json, eval_cfg.image_folder, mesh=mesh,
+                               cfg=eval_cfg)
+        per = ", ".join(f"{k} {v:.3f} (chance {report['chance_by_type'][k]:.2f})"
+                        for k, v in report["heldout_accuracy_by_type"].items())
+        headline = f"demo held-out accuracy {report['heldout_accuracy']:.4f}: {per}"
+    else:
+        report = evaluate_open(model, tokenizer, eval_cfg, mesh=mesh)
+        headline = (f"open-ended: exact match {report['exact_match']:.4f}, BLEU-4 {report['bleu']:.4f}, "
+                    f"ROUGE-L {report['rouge_l']:.4f} on {report['n']} samples")
+    if report.get("skipped"):
+        headline += f"; {report['skipped']} skipped (see report.json)"
+    print(headline, file=sys.stderr)
+    if eval_cfg.output_dir:
+        print(f"report: {Path(eval_cfg.output_dir) / REPORT}", file=sys.stderr)
+    return report

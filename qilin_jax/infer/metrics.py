@@ -1,0 +1,235 @@
+"""Scoring: multiple-choice letter parsing with PMC-VQA's similarity fallback, and open-ended
+exact match / character-level BLEU / ROUGE-L for Chinese. No jax here (scoring runs anywhere).
+
+Every score is a fraction in [0, 1] (BLEU too: sacrebleu's 0-100 figure divided by 100).
+
+Tokenization for BLEU/ROUGE/exact match (`char_tokens`): NFKC (full-width letters and digits
+become ASCII), lowercased, each CJK character is one token, runs of Latin letters/digits are
+one token (so English is word-level), punctuation and whitespace are dropped.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+import unicodedata
+from typing import Mapping, Sequence
+
+LETTERS = ("A", "B", "C", "D")
+
+# --------------------------------------------------------------------------------------------
+# Multiple choice
+
+_OPEN = r"[\s\(\[（【「\"'“‘<]*"
+_CLOSE_PUNCT = r"[.．。:：)）\]】」、,，;；!！\"'”’>]"
+# "答案是B", "答案：(B)", "正确答案为 B", "选B", "选择 B", "the answer is B", "Answer: B",
+# "option B", "choice (B)", "I choose B", "B选项", "B项".
+_KEYWORD = re.compile(
+    r"(?:正确答案|答案|选项|选择|应选|选|answer|option|choice|choose|select)"
+    r"\s*(?:is|should be|would be|was|是|为|应该是|应为|应是)?\s*[:：=]?\s*(?:option|choice|选项)?\s*"
+    r"[\(\[（【「\"']?\s*([A-Da-d])(?![A-Za-z])",
+    re.IGNORECASE)
+_LETTER_THEN_OPTION = re.compile(r"(?<![A-Za-z])([A-D])\s*(?:选项|项|是正确)")
+
+
+def option_text(option: str, letter: str | None = None) -> str:
+    """The option's text without its "A:" / "A." / "(A)" prefix."""
+    t = unicodedata.normalize("NFKC", str(option)).strip()
+    m = re.match(r"^[\(\[]?\s*([A-Da-d])\s*[:.)\]]\s*", t)
+    if m and (letter is None or m.group(1).upper() == letter):
+        return t[m.end():].strip()
+    return t
+
+
+def _clean(text: str) -> str:
+    t = unicodedata.normalize("NFKC", str(text)).replace("</s>", "")
+    return t.strip()
+
+
+def _squash(text: str) -> str:
+    """Lowercased, punctuation and whitespace removed: for option-text containment."""
+    t = unicodedata.normalize("NFKC", text).lower()
+    return "".join(ch for ch in t if not (ch.isspace() or unicodedata.category(ch).startswith("P")))
+
+
+def similarity(a: str, b: str) -> float:
+    """difflib ratio on squashed text (what PMC-VQA's MedVInT evaluation uses, `str_similarity`)."""
+    return difflib.SequenceMatcher(None, _squash(a), _squash(b)).ratio()
+
+
+def parse_choice(text: str, options: Mapping[str, str] | Sequence[str] | None = None
+                 ) -> tuple[str | None, str]:
+    """(letter or None, how it was found) for a generated answer to a 4-option question.
+
+    `options`: {"A": text, ...} or ["A:text", ...]. Methods, tried in order: "letter" (the
+    answer is or starts with a letter: "B", "B.", "(b)", "Ｂ", "B: text"), "phrase" ("答案是B",
+    "The answer is B"), "option_text" (an option's text appears in the answer), "similarity"
+    (the most similar option, PMC-VQA's fallback), "none".
+    """
+    t = _clean(text)
+    opts = _options_dict(options)
+    if not t:
+        return None, "none"
+    # A lone letter, possibly bracketed or followed by punctuation: "B", "(B)", "b.", "B:".
+    m = re.fullmatch(_OPEN + r"([A-Da-d])" + _CLOSE_PUNCT + r"*\s*", t)
+    if m:
+        return m.group(1).upper(), "letter"
+    # An uppercase letter at the start followed by punctuation ("B. text", "(B) text", "B:"),
+    # or a lowercase one followed by punctuation ("b) text"), never a word like "A lesion".
+    m = re.match(_OPEN + r"([A-D])\s*(?:" + _CLOSE_PUNCT + r"|$)", t) or \
+        re.match(r"^[\s\(\[（【]*([a-d])\s*[.．:：)）\]】、]", t)
+    if m:
+        return m.group(1).upper(), "letter"
+    m = _KEYWORD.search(t)
+    if m and (m.group(1).isupper() or re.match(r"[a-d]\s*(?:$|" + _CLOSE_PUNCT + ")",
+                                                 t[m.start(1):])):
+        return m.group(1).upper(), "phrase"
+    m = _LETTER_THEN_OPTION.search(t)
+    if m:
+        return m.group(1), "phrase"
+    # An uppercase letter then a space and non-Latin text ("B 左上"), or the letter then the
+    # text of that very option ("A 3 cm nodule" when option A is "3 cm nodule").
+    m = re.match(_OPEN + r"([A-D])\s+(.*)$", t, re.S)
+    if m:
+        rest = m.group(2)
+        if not re.match(r"[A-Za-z0-9]", rest) or (
+                opts.get(m.group(1)) and _squash(opts[m.group(1)]) and
+                _squash(rest).startswith(_squash(opts[m.group(1)]))):
+            return m.group(1), "letter"
+    if not opts:
+        return None, "none"
+    # Option text inside the answer: the longest option text found wins (one contained in
+    # another, e.g. "结节" and "多发结节", resolves to the longer).
+    st = _squash(t)
+    found = [(len(_squash(v)), k) for k, v in opts.items() if _squash(v) and _squash(v) in st]
+    if found:
+        found.sort(reverse=True)
+        if len(found) == 1 or found[0][0] > found[1][0]:
+            return found[0][1], "option_text"
+    return most_similar_option(t, opts), "similarity"
+
+
+def most_similar_option(text: str, options: Mapping[str, str] | Sequence[str]) -> str | None:
+    """The letter of the option most similar to `text` (difflib ratio; ties go to the first)."""
+    opts = _options_dict(options)
+    best, best_score = None, -1.0
+    for k in sorted(opts):
+        s = max(similarity(text, opts[k]), similarity(text, f"{k}:{opts[k]}"))
+        if s > best_score:
+            best, best_score = k, s
+    return best
+
+
+def _options_dict(options) -> dict[str, str]:
+    if not options:
+        return {}
+    if isinstance(options, Mapping):
+        return {str(k).strip().upper(): option_text(v, str(k).strip().upper()) for k, v in options.items()}
+    out = {}
+    for i, o in enumerate(options):
+        letter = LETTERS[i] if i < len(LETTERS) else str(i)
+        out[letter] = option_text(o, letter)
+    return out
+
+
+def choice_accuracy(records: Sequence[Mapping]) -> dict:
+    """Accuracy overall and by gold letter from records with "label" and "pred" keys."""
+    n = len(records)
+    correct = sum(1 for r in records if r.get("pred") == r.get("label"))
+    by_letter = {}
+    for letter in LETTERS:
+        rs = [r for r in records if r.get("label") == letter]
+        if rs:
+            by_letter[letter] = {"n": len(rs), "accuracy": sum(r.get("pred") == letter for r in rs) / len(rs)}
+    pred_counts = {}
+    methods = {}
+    for r in records:
+        pred_counts[str(r.get("pred"))] = pred_counts.get(str(r.get("pred")), 0) + 1
+        methods[r.get("method", "none")] = methods.get(r.get("method", "none"), 0) + 1
+    return {"accuracy": correct / n if n else 0.0, "n": n, "correct": correct,
+            "by_answer_letter": by_letter, "predicted_letters": dict(sorted(pred_counts.items())),
+            "parse_methods": dict(sorted(methods.items()))}
+
+
+# --------------------------------------------------------------------------------------------
+# Open-ended answers
+
+
+def _is_cjk(ch: str) -> bool:
+    o = ord(ch)
+    return (0x4E00 <= o <= 0x9FFF or 0x3400 <= o <= 0x4DBF or 0x20000 <= o <= 0x2FA1F
+            or 0xF900 <= o <= 0xFAFF or 0x3040 <= o <= 0x30FF or 0xAC00 <= o <= 0xD7AF)
+
+
+def char_tokens(text: str) -> list[str]:
+    """Tokens for scoring: one per CJK character, one per Latin/digit run; punctuation dropped."""
+    t = unicodedata.normalize("NFKC", str(text)).replace("</s>", "").lower()
+    out: list[str] = []
+    word = []
+    for ch in t:
+        if _is_cjk(ch):
+            if word:
+                out.append("".join(word))
+                word = []
+            out.append(ch)
+        elif ch.isalnum():
+            word.append(ch)
+        else:  # whitespace, punctuation, symbols end a word
+            if word:
+                out.append("".join(word))
+                word = []
+    if word:
+        out.append("".join(word))
+    return out
+
+
+def exact_match(pred: str, ref: str) -> bool:
+    """Whether the answers are equal after `char_tokens` normalisation."""
+    return char_tokens(pred) == char_tokens(ref)
+
+
+def bleu(preds: Sequence[str], refs: Sequence[str] | Sequence[Sequence[str]]) -> float:
+    """Corpus BLEU-4 (sacrebleu, exp smoothing) on `char_tokens`, as a fraction in [0, 1]."""
+    import sacrebleu
+
+    if len(preds) != len(refs):
+        raise ValueError(f"bleu: {len(preds)} predictions but {len(refs)} references")
+    if not preds:
+        return 0.0
+    multi = [r if isinstance(r, (list, tuple)) else [r] for r in refs]
+    k = max(len(r) for r in multi)
+    streams = [[" ".join(char_tokens(r[i])) if i < len(r) else "" for r in multi] for i in range(k)]
+    hyps = [" ".join(char_tokens(p)) for p in preds]
+    return sacrebleu.corpus_bleu(hyps, streams, tokenize="none", force=True).score / 100.0
+
+
+class _CharTokenizer:
+    """rouge_score tokenizer interface over `char_tokens` (its default drops all non-ASCII)."""
+
+    def tokenize(self, text):
+        return char_tokens(text)
+
+
+_ROUGE = None
+
+
+def rouge_l(pred: str, ref: str) -> float:
+    """ROUGE-L F1 (rouge_score) on `char_tokens`."""
+    global _ROUGE
+    if _ROUGE is None:
+        from rouge_score import rouge_scorer
+
+        _ROUGE = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_CharTokenizer())
+    return float(_ROUGE.score(ref, pred)["rougeL"].fmeasure)
+
+
+def open_scores(preds: Sequence[str], refs: Sequence[str]) -> dict:
+    """Exact match, corpus BLEU-4 and mean ROUGE-L F1 (character-level for Chinese), fractions."""
+    if len(preds) != len(refs):
+        raise ValueError(f"{len(preds)} predictions but {len(refs)} references")
+    n = len(preds)
+    if n == 0:
+        return {"n": 0, "exact_match": 0.0, "bleu": 0.0, "rouge_l": 0.0}
+    return {"n": n,
+            "exact_match": sum(exact_match(p, r) for p, r in zip(preds, refs)) / n,
+            "bleu": bleu(preds, refs),
+            "rouge_l": sum(rouge_l(p, r) for p, r in zip(preds, refs)) / n}
