@@ -142,3 +142,38 @@ def constrain(x, axes: Sequence[str | None]):
     if math.prod(mesh.shape.values()) == 1:
         return x
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec_for(axes, x.shape, mesh, rules)))
+
+
+def param_axes(model) -> dict:
+    """Nested dict (the layout of the params pure dict) of each parameter's logical axes."""
+    from flax import nnx
+
+    out: dict = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        node = out
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = tuple(var.get_metadata().get("axes") or ())
+    return out
+
+
+def tree_shardings(axes: dict, shapes: dict, mesh: Mesh, rules=DEFAULT_RULES) -> dict:
+    """NamedShardings for a nested dict of arrays/ShapeDtypeStructs with a parallel axes dict."""
+    if isinstance(shapes, dict):
+        return {k: tree_shardings(axes[k], shapes[k], mesh, rules) for k in shapes}
+    return NamedSharding(mesh, spec_for(axes, shapes.shape, mesh, rules))
+
+
+def rules_with_overrides(overrides: dict | None) -> tuple:
+    """DEFAULT_RULES with some logical names re-mapped (config `mesh.rules`)."""
+    table = dict(DEFAULT_RULES)
+    for k, v in (overrides or {}).items():
+        table[k] = tuple(v) if isinstance(v, list) else v
+    return tuple(table.items())
+
+
+def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES, *, leading: int = 0) -> NamedSharding:
+    """Sharding of a batch array: dim `leading` over the batch axes, the rest replicated."""
+    spec = [None] * ndim
+    spec[leading] = logical_to_spec(("batch",), rules, mesh)[0]
+    return NamedSharding(mesh, P(*spec))

@@ -18,6 +18,7 @@ REASONS = {
     "corrupt_image": "an image cannot be decoded (corrupt, truncated or unsupported)",
     "image_cut": "truncation to max_length would cut an image placeholder",
     "no_supervised_tokens": "no supervised token is left (after truncation)",
+    "all_skipped": "every sample of a whole data epoch was skipped (a setup error, not a sample)",
 }
 
 

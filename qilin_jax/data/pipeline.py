@@ -301,6 +301,12 @@ class FilterSkipsIterator(grain.DatasetIterator):
             epoch = int(el.get("epoch", 0))
             if epoch != self.epoch:
                 self._log_epoch(self.epoch)
+                prev = self.by_epoch.get(str(self.epoch))
+                if prev and prev["seen"] and sum(prev["skipped"].values()) == prev["seen"]:
+                    # A repeating dataset whose every sample is bad would loop forever.
+                    raise DataError("all_skipped", (
+                        f"every one of the {prev['seen']} samples of data epoch {self.epoch} was "
+                        f"skipped: {prev['skipped']}; e.g. {next(iter(self.examples.values()))[:1]}"))
                 self.epoch = epoch
             entry = self._epoch_entry(epoch)
             self.seen += 1

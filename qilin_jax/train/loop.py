@@ -1,0 +1,465 @@
+"""The curriculum runner: stage 1 -> stage 2 (-> ...) on a sharded mesh, resumable.
+
+Each stage: build its data, split the parameters into trainable and frozen by the stage's
+patterns, make its optimizer, restore its newest checkpoint if there is one, then loop:
+batch -> jitted step -> (every N steps) metrics, checkpoint. At the end of a stage the full
+parameters are written with `save_pretrained` to <run>/<stage>/final, which is what the
+next stage starts from and what `qilin_jax.load_pretrained` reads.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qilin_jax import sharding as S
+from qilin_jax.config import RunConfig, StageConfig, dump_config
+from qilin_jax.models import QilinConfig, QilinMedVL
+from qilin_jax.train.checkpointing import TrainCheckpointer
+from qilin_jax.train.flops import device_peak_tflops, step_flops
+from qilin_jax.train.optim import check_patterns, combine, make_optimizer, partition, trainable_mask
+from qilin_jax.train.step import BATCH_KEYS, TrainState, compile_train_step, init_state, stack_micro
+
+log = logging.getLogger("qilin_jax.train")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss under nan_policy=stop)."""
+
+
+# --- distributed / mesh ---------------------------------------------------------------------
+
+def maybe_initialize_distributed(dcfg) -> None:
+    """jax.distributed.initialize when configured or detected (SLURM, TPU pods, env vars)."""
+    if dcfg.enabled == "off" or jax.distributed.is_initialized():
+        return
+    kw = {}
+    if dcfg.coordinator_address:
+        kw = dict(coordinator_address=dcfg.coordinator_address, num_processes=dcfg.num_processes,
+                  process_id=dcfg.process_id)
+        if dcfg.local_device_ids is not None:
+            kw["local_device_ids"] = dcfg.local_device_ids
+        jax.distributed.initialize(**kw)
+        return
+    env = os.environ
+    detected = (int(env.get("SLURM_NTASKS", "1")) > 1 or "TPU_WORKER_HOSTNAMES" in env
+                or "MEGASCALE_COORDINATOR_ADDRESS" in env or "JAX_COORDINATOR_ADDRESS" in env)
+    if dcfg.enabled == "on" or detected:
+        jax.distributed.initialize()
+
+
+def build_mesh(cfg: RunConfig):
+    """The (data, fsdp, tensor) mesh of the run config and its logical-axis rules."""
+    mesh = S.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    return mesh, S.rules_with_overrides(cfg.mesh.rules)
+
+
+# --- parameters -----------------------------------------------------------------------------
+
+@dataclass
+class ModelParts:
+    """An abstract model's graph definition, config, logical axes and target shardings."""
+
+    config: QilinConfig
+    graphdef: Any
+    axes: dict
+    shardings: dict
+    abstract: dict
+
+
+def model_parts(model_cfg: QilinConfig, mesh, rules) -> ModelParts:
+    """Shapes, axes and shardings of a model config, without allocating parameters."""
+    abstract_model = nnx.eval_shape(lambda: QilinMedVL(model_cfg, rngs=nnx.Rngs(0)))
+    graphdef, abs_state = nnx.split(abstract_model)
+    abstract = abs_state.to_pure_dict()
+    axes = S.param_axes(abstract_model)
+    return ModelParts(model_cfg, graphdef, axes, S.tree_shardings(axes, abstract, mesh, rules), abstract)
+
+
+def resolve_model_config(cfg: RunConfig) -> QilinConfig:
+    """The model config: the checkpoint's (if any) with the run's compute settings on top."""
+    run_cfg = cfg.model_config()
+    if not cfg.model.checkpoint:
+        return run_cfg
+    from qilin_jax.checkpoint import read_config
+
+    ck = read_config(cfg.model.checkpoint)
+    ov = cfg.model.overrides
+    keep = {k: getattr(run_cfg, k) for k in ("dtype", "attention", "remat", "loss_chunk") if k in ov}
+    import dataclasses
+    return dataclasses.replace(ck, **keep)
+
+
+def init_params(parts: ModelParts, seed: int, checkpoint: str | None, mesh, rules) -> dict:
+    """Sharded parameters: from a checkpoint, or randomly initialised on the devices directly."""
+    if checkpoint:
+        from qilin_jax.checkpoint import load_pretrained
+
+        model = load_pretrained(checkpoint, mesh=mesh, rules=rules, config=parts.config)
+        return nnx.state(model, nnx.Param).to_pure_dict()
+    cfg = parts.config
+
+    def make():
+        return nnx.state(QilinMedVL(cfg, rngs=nnx.Rngs(seed)), nnx.Param).to_pure_dict()
+
+    return jax.jit(make, out_shardings=parts.shardings)()
+
+
+# --- batches --------------------------------------------------------------------------------
+
+def batch_shardings(mesh, rules, example: dict) -> dict:
+    """Shardings of a micro-stacked global batch: dim 1 (rows) over the batch axes."""
+    out = {}
+    for k, v in example.items():
+        spec = S.spec_for((None, "batch") + (None,) * (v.ndim - 2), v.shape, mesh, rules)
+        out[k] = jax.sharding.NamedSharding(mesh, spec)
+    return out
+
+
+def to_global(local: dict, shardings: dict) -> dict:
+    """Global jax arrays from this process's batch (multi-host: each host gives its rows)."""
+    out = {}
+    for k, v in local.items():
+        sh = shardings[k]
+        if jax.process_count() == 1:
+            out[k] = jax.device_put(v, sh)
+        else:
+            out[k] = jax.make_array_from_process_local_data(sh, v)
+    return out
+
+
+def global_shape_example(local: dict) -> dict:
+    """ShapeDtypeStructs of the global batch (rows of all processes)."""
+    n = jax.process_count()
+    return {k: jax.ShapeDtypeStruct((v.shape[0], v.shape[1] * n) + v.shape[2:], v.dtype)
+            for k, v in local.items()}
+
+
+# --- logging --------------------------------------------------------------------------------
+
+class MetricsWriter:
+    """Per-step metrics to JSONL and TensorBoard event files, from process 0 only."""
+
+    def __init__(self, run_dir: str, lcfg, stage: str):
+        self.enabled = jax.process_index() == 0
+        self.jsonl = None
+        self.tb = None
+        if not self.enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        if lcfg.jsonl:
+            self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        if lcfg.tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+                self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard", stage))
+            except ImportError:  # optional: JSONL still has everything
+                log.warning("tensorboardX is not installed: metrics go to metrics.jsonl only")
+
+    def write(self, stage: str, step: int, m: dict) -> None:
+        if not self.enabled:
+            return
+        if self.jsonl:
+            self.jsonl.write(json.dumps({"stage": stage, "step": step, **m}) + "\n")
+        if self.tb:
+            for k, v in m.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(f"{stage}/{k}", v, step)
+
+    def flush(self):
+        if self.jsonl:
+            self.jsonl.flush()
+        if self.tb:
+            self.tb.flush()
+
+    def close(self):
+        self.flush()
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tb:
+            self.tb.close()
+
+
+class _Signals:
+    """SIGTERM/SIGINT set a flag: the loop saves a checkpoint and stops (preemption)."""
+
+    def __init__(self, enabled: bool):
+        self.hit = None
+        self._old = {}
+        if enabled:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                try:
+                    self._old[sig] = signal.signal(sig, self._handler)
+                except ValueError:  # not the main thread
+                    pass
+
+    def _handler(self, signum, frame):
+        self.hit = signal.Signals(signum).name
+
+    def restore(self):
+        for sig, h in self._old.items():
+            signal.signal(sig, h)
+
+
+# --- the runner -----------------------------------------------------------------------------
+
+@dataclass
+class StageResult:
+    """What a stage produced."""
+
+    name: str
+    final_dir: str
+    steps: int
+    losses: list = field(default_factory=list)
+    interrupted: str | None = None
+    skipped_nonfinite: int = 0
+    data_stats: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def stage_total_steps(stage: StageConfig, loader, data_cfg) -> int:
+    """Optimizer updates of a stage: max_steps, or epochs x batches per epoch (estimated for
+    packed rows from the mean sample length)."""
+    if stage.max_steps is not None:
+        return int(stage.max_steps)
+    per_batch = data_cfg.batch_size * stage.grad_accum_steps
+    per_epoch = loader.num_samples // per_batch
+    if per_epoch < 1:
+        raise TrainingError(f"stage {stage.name}: {loader.num_samples} samples per process make no "
+                            f"batch of {per_batch} (batch_size x grad_accum_steps)")
+    return max(1, int(stage.num_epochs * per_epoch))
+
+
+def run_stage(cfg: RunConfig, stage: StageConfig, parts: ModelParts, params: dict, mesh, rules,
+              *, tokenizer, progress=None) -> tuple[dict, StageResult]:
+    """Train one stage from `params`; returns (the stage's final params, StageResult)."""
+    from qilin_jax.checkpoint import save_pretrained
+    from qilin_jax.data.pipeline import make_loader
+
+    t_start = time.time()
+    stage_dir = os.path.join(cfg.run_dir, stage.name)
+    final_dir = os.path.join(stage_dir, "final")
+    data_cfg = cfg.stage_data(stage)
+    if stage.max_steps is not None:
+        data_cfg.num_epochs = None  # repeat: the step count decides
+    elif data_cfg.num_epochs is not None:
+        data_cfg.num_epochs = int(math.ceil(stage.num_epochs))
+    loader = make_loader(data_cfg, tokenizer)
+    total = stage_total_steps(stage, loader, data_cfg)
+    accum = stage.grad_accum_steps
+
+    check_patterns(params, stage.trainable, f"stages.{stage.name}.trainable")
+    mask = trainable_mask(params, stage.trainable)
+    trainable, frozen = partition(params, mask)
+    t_sh, f_sh = partition(parts.shardings, mask)
+    tx, schedule = make_optimizer(stage, total)
+    state = jax.jit(lambda t: init_state(t, tx, cfg.seed), out_shardings=None)(trainable)
+    # Optimizer moments follow their parameters' shardings; step/rng are replicated.
+    repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    opt_sh = _match_opt_shardings(state.opt_state, t_sh, repl)
+    state_sh = TrainState(repl, t_sh, opt_sh, repl)
+    state = jax.device_put(state, state_sh)
+
+    ckpt = TrainCheckpointer(os.path.join(stage_dir, "checkpoints"), keep=cfg.checkpoint.keep,
+                             async_save=cfg.checkpoint.async_save)
+    start = 0
+    latest = ckpt.latest_step() if cfg.checkpoint.resume else None
+    if latest is not None:
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
+        state, data_state = ckpt.restore(latest, abstract)
+        state = TrainState(*state) if not isinstance(state, TrainState) else state
+        if data_state is not None:
+            loader.set_state(data_state)
+        start = latest
+        log.info("stage %s: resumed from step %d", stage.name, latest)
+
+    writer = MetricsWriter(cfg.run_dir, cfg.logging, stage.name)
+    signals = _Signals(cfg.checkpoint.save_on_signal)
+    result = StageResult(stage.name, final_dir, start)
+    n_dev = jax.device_count()
+    peak = cfg.train.peak_tflops or device_peak_tflops(jax.devices()[0])
+    step_fn = None
+    pending: list = []
+    host_step = start
+    t_last = time.time()
+    steps_since = 0
+    tokens_since = 0
+    flops_since = 0.0
+    bar = None
+    if cfg.logging.progress_bar and jax.process_index() == 0:
+        from tqdm import tqdm
+        bar = tqdm(total=total, initial=start, desc=stage.name, dynamic_ncols=True, leave=True)
+
+    def flush(force_check: bool):
+        """Fetch pending metrics (one host sync), log them, enforce the NaN policy."""
+        nonlocal pending, t_last, steps_since, tokens_since, flops_since
+        if not pending:
+            return
+        fetched = jax.device_get([m for _, m in pending])
+        dt = time.time() - t_last
+        tps = tokens_since / dt if dt > 0 else 0.0
+        mfu = (flops_since / dt / n_dev / (peak * 1e12)) if (peak and dt > 0) else None
+        bad = []
+        for (step, _), m in zip(pending, fetched):
+            row = {k: float(v) for k, v in m.items() if k != "finite"}
+            row["finite"] = bool(m["finite"])
+            row["tokens_per_s"] = tps
+            row["step_time_s"] = dt / max(1, steps_since)
+            if mfu is not None:
+                row["mfu"] = mfu
+            writer.write(stage.name, step, row)
+            result.losses.append(row["loss"])
+            if not row["finite"]:
+                bad.append(step)
+        writer.flush()
+        last = fetched[-1]
+        if bar is not None:
+            post = dict(loss=f"{float(last['loss']):.4f}", lr=f"{float(last['lr']):.2e}",
+                        gnorm=f"{float(last['grad_norm']):.3f}", tok_s=f"{tps:,.0f}")
+            if mfu is not None:
+                post["mfu"] = f"{100 * mfu:.1f}%"
+            bar.set_postfix(post, refresh=False)
+        pending = []
+        t_last = time.time()
+        steps_since = tokens_since = 0
+        flops_since = 0.0
+        if bad:
+            result.skipped_nonfinite += len(bad)
+            if cfg.train.nan_policy == "stop":
+                raise TrainingError(
+                    f"stage {stage.name}: non-finite loss or gradient at step(s) {bad}; the update "
+                    f"was not applied and no checkpoint was written after it. The last good "
+                    f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}. Lower the "
+                    f"learning rate, check the data, or set train.nan_policy=skip")
+            log.warning("stage %s: skipped non-finite update(s) at step(s) %s", stage.name, bad)
+
+    try:
+        while host_step < total:
+            try:
+                local = next(loader)
+            except StopIteration:
+                log.warning("stage %s: data ended after %d of %d steps", stage.name, host_step, total)
+                break
+            micro = stack_micro(local, accum)
+            if step_fn is None:
+                b_sh = batch_shardings(mesh, rules, global_shape_example(micro))
+                step_fn = compile_train_step(parts.graphdef, tx, schedule, state_shardings=state_sh,
+                                             frozen_shardings=f_sh, batch_shardings=b_sh,
+                                             packed=bool(data_cfg.packing))
+            gb = to_global(micro, b_sh)
+            with S.activation_sharding(mesh, rules):
+                state, metrics = step_fn(state, frozen, gb)
+            host_step += 1
+            steps_since += 1
+            tokens_since += int(local["attention_mask"].sum()) * jax.process_count()
+            B, T = local["input_ids"].shape
+            flops_since += step_flops(parts.config, B * jax.process_count(), T,
+                                      int(local["image_valid"].sum()) * jax.process_count(),
+                                      llm_trainable=any(p.startswith("llm") for p in stage.trainable))
+            pending.append((host_step, metrics))
+            if bar is not None:
+                bar.update(1)
+            save_now = cfg.checkpoint.every_steps and host_step % cfg.checkpoint.every_steps == 0
+            if host_step % cfg.logging.every_steps == 0 or save_now or signals.hit:
+                flush(force_check=True)
+            if save_now and host_step < total:
+                ckpt.save(host_step, state, loader.get_state())
+            if signals.hit:
+                flush(force_check=True)
+                ckpt.save(host_step, state, loader.get_state(), force=True)
+                ckpt.wait()
+                result.interrupted = signals.hit
+                break
+        flush(force_check=True)
+        if result.interrupted is None:
+            ckpt.save(host_step, state, loader.get_state(), force=True)
+        ckpt.wait()
+    finally:
+        signals.restore()
+        writer.close()
+        ckpt.close()
+        if bar is not None:
+            bar.close()
+        result.data_stats = loader.stats()
+        loader.close()
+    result.steps = host_step
+    final = combine(state.trainable, frozen)
+    if result.interrupted is None:
+        save_pretrained(final, parts.config, final_dir, overwrite=True)
+    result.seconds = time.time() - t_start
+    return final, result
+
+
+def _match_opt_shardings(opt_state, param_shardings, repl):
+    """Shardings for an optax state: subtrees shaped like the params get the param shardings."""
+    p_struct = jax.tree.structure(param_shardings)
+
+    def visit(node):
+        try:
+            if jax.tree.structure(node) == p_struct:
+                return param_shardings
+        except Exception:
+            pass
+        if isinstance(node, tuple) and hasattr(node, "_fields"):
+            return type(node)(*[visit(c) for c in node])
+        if isinstance(node, (tuple, list)):
+            return type(node)(visit(c) for c in node)
+        if isinstance(node, dict):
+            return {k: visit(v) for k, v in node.items()}
+        return repl
+
+    return visit(opt_state)
+
+
+def run_training(cfg: RunConfig, *, tokenizer=None) -> list[StageResult]:
+    """Run every stage of the curriculum in order; returns their results."""
+    maybe_initialize_distributed(cfg.distributed)
+    mesh, rules = build_mesh(cfg)
+    model_cfg = resolve_model_config(cfg)
+    parts = model_parts(model_cfg, mesh, rules)
+    tokenizer = tokenizer or cfg.model.tokenizer
+    if jax.process_index() == 0:
+        dump_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+    params = None
+    results = []
+    for i, stage in enumerate(cfg.stages):
+        final_dir = os.path.join(cfg.run_dir, stage.name, "final")
+        if cfg.checkpoint.resume and os.path.exists(os.path.join(final_dir, "config.json")):
+            log.info("stage %s already finished: %s", stage.name, final_dir)
+            from qilin_jax.checkpoint import load_pretrained
+            model = load_pretrained(final_dir, mesh=mesh, rules=rules, config=model_cfg)
+            params = nnx.state(model, nnx.Param).to_pure_dict()
+            results.append(StageResult(stage.name, final_dir, -1))
+            continue
+        if params is None:
+            params = init_params(parts, cfg.seed, cfg.model.checkpoint, mesh, rules)
+        if stage.init_from != "previous":
+            params = _load_parts(params, stage, parts, mesh, rules)
+        params, res = run_stage(cfg, stage, parts, params, mesh, rules, tokenizer=tokenizer)
+        results.append(res)
+        if res.interrupted:
+            break
+    return results
+
+
+def _load_parts(params: dict, stage: StageConfig, parts: ModelParts, mesh, rules) -> dict:
+    """Replace the stage's trainable parameters by those of checkpoint `stage.init_from`."""
+    from qilin_jax.checkpoint import load_pretrained
+
+    src = nnx.state(load_pretrained(stage.init_from, mesh=mesh, rules=rules, config=parts.config),
+                    nnx.Param).to_pure_dict()
+    mask = trainable_mask(params, stage.trainable)
+    new_t, _ = partition(src, mask)
+    _, frozen = partition(params, mask)
+    return combine(new_t, frozen)

@@ -1,0 +1,99 @@
+"""The train step: a pure function under jax.jit with explicit shardings and donated state.
+
+Only the stage's trainable parameters are differentiated and carry optimizer state; the
+frozen ones are a separate, non-donated input (no gradient is computed for them: JAX prunes
+the backward pass of everything that does not depend on a trainable parameter).
+Gradient accumulation scans over micro-batches: the loss is the sum of token losses over
+all micro-batches divided by their total supervised tokens (HF Trainer's num_items_in_batch).
+A non-finite loss or gradient never reaches the parameters: the update is dropped in the
+step and reported, and the host decides to stop or go on (train.nan_policy).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from qilin_jax.train.optim import combine
+
+BATCH_KEYS = ("input_ids", "labels", "attention_mask", "segment_ids", "position_ids",
+              "pixel_values", "image_valid")
+
+
+class TrainState(NamedTuple):
+    """What changes every step (and is donated): step, trainable params, optimizer state, rng."""
+
+    step: jax.Array
+    trainable: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def init_state(trainable, tx, seed: int = 0) -> TrainState:
+    """A fresh TrainState for trainable params."""
+    return TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable), jax.random.PRNGKey(seed))
+
+
+def loss_terms(graphdef, trainable, frozen, micro, *, packed: bool):
+    """(sum of token losses, supervised token count) of one micro-batch."""
+    model = nnx.merge(graphdef, combine(trainable, frozen))
+    out = model(micro["input_ids"], micro.get("pixel_values"), labels=micro["labels"],
+                segment_ids=micro["segment_ids"], position_ids=micro.get("position_ids"),
+                packed=packed, return_logits=False)
+    n = out.num_tokens.astype(jnp.float32)
+    return out.loss * n, n
+
+
+def train_step(graphdef, tx, schedule, state: TrainState, frozen, batch, *, packed: bool = False):
+    """One optimizer update over a batch with a leading micro-batch axis [accum, batch, ...]."""
+    grad_fn = jax.value_and_grad(functools.partial(loss_terms, graphdef, packed=packed), has_aux=True)
+
+    def micro_step(carry, micro):
+        g_acc, l_acc, n_acc = carry
+        (lsum, n), g = grad_fn(state.trainable, frozen, micro)
+        g_acc = jax.tree.map(jnp.add, g_acc, g)
+        return (g_acc, l_acc + lsum, n_acc + n), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+    (grads, lsum, n), _ = jax.lax.scan(micro_step, (zeros, jnp.zeros(()), jnp.zeros(())), batch)
+    n = jnp.maximum(n, 1.0)
+    grads = jax.tree.map(lambda g: g / n, grads)
+    loss = lsum / n
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt = tx.update(grads, state.opt_state, state.trainable)
+    new_params = optax.apply_updates(state.trainable, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_state = TrainState(jnp.where(finite, state.step + 1, state.step),
+                           keep(new_params, state.trainable), keep(new_opt, state.opt_state),
+                           jax.random.fold_in(state.rng, state.step))
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
+               "tokens": n, "finite": finite}
+    return new_state, metrics
+
+
+def compile_train_step(graphdef, tx, schedule, *, state_shardings=None, frozen_shardings=None,
+                       batch_shardings=None, packed: bool = False):
+    """jax.jit of train_step with explicit in/out shardings (when given) and donated state."""
+    fn = functools.partial(train_step, graphdef, tx, schedule, packed=packed)
+    if state_shardings is None:
+        return jax.jit(fn, donate_argnums=(0,))
+    metric_sh = jax.sharding.NamedSharding(jax.tree.leaves(state_shardings)[0].mesh,
+                                           jax.sharding.PartitionSpec())
+    return jax.jit(fn, donate_argnums=(0,),
+                   in_shardings=(state_shardings, frozen_shardings, batch_shardings),
+                   out_shardings=(state_shardings, metric_sh))
+
+
+def stack_micro(batch: dict, accum: int) -> dict:
+    """Reshape [accum*B, ...] host arrays to [accum, B, ...] (only the model's keys)."""
+    out = {}
+    for k in BATCH_KEYS:
+        if k in batch:
+            v = batch[k]
+            out[k] = v.reshape((accum, v.shape[0] // accum) + v.shape[1:])
+    return out
