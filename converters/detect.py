@@ -107,6 +107,9 @@ def detect(infos: list[TensorInfo], source: str = "", hf_config: dict | None = N
     n_unmatched, _, fmt, adapter, matched, unmatched = best
     if n_unmatched:
         shown = ", ".join(unmatched[:8]) + (f" (+{len(unmatched) - 8} more)" if len(unmatched) > 8 else "")
+        if any("lora_" in k for k in unmatched):
+            raise ConversionError(f"{source}: LoRA weights ({shown}); merge them into the base "
+                                  "model first (LLaVA: scripts/merge_lora_weights.py), then convert")
         raise ConversionError(
             f"{source}: {n_unmatched} key(s) fit no known format (closest: {fmt}, which explains "
             f"{sum(matched.values())} keys): {shown}. Known formats: {', '.join(K.FORMATS)} "

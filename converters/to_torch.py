@@ -74,6 +74,35 @@ def _plan(cfg, key_fmt: str, include_vision: bool):
     return [e[1:] for e in out]
 
 
+VOCAB_PARAMS = ("llm/embed_tokens", "llm/lm_head")
+BLOCK_BYTES = 64 << 20
+
+
+def _row_blocks(reader, path, kind, dt, pad_to=None):
+    """Torch-layout row blocks of a 2-D parameter (read in slices, never whole); with pad_to,
+    extra rows equal to the mean row (computed in a first pass) follow."""
+    shape = reader.shape(path)
+    rows = shape[0] if kind == "id" else shape[1]  # torch dim 0
+    cols = shape[1] if kind == "id" else shape[0]
+    step = max(1, BLOCK_BYTES // max(1, cols * 4))
+
+    def block(a, b):
+        x = reader.array(path)
+        x = x[a:b] if kind == "id" else x[:, a:b]
+        return untransform(np.asarray(x.read().result()), kind)
+
+    mean = None
+    if pad_to is not None and pad_to > rows:
+        acc = np.zeros(cols, np.float64)
+        for a in range(0, rows, step):
+            acc += block(a, min(rows, a + step)).astype(np.float64).sum(0)
+        mean = (acc / rows).astype(np.float32)
+    for a in range(0, rows, step):
+        yield np.ascontiguousarray(block(a, min(rows, a + step)).astype(dt, copy=False))
+    if mean is not None:
+        yield np.ascontiguousarray(np.repeat(mean[None], pad_to - rows, 0).astype(dt))
+
+
 def hf_text_config(cfg, vocab: int, dtype: str) -> dict:
     """LlamaConfig fields of the LLM (loadable by transformers 4.x and 5.x)."""
     t = cfg.text
@@ -196,12 +225,10 @@ def to_torch(src, dst, *, format: str = "hf-llava", tokenizer=None, dtype: str |
 
     def produce(key):
         path, layer, kind, dt = by_key[key]
-        x = untransform(reader.read(path, layer), kind)
-        if vocab != V and path in ("llm/embed_tokens", "llm/lm_head"):
-            # Mean rows for the padded ids (see the module docstring), computed in float32.
-            mean = x.astype(np.float32).mean(axis=0, keepdims=True)
-            x = np.concatenate([x.astype(np.float32), np.repeat(mean, vocab - V, axis=0)], 0)
-        return np.ascontiguousarray(x.astype(dt, copy=False))
+        shape = reader.shape(path)
+        if layer is not None or kind not in ("id", "T") or len(shape) != 2:
+            return np.ascontiguousarray(untransform(reader.read(path, layer), kind).astype(dt, copy=False))
+        return _row_blocks(reader, path, kind, dt, pad_to=vocab if path in VOCAB_PARAMS else None)
 
     notices = []
     if vocab != V:

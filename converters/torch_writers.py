@@ -4,7 +4,8 @@ zip `.bin` format (the pickle is emitted opcode by opcode: an OrderedDict of
 writes for a state dict, loadable with `torch.load(weights_only=True)`).
 
 Both writers take the full list of (key, shape, dtype) up front and a function that
-produces one tensor at a time, so at most one tensor is in memory.
+produces one tensor at a time, either whole or as an iterable of row blocks (consecutive
+slices along dim 0), so at most one tensor, or one block of a big one, is in memory.
 """
 from __future__ import annotations
 
@@ -21,10 +22,18 @@ from converters.readers import SAFETENSORS_NAMES, TORCH_STORAGE_NAMES
 Entry = tuple  # (key, shape, np.dtype)
 
 
-def _check(x: np.ndarray, key, shape, dt) -> np.ndarray:
-    if tuple(x.shape) != tuple(shape) or x.dtype != dt:
-        raise ValueError(f"{key}: produced {x.shape} {x.dtype}, planned {tuple(shape)} {dt}")
-    return np.ascontiguousarray(x)
+def _blocks(produced, key, shape, dt):
+    """Contiguous byte views of a produced tensor (whole or row blocks), checked against the plan."""
+    blocks = [produced] if isinstance(produced, np.ndarray) else produced
+    rows = 0
+    for x in blocks:
+        whole = tuple(x.shape) == tuple(shape)
+        if x.dtype != dt or not (whole or (len(shape) and tuple(x.shape[1:]) == tuple(shape[1:]))):
+            raise ValueError(f"{key}: produced {x.shape} {x.dtype}, planned {tuple(shape)} {dt}")
+        rows += x.shape[0] if len(shape) else 1
+        yield memoryview(np.ascontiguousarray(x).reshape(-1).view(np.uint8))
+    if rows != (shape[0] if len(shape) else 1):
+        raise ValueError(f"{key}: produced {rows} rows, planned {tuple(shape)}")
 
 
 def write_safetensors(path, entries: Sequence[Entry], produce: Callable[[str], np.ndarray],
@@ -44,9 +53,8 @@ def write_safetensors(path, entries: Sequence[Entry], produce: Callable[[str], n
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for key, shape, dt in entries:
-            x = _check(produce(key), key, shape, np.dtype(dt))
-            f.write(memoryview(x.reshape(-1).view(np.uint8)))
-            del x
+            for b in _blocks(produce(key), key, shape, np.dtype(dt)):
+                f.write(b)
     return offset
 
 
@@ -95,14 +103,24 @@ def state_dict_pickle(entries: Sequence[Entry]) -> bytes:
     return bytes(out)
 
 
-def _aligned_info(zf: zipfile.ZipFile, name: str, align: int = 64) -> zipfile.ZipInfo:
-    """A stored ZipInfo whose data starts at a multiple of `align` (as torch aligns storages)."""
+def _aligned_info(zf: zipfile.ZipFile, name: str, size: int, align: int = 64):
+    """(ZipInfo, zip64) for a stored record whose data starts at a multiple of `align` (as
+    torch aligns storages); zipfile appends a 20-byte zip64 field for big records."""
     info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
     info.compress_type = zipfile.ZIP_STORED
-    start = zf.fp.tell() + 30 + len(name.encode())
+    info.file_size = size
+    zip64 = size * 1.05 > zipfile.ZIP64_LIMIT
+    start = zf.fp.tell() + 30 + len(name.encode()) + (20 if zip64 else 0)
     pad = -(start + 4) % align
     info.extra = b"FB" + struct.pack("<H", pad) + b"Z" * pad
-    return info
+    return info, zip64
+
+
+def _record(zf, name, blocks, size):
+    info, zip64 = _aligned_info(zf, name, size)
+    with zf.open(info, "w", force_zip64=zip64) as f:
+        for b in blocks:
+            f.write(b)
 
 
 def write_torch_bin(path, entries: Sequence[Entry], produce: Callable[[str], np.ndarray]) -> int:
@@ -110,14 +128,14 @@ def write_torch_bin(path, entries: Sequence[Entry], produce: Callable[[str], np.
     archive = Path(path).stem.replace(".", "_") or "archive"
     total = 0
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-        zf.writestr(_aligned_info(zf, f"{archive}/data.pkl"), state_dict_pickle(entries))
-        zf.writestr(_aligned_info(zf, f"{archive}/byteorder"), b"little")
+        pkl = state_dict_pickle(entries)
+        _record(zf, f"{archive}/data.pkl", [pkl], len(pkl))
+        _record(zf, f"{archive}/byteorder", [b"little"], 6)
         for i, (key, shape, dt) in enumerate(entries):
-            x = _check(produce(key), key, shape, np.dtype(dt))
-            zf.writestr(_aligned_info(zf, f"{archive}/data/{i}"), memoryview(x.reshape(-1).view(np.uint8)))
-            total += x.nbytes
-            del x
-        zf.writestr(_aligned_info(zf, f"{archive}/version"), b"3\n")
+            n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
+            _record(zf, f"{archive}/data/{i}", _blocks(produce(key), key, shape, np.dtype(dt)), n)
+            total += n
+        _record(zf, f"{archive}/version", [b"3\n"], 2)
     return total
 
 

@@ -561,6 +561,16 @@ def test_blockwise_conversion_matches_whole(ref, files, tmp_path, monkeypatch):
     b = nnx.state(load_pretrained(blocks), nnx.Param).to_pure_dict()
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # Export in row blocks (with vocab padding, to .bin) == export whole.
+    TT = importlib.import_module("converters.to_torch")
+    args = ["to-torch", "--src", str(blocks), "--format", "hf-llava", "--bin"]
+    assert cli(args + ["--dst", str(tmp_path / "e_whole")]) == 0
+    monkeypatch.setattr(TT, "BLOCK_BYTES", 256)
+    assert cli(args + ["--dst", str(tmp_path / "e_blocks")]) == 0
+    e1, e2 = _tensors(tmp_path / "e_whole"), _tensors(tmp_path / "e_blocks")
+    assert set(e1) == set(e2) and e1["language_model.lm_head.weight"].shape[0] == 192
+    for k in e1:
+        assert e1[k].tobytes() == e2[k].tobytes(), k
 
 
 def test_model_config_from_run_config():
@@ -576,3 +586,16 @@ def test_converters_import_without_torch():
     code = ("import sys, converters.cli, converters.to_jax, converters.to_torch, converters.detect, "
             "converters.readers, qilin_jax.checkpoint; assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+
+
+def test_cli_module_entry_point(files):
+    """`python -m converters` (the contract scripts call) runs and reports formats."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "converters", "inspect", "--src", str(files["release"])],
+                         check=True, capture_output=True, text=True, cwd=Path(__file__).parent.parent).stdout
+    assert "format llava, parts llm+adapter, llm 2 layers, vocab 128, adapter mlp2x_gelu" in out
+    bad = subprocess.run([sys.executable, "-m", "converters", "to-jax", "--src", str(files["release"]),
+                          "--dst", "/nonexistent/x"], capture_output=True, text=True,
+                         cwd=Path(__file__).parent.parent)
+    assert bad.returncode == 2 and "--vision" in bad.stderr
