@@ -201,7 +201,9 @@ def convert_state(tensors: Iterable[tuple[str, np.ndarray]], config, fmt: str, *
                 out[path] = np.zeros(chk.shapes[path], dtype)
             out[path][layer] = x
         else:
-            out[path] = np.asarray(x, dtype)
+            # A copy: the source may be a memory map or a live torch tensor's memory, and jax
+            # may alias host memory on CPU.
+            out[path] = np.array(x, dtype, copy=True)
         del tensor, x
     chk.finish(strict)
     return out

@@ -1,0 +1,91 @@
+"""The same train steps on meshes of 8 simulated CPU devices equal one device."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from qilin_jax import sharding as S
+from qilin_jax.config import StageConfig
+from qilin_jax.models import model_preset
+from qilin_jax.train import loop as L
+from qilin_jax.train.optim import combine, make_optimizer, partition, trainable_mask
+from qilin_jax.train.step import TrainState, compile_train_step, init_state
+
+
+def _batches(cfg, n, B=8, T=40, seed=0):
+    rng = np.random.default_rng(seed)
+    P_, img = cfg.image_tokens, cfg.image_token_id
+    out = []
+    for _ in range(n):
+        ids = rng.integers(3, cfg.text.vocab_size, size=(B, T)).astype(np.int32)
+        mask = np.ones((B, T), np.int32)
+        for b in range(B):
+            ids[b, 2:2 + P_] = img
+            mask[b, T - rng.integers(0, 8):] = 0
+        ids = np.where(mask == 1, ids, 0)
+        labels = np.where((mask == 1) & (ids != img), ids, -100).astype(np.int32)
+        pos = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
+        px = rng.normal(size=(B, 1, 3, 32, 32)).astype(np.float32)
+        batch = dict(input_ids=ids, labels=labels, segment_ids=mask, position_ids=pos,
+                     pixel_values=px)
+        out.append({k: v[None] for k, v in batch.items()})  # one micro-batch
+    return out
+
+
+def _run(mesh_shape, cfg, stage, batches):
+    devices = jax.devices()[: int(np.prod(mesh_shape))]
+    mesh = S.make_mesh(*mesh_shape, devices=devices)
+    rules = S.DEFAULT_RULES
+    parts = L.model_parts(cfg, mesh, rules)
+    params = L.init_params(parts, 0, None, mesh, rules)
+    mask = trainable_mask(params, stage.trainable)
+    trainable, frozen = partition(params, mask)
+    t_sh, f_sh = partition(parts.shardings, mask)
+    tx, schedule = make_optimizer(stage, 10)
+    state = jax.jit(lambda t: init_state(t, tx))(trainable)
+    repl = NamedSharding(mesh, P())
+    state_sh = TrainState(repl, t_sh, L._match_opt_shardings(state.opt_state, t_sh, repl), repl)
+    state = jax.device_put(state, state_sh)
+    b_sh = L.batch_shardings(mesh, rules, batches[0])
+    step = compile_train_step(parts.graphdef, tx, schedule, state_shardings=state_sh,
+                              frozen_shardings=f_sh, batch_shardings=b_sh)
+    losses = []
+    for b in batches:
+        with S.activation_sharding(mesh, rules):
+            state, m = step(state, frozen, L.to_global(b, b_sh))
+        losses.append(float(m["loss"]))
+    # Parameters really are distributed as the rules say.
+    q = state.trainable["llm"]["layers"]["q_proj"] if "llm" in state.trainable else None
+    return losses, jax.device_get(combine(state.trainable, frozen)), q, mesh
+
+
+CFG = model_preset("tiny")
+STAGE = StageConfig(name="s2", trainable=["llm/.*", "adapter/.*"], learning_rate=1e-3, warmup_ratio=0.0)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    batches = _batches(CFG, 3)
+    losses, params, _, _ = _run((1, 1, 1), CFG, STAGE, batches)
+    return batches, losses, params
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 8, 1), (2, 4, 1), (1, 4, 2)])
+def test_mesh_equals_one_device(mesh_shape, reference):
+    batches, ref_losses, ref_params = reference
+    losses, params, q, mesh = _run(mesh_shape, CFG, STAGE, batches)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    flat_ref = jax.tree_util.tree_leaves_with_path(ref_params)
+    flat = dict(jax.tree_util.tree_leaves_with_path(params))
+    for path, want in flat_ref:
+        got = flat[path]
+        err = np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-12)
+        assert err <= 1e-5, (path, err)
+    # q_proj [layers, embed, heads]: embed over fsdp, heads over tensor.
+    spec = q.sharding.spec
+    assert spec[1] == ("fsdp" if mesh.shape["fsdp"] > 1 else None)
+    assert spec[2] == ("tensor" if mesh.shape["tensor"] > 1 else None)
+    assert len(q.sharding.device_set) == 8
