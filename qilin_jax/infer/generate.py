@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qilin_jax.models.common import DTYPES
-from qilin_jax.models.llama import KVCache
+from qilin_jax.models.attention import make_mask
+from qilin_jax.models.common import DTYPES, rms_norm, stacked_values
+from qilin_jax.models.llama import KVCache, _block, rope_cos_sin
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,18 +90,64 @@ def _prefill(model, ids, mask, pixel_values, slots: int):
     return out.logits[:, -1], out.cache, pos[:, -1]
 
 
-def _step(model, tok, cache, pos):
+def _step(model, tok, cache, pos, layers=None):
+    if layers is not None:
+        return _step_unstacked(model, layers, tok, cache, pos)
     out = model(tok[:, None], segment_ids=jnp.ones_like(tok)[:, None], position_ids=pos[:, None],
                 cache=cache)
     return out.logits[:, -1], out.cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "slots", "max_tokens", "sampling"))
+# Decoding on CPU: inside a scan over stacked layers XLA:CPU copies each layer's weights out
+# of the stacked array before every matmul, which triples the memory traffic of a decode step
+# (weight-bound). With the layers as separate arrays, sliced once per generate call and run
+# in a Python loop, the matmuls read them in place: ~2.4x faster decoding on CPU. Accelerators
+# keep the scan (their matmuls read the slice in place, and a second copy of a 13B model's
+# weights would not fit). Same math as LlamaModel's cache path (tests compare the two).
+
+
+def _unstack_decode(state) -> bool:
+    """Whether decoding runs unstacked layers: when the parameters live on CPU."""
+    leaf = jax.tree.leaves(state)[0]
+    return all(d.platform == "cpu" for d in leaf.devices())
+
+
+def _layer_list(model) -> list[dict]:
+    """The decoder's stacked parameters as one dict of arrays per layer."""
+    stacked = stacked_values(model.llm.layers)
+    return [{k: v[i] for k, v in stacked.items()} for i in range(model.config.text.num_hidden_layers)]
+
+
+def _step_unstacked(model, layers, tok, cache, pos):
+    """One decode step (logits [batch, vocab], cache) with per-layer parameter arrays."""
+    llm = model.llm
+    cfg = llm.cfg
+    B = tok.shape[0]
+    x = llm.embed(tok[:, None])
+    cos, sin = rope_cos_sin(pos[:, None], cfg)
+    S = cache.k.shape[2]
+    new_mask = jax.lax.dynamic_update_slice(cache.mask, jnp.ones((B, 1), jnp.int32), (0, cache.index))
+    mask = make_mask(jnp.ones((B, 1), jnp.int32), new_mask, causal=True,
+                     q_positions=jnp.broadcast_to(cache.index, (B, 1)),
+                     kv_positions=jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S)))
+    ks, vs = [], []
+    for i, p in enumerate(layers):
+        x, (ck, cv) = _block(p, x, cfg=cfg, cos=cos, sin=sin, mask=mask, segment_ids=None,
+                             lengths=None, impl="xla", dtype=DTYPES[llm.dtype],
+                             cache_kv=(cache.k[i], cache.v[i]), cache_index=cache.index)
+        ks.append(ck)
+        vs.append(cv)
+    x = rms_norm(x, llm.norm.get_value(), cfg.rms_norm_eps)
+    return llm.logits(x)[:, -1], KVCache(jnp.stack(ks), jnp.stack(vs), new_mask, cache.index + 1)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "slots", "max_tokens", "sampling", "unstack"))
 def _generate_jit(graphdef, state, ids, mask, pixel_values, max_new, eos_id, pad_id, rng, *,
-                  slots, max_tokens, sampling):
+                  slots, max_tokens, sampling, unstack=False):
     model = nnx.merge(graphdef, state)
     B = ids.shape[0]
     logits, cache, pos = _prefill(model, ids, mask, pixel_values, slots)
+    layers = _layer_list(model) if unstack else None
     out = jnp.full((B, max_tokens), pad_id, jnp.int32)
     done = jnp.zeros((B,), bool)
 
@@ -116,7 +163,7 @@ def _generate_jit(graphdef, state, ids, mask, pixel_values, max_new, eos_id, pad
         out = out.at[:, t].set(tok)
         done = done | (tok == eos_id)
         pos = pos + 1
-        logits, cache = _step(model, tok, cache, pos)
+        logits, cache = _step(model, tok, cache, pos, layers)
         return t + 1, logits, cache, pos, done, out, rng
 
     carry = (jnp.zeros((), jnp.int32), logits, cache, pos, done, out, rng)
@@ -149,7 +196,8 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, *, max_ne
     out = _generate_jit(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), px,
                         jnp.int32(max_new_tokens), jnp.int32(eos), jnp.int32(pad),
                         jax.random.PRNGKey(seed), slots=slots, max_tokens=bucket(max_new_tokens),
-                        sampling=SamplingConfig(do_sample, temperature, top_k, top_p))
+                        sampling=SamplingConfig(do_sample, temperature, top_k, top_p),
+                        unstack=_unstack_decode(state))
     return np.asarray(out)[:, :max_new_tokens]
 
 
@@ -158,12 +206,17 @@ def _prefill_jit(graphdef, state, ids, mask, pixel_values, *, slots):
     return _prefill(nnx.merge(graphdef, state), ids, mask, pixel_values, slots)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _layer_list_jit(graphdef, state):
+    return _layer_list(nnx.merge(graphdef, state))
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("cache",))
-def _stream_step_jit(graphdef, state, logits, cache, pos, rng, *, sampling):
+def _stream_step_jit(graphdef, state, logits, cache, pos, rng, layers=None, *, sampling):
     model = nnx.merge(graphdef, state)
     tok = sample_logits(logits, rng, sampling)
     pos = pos + 1
-    logits, cache = _step(model, tok, cache, pos)
+    logits, cache = _step(model, tok, cache, pos, layers)
     return tok, logits, cache, pos
 
 
@@ -179,10 +232,11 @@ def stream(model, input_ids, pixel_values=None, attention_mask=None, *, max_new_
     logits, cache, pos = _prefill_jit(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), px, slots=slots)
     sampling = SamplingConfig(do_sample, temperature, top_k, top_p)
     rng = jax.random.PRNGKey(seed)
+    layers = _layer_list_jit(graphdef, state) if _unstack_decode(state) else None
     done = np.zeros(ids.shape[0], bool)
     for _ in range(max_new_tokens):
         rng, sub = jax.random.split(rng)
-        tok, logits, cache, pos = _stream_step_jit(graphdef, state, logits, cache, pos, sub,
+        tok, logits, cache, pos = _stream_step_jit(graphdef, state, logits, cache, pos, sub, layers,
                                                    sampling=sampling)
         tok = np.asarray(tok)
         yield tok
