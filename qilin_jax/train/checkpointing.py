@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Any
 
 import jax
@@ -23,7 +24,16 @@ class DataStateHandler(ocp.CheckpointHandler):
 
     def save(self, directory: epath.Path, args: "DataStateSave"):
         i, n = jax.process_index(), jax.process_count()
-        (directory / f"process_{i}-of-{n}.json").write_text(json.dumps(args.state))
+        text = json.dumps(args.state)
+        path = directory / f"process_{i}-of-{n}.json"
+        if args.test_kill is not None:  # test hook (loop.py QILIN_TEST_KILL_AT ...:during_save)
+            with open(path, "w") as f:  # a half-written item inside the temporary step dir
+                f.write(text[: len(text) // 2])
+                f.flush()
+                os.fsync(f.fileno())
+            os.kill(os.getpid(), args.test_kill)
+            return
+        path.write_text(text)
 
     def restore(self, directory: epath.Path, args: "DataStateRestore" = None):
         i, n = jax.process_index(), jax.process_count()
@@ -51,6 +61,7 @@ class DataStateHandler(ocp.CheckpointHandler):
 @dataclasses.dataclass
 class DataStateSave(ocp.args.CheckpointArgs):
     state: Any
+    test_kill: Any = None  # a signal to send to this process mid-write (tests only)
 
 
 @ocp.args.register_with_handler(DataStateHandler, for_restore=True)
@@ -68,6 +79,9 @@ class TrainCheckpointer:
                                             enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=opts,
                                              item_names=("state", "data"))
+        # (step, signal): the save of that step kills the process mid-write. Set only by the
+        # QILIN_TEST_KILL_AT test hook of the training loop.
+        self.test_kill_during_save = None
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step (None when there is none)."""
@@ -77,7 +91,8 @@ class TrainCheckpointer:
         """Start saving (asynchronously when enabled); returns whether a save was started."""
         args = {"state": ocp.args.StandardSave(state)}
         if data_state is not None:
-            args["data"] = DataStateSave(data_state)
+            kill = self.test_kill_during_save
+            args["data"] = DataStateSave(data_state, kill[1] if kill and kill[0] == step else None)
         return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
 
     def restore(self, step: int, abstract_state, *, with_data: bool = True):

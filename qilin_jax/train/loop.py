@@ -25,6 +25,7 @@ from flax import nnx
 
 from qilin_jax import sharding as S
 from qilin_jax.config import RunConfig, StageConfig, dump_config
+from qilin_jax.data.conversation import IGNORE_INDEX
 from qilin_jax.models import QilinConfig, QilinMedVL
 from qilin_jax.train.checkpointing import TrainCheckpointer
 from qilin_jax.train.flops import device_peak_tflops, step_flops
@@ -36,6 +37,57 @@ log = logging.getLogger("qilin_jax.train")
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss under nan_policy=stop)."""
+
+
+# --- test hooks -----------------------------------------------------------------------------
+# Inert unless their environment variable is set; the robustness tests
+# (tests/test_train_resume.py) use them to fail at a precise point of a real run.
+#   QILIN_TEST_KILL_AT=[<stage>:]<step>:<phase>[:<SIGNAL>]   (SIGNAL default SIGKILL)
+#     after_step:  after optimizer step <step> was run and logged, wait for in-flight
+#                  checkpoint saves, then send SIGNAL to this process (SIGTERM = preemption:
+#                  the run saves step <step> and stops).
+#     during_save: in the middle of writing the checkpoint of step <step> (the data item is
+#                  half written, the Orbax step directory still temporary), send SIGNAL.
+#   QILIN_TEST_NAN_AT=[<stage>:]<step>[,<step>...]: the batch of those steps gets NaN pixel
+#     values, so the loss and gradients are non-finite (exercises train.nan_policy).
+
+KILL_ENV = "QILIN_TEST_KILL_AT"
+NAN_ENV = "QILIN_TEST_NAN_AT"
+_KILL_PHASES = ("after_step", "during_save")
+
+
+def _split_stage(text: str, stage: str) -> str | None:
+    """The part of a hook value for `stage` ("name:rest" or "rest" for every stage)."""
+    head, sep, rest = text.partition(":")
+    if sep and not head.strip().lstrip("-").isdigit():
+        return rest if head.strip() == stage else None
+    return text
+
+
+def kill_hook_from_env(stage: str) -> tuple[int, str, signal.Signals] | None:
+    """(step, phase, signal) of QILIN_TEST_KILL_AT for this stage, or None (the normal case)."""
+    value = os.environ.get(KILL_ENV)
+    if not value:
+        return None
+    rest = _split_stage(value, stage)
+    if rest is None:
+        return None
+    parts = rest.split(":")
+    try:
+        step, phase = int(parts[0]), parts[1]
+        sig = signal.Signals[parts[2]] if len(parts) > 2 else signal.SIGKILL
+    except (IndexError, ValueError, KeyError):
+        raise ValueError(f"{KILL_ENV}={value!r}: expected [<stage>:]<step>:<phase>[:<SIGNAL>]") from None
+    if phase not in _KILL_PHASES:
+        raise ValueError(f"{KILL_ENV}={value!r}: phase must be one of {_KILL_PHASES}")
+    return step, phase, sig
+
+
+def nan_steps_from_env(stage: str) -> set[int]:
+    """The steps of this stage whose batch QILIN_TEST_NAN_AT poisons (empty normally)."""
+    value = os.environ.get(NAN_ENV)
+    rest = _split_stage(value, stage) if value else None
+    return {int(x) for x in rest.split(",") if x.strip()} if rest else set()
 
 
 # --- distributed / mesh ---------------------------------------------------------------------
@@ -136,6 +188,30 @@ def to_global(local: dict, shardings: dict) -> dict:
             out[k] = jax.device_put(v, sh)
         else:
             out[k] = jax.make_array_from_process_local_data(sh, v)
+    return out
+
+
+def pad_to_common_length(local: dict) -> dict:
+    """Pad this process's batch to the longest sequence bucket of all processes.
+
+    Each host's loader picks the bucket of its own rows, but a global array needs the same
+    shape everywhere; padding (id 0, label -100, mask/segment/position 0) is what the
+    collator itself appends, so the loss does not change."""
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    t = local["input_ids"].shape[1]
+    t_max = int(np.max(multihost_utils.process_allgather(np.array([t], np.int32))))
+    if t_max == t:
+        return local
+    fill = {"labels": IGNORE_INDEX}
+    out = dict(local)
+    for k in ("input_ids", "labels", "attention_mask", "segment_ids", "position_ids"):
+        if k in local:
+            v = local[k]
+            pad = np.full((v.shape[0], t_max - t) + v.shape[2:], fill.get(k, 0), v.dtype)
+            out[k] = np.concatenate([v, pad], axis=1)
     return out
 
 
@@ -286,6 +362,8 @@ def run_stage(cfg: RunConfig, stage: StageConfig, parts: ModelParts, params: dic
 
     writer = MetricsWriter(cfg.run_dir, cfg.logging, stage.name)
     signals = _Signals(cfg.checkpoint.save_on_signal)
+    kill_hook = kill_hook_from_env(stage.name)
+    nan_steps = nan_steps_from_env(stage.name)
     result = StageResult(stage.name, final_dir, start)
     n_dev = jax.device_count()
     peak = cfg.train.peak_tflops or device_peak_tflops(jax.devices()[0])
@@ -337,10 +415,14 @@ def run_stage(cfg: RunConfig, stage: StageConfig, parts: ModelParts, params: dic
         if bad:
             result.skipped_nonfinite += len(bad)
             if cfg.train.nan_policy == "stop":
+                ckpt.wait()  # an in-flight save is a good one: name it, not the one before
+                good = ckpt.latest_step()
+                where = (f"The last good checkpoint is step {good} in {ckpt.directory} (a rerun "
+                         f"resumes from it)" if good is not None else
+                         f"There is no checkpoint of this stage yet in {ckpt.directory}")
                 raise TrainingError(
                     f"stage {stage.name}: non-finite loss or gradient at step(s) {bad}; the update "
-                    f"was not applied and no checkpoint was written after it. The last good "
-                    f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}. Lower the "
+                    f"was not applied and no checkpoint was written after it. {where}. Lower the "
                     f"learning rate, check the data, or set train.nan_policy=skip")
             log.warning("stage %s: skipped non-finite update(s) at step(s) %s", stage.name, bad)
 
@@ -351,7 +433,10 @@ def run_stage(cfg: RunConfig, stage: StageConfig, parts: ModelParts, params: dic
             except StopIteration:
                 log.warning("stage %s: data ended after %d of %d steps", stage.name, host_step, total)
                 break
+            local = pad_to_common_length(local)
             micro = stack_micro(local, accum)
+            if host_step + 1 in nan_steps:  # test hook: poison this batch
+                micro = {**micro, "pixel_values": np.full_like(micro["pixel_values"], np.nan)}
             if step_fn is None:
                 b_sh = batch_shardings(mesh, rules, global_shape_example(micro))
                 step_fn = compile_train_step(parts.graphdef, tx, schedule, state_shardings=state_sh,
@@ -373,6 +458,10 @@ def run_stage(cfg: RunConfig, stage: StageConfig, parts: ModelParts, params: dic
             save_now = cfg.checkpoint.every_steps and host_step % cfg.checkpoint.every_steps == 0
             if host_step % cfg.logging.every_steps == 0 or save_now or signals.hit:
                 flush(force_check=True)
+            if kill_hook and kill_hook[:2] == (host_step, "after_step"):
+                _test_signal_self(kill_hook[2], ckpt, writer, signals)
+            if kill_hook and kill_hook[:2] == (host_step, "during_save"):
+                ckpt.test_kill_during_save = (host_step, kill_hook[2])
             if save_now and host_step < total:
                 ckpt.save(host_step, state, loader.get_state())
             if signals.hit:
@@ -399,6 +488,18 @@ def run_stage(cfg: RunConfig, stage: StageConfig, parts: ModelParts, params: dic
         save_pretrained(final, parts.config, final_dir, overwrite=True)
     result.seconds = time.time() - t_start
     return final, result
+
+
+def _test_signal_self(sig, ckpt, writer, signals) -> None:
+    """Test hook: finish in-flight saves and logs, then send `sig` to this process (SIGKILL
+    never returns; a handled SIGTERM/SIGINT returns once the handler has set its flag)."""
+    ckpt.wait()
+    writer.flush()
+    log.warning("test hook %s: sending %s to myself", KILL_ENV, sig.name)
+    os.kill(os.getpid(), sig)
+    deadline = time.time() + 10
+    while signals.hit is None and time.time() < deadline:  # the handler runs between bytecodes
+        time.sleep(0.01)
 
 
 def _match_opt_shardings(opt_state, param_shardings, repl):
@@ -429,6 +530,9 @@ def run_training(cfg: RunConfig, *, tokenizer=None) -> list[StageResult]:
     model_cfg = resolve_model_config(cfg)
     parts = model_parts(model_cfg, mesh, rules)
     tokenizer = tokenizer or cfg.model.tokenizer
+    if isinstance(tokenizer, str):  # load once, not once per stage (seconds each)
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
     if jax.process_index() == 0:
         dump_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
     params = None
