@@ -64,7 +64,7 @@ def model_config_from_dict(d: dict[str, Any]):
 
 def read_config(ckpt_dir):
     """The QilinConfig of a checkpoint: config.json / config.yaml in the dir or one level up."""
-    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir = Path(ckpt_dir).absolute()  # Orbax needs absolute paths
     for d in (ckpt_dir, ckpt_dir.parent):
         for name in ("config.json", "config.yaml", "config.yml"):
             p = d / name
@@ -115,7 +115,7 @@ def find_params_item(ckpt_dir):
     step directory may hold it inside another item (e.g. `state/` under `params`) and with
     nnx Variable leaves saved as {"value": array}.
     """
-    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir = Path(ckpt_dir).absolute()  # Orbax needs absolute paths
     candidates = [ckpt_dir / n for n in PARAMS_ITEM_CANDIDATES] + [ckpt_dir]
     for item in candidates:
         if not (item / "_METADATA").is_file():
@@ -241,7 +241,7 @@ def load_pretrained(ckpt_dir, *, dtype=None, mesh=None, rules=None, config=None)
 
     from qilin_jax.models import QilinMedVL
 
-    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir = Path(ckpt_dir).absolute()  # Orbax needs absolute paths
     if not ckpt_dir.is_dir():
         raise CheckpointError(f"{ckpt_dir}: no such checkpoint directory")
     cfg = config if config is not None else read_config(ckpt_dir)

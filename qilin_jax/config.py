@@ -269,6 +269,12 @@ def _type_ok(value, tp) -> bool:
     return isinstance(value, tp)
 
 
+def _accepts_float(tp) -> bool:
+    if tp is float:
+        return True
+    return typing.get_origin(tp) in (Union, types.UnionType) and float in typing.get_args(tp)
+
+
 def from_dict(cls, d: dict, where: str = ""):
     """Build dataclass `cls` from a dict, checking keys and types; errors name the key path."""
     if not isinstance(d, dict):
@@ -286,8 +292,15 @@ def from_dict(cls, d: dict, where: str = ""):
         if dataclasses.is_dataclass(tp):
             kwargs[name] = from_dict(tp, value, key)
             continue
-        if isinstance(tp, type) and tp is float and isinstance(value, int):
-            value = float(value)
+        if _accepts_float(tp):
+            if isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            elif isinstance(value, str):
+                # YAML 1.1 reads 2e-5 (no dot) as a string; take it as the number it means.
+                try:
+                    value = float(value)
+                except ValueError:
+                    pass
         if not _type_ok(value, tp):
             raise ConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
         kwargs[name] = value

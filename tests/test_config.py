@@ -1,0 +1,69 @@
+"""Run-config loading: base inheritance, dotted overrides, and errors that name the key."""
+import glob
+
+import pytest
+
+from qilin_jax.config import ConfigError, dump_config, load_config
+
+
+def _write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+BASE = """
+name: base
+tasks: [train]
+model: {preset: tiny, overrides: {text: {vocab_size: 4000}, image_token_id: 4000}}
+data: {paths: [a.json], batch_size: 4, seq_buckets: [64]}
+stages:
+  - {name: stage1, trainable: ["adapter/.*"], learning_rate: 1.0e-3, max_steps: 5}
+"""
+
+
+def test_base_and_overrides(tmp_path):
+    _write(tmp_path, "base.yaml", BASE)
+    child = _write(tmp_path, "child.yaml", "base: base.yaml\nname: child\ndata: {batch_size: 8}\n")
+    cfg = load_config(child, ["stages.0.learning_rate=2e-5", "mesh.tensor=2", "model.overrides.dtype=bfloat16"])
+    assert cfg.name == "child"
+    assert cfg.data["batch_size"] == 8 and cfg.data["paths"] == ["a.json"]  # deep merge
+    assert cfg.stages[0].learning_rate == 2e-5 and cfg.mesh.tensor == 2
+    assert cfg.model_config().dtype == "bfloat16"
+    d = cfg.stage_data(cfg.stages[0])
+    assert (d.image_size, d.image_tokens, d.image_token_id) == (32, 16, 4000)  # from the model
+    dump_config(cfg, str(tmp_path / "out" / "config.yaml"))
+    again = load_config(str(tmp_path / "out" / "config.yaml"))
+    assert again.stages[0].learning_rate == 2e-5 and again.data == cfg.data
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("stages.0.learnin_rate=1", "stages.0.learnin_rate: unknown key"),
+    ("mesh.fsdp=two", "mesh.fsdp: expected int"),
+    ("stages.0.trainable=[]", "must train something"),
+    ("tasks=[train,fly]", "unknown task"),
+    ("model.preset=gpt5", "unknown preset"),
+    ("model.overrides.adapter=conv", "adapter"),
+    ("data.image_size=336", "contradicts the model"),
+    ("mesh.data=-1", "at most one of"),
+    ("stages.3.learning_rate=1", "not an index"),
+    ("train.nan_policy=ignore", "nan_policy"),
+])
+def test_errors_name_the_key(tmp_path, override, fragment):
+    path = _write(tmp_path, "c.yaml", BASE)
+    with pytest.raises(ConfigError, match=None) as e:
+        load_config(path, [override])
+    assert fragment in str(e.value), str(e.value)
+
+
+def test_base_loop_is_an_error(tmp_path):
+    _write(tmp_path, "a.yaml", "base: b.yaml\n")
+    _write(tmp_path, "b.yaml", "base: a.yaml\n")
+    with pytest.raises(ConfigError, match="loops"):
+        load_config(str(tmp_path / "a.yaml"))
+
+
+@pytest.mark.parametrize("path", sorted(p for p in glob.glob("configs/**/*.yaml", recursive=True) if "/bench/" not in p))
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    cfg.model_config()
