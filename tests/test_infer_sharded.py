@@ -1,13 +1,14 @@
 """Sharded generation on 8 simulated CPU devices: tensor parallel over heads gives the tokens of
 one device, with the weights really split over the tensor axis."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from qilin_jax.infer.generate import generate
-from qilin_jax.infer.sharded import (INFERENCE_RULES, inference_mesh, inference_sharding, model_mesh,
-                                     prepare, shard_model)
+from qilin_jax.infer.sharded import (inference_mesh, inference_sharding, load_for_inference,
+                                     model_mesh, prepare, shard_model)
 from qilin_jax.models import model_preset
 from tests.infer_fixtures import random_model
 
@@ -55,7 +56,7 @@ def test_tensor_parallel_tokens_equal_single_device(reference, tp):
     np.testing.assert_array_equal(out, ref)
 
 
-def test_prepare_and_load_pretrained_onto_mesh(reference, tmp_path):
+def test_prepare_and_load_for_inference_onto_mesh(reference, tmp_path):
     from qilin_jax import checkpoint
 
     cfg, ref = reference
@@ -68,10 +69,15 @@ def test_prepare_and_load_pretrained_onto_mesh(reference, tmp_path):
         inference_mesh(3)
     mesh = inference_mesh(4)
     # Restored straight onto the mesh (each device reads its shards), then used as it is.
-    loaded = checkpoint.load_pretrained(tmp_path / "ckpt", mesh=mesh, rules=INFERENCE_RULES)
+    loaded = load_for_inference(tmp_path / "ckpt", dtype="float32", tensor_parallel=4)
     m2, mesh2 = prepare(loaded, tensor_parallel=-1)
     assert mesh2 == mesh and m2.llm.layers.o_proj.get_value().sharding.spec == P(None, "tensor", None)
     ids, mask, px = _inputs(cfg)
     with inference_sharding(mesh2):
         out = generate(m2, ids, px, mask, max_new_tokens=10, eos_token_id=-1)
     np.testing.assert_array_equal(out, ref)
+    # The 13B path: bf16 parameters and compute (on one device here); greedy tokens mostly agree.
+    bf16 = load_for_inference(tmp_path / "ckpt", dtype="bfloat16")
+    assert bf16.config.dtype == "bfloat16" and bf16.llm.layers.q_proj.get_value().dtype == jnp.bfloat16
+    out16 = generate(bf16, ids, px, mask, max_new_tokens=10, eos_token_id=-1)
+    assert out16.shape == ref.shape and (out16[:, 0] == ref[:, 0]).mean() >= 0.5

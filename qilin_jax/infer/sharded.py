@@ -80,3 +80,16 @@ def prepare(model: nnx.Module, tensor_parallel: int = 1):
         return model, None
     mesh = inference_mesh(tensor_parallel)
     return shard_model(model, mesh), mesh
+
+
+def load_for_inference(ckpt_dir, *, dtype: str = "bfloat16", tensor_parallel: int = 1, config=None):
+    """A checkpoint ready for generation: parameters and compute in `dtype`, restored straight onto
+    the inference mesh (tensor_parallel: 1 = one device, -1 = all devices), never whole on one device."""
+    import dataclasses
+
+    from qilin_jax.checkpoint import load_pretrained, read_config
+
+    cfg = config if config is not None else read_config(ckpt_dir)
+    cfg = dataclasses.replace(cfg, dtype=dtype)
+    mesh = inference_mesh(tensor_parallel) if tensor_parallel != 1 else None
+    return load_pretrained(ckpt_dir, dtype=dtype, mesh=mesh, rules=INFERENCE_RULES, config=cfg)
