@@ -86,7 +86,10 @@ def test_csv_input_strict_and_no_resume(tiny_model, tokenizer, demo_dir, tmp_pat
                       batch_size=2, max_new_tokens=3, progress=False)
     s = run_batch(tiny_model, tokenizer, cfg)
     assert s["answered"] == 3 and len(_lines(out)) == 3
-    cfg.resume = False
+    cfg.max_new_tokens = 4  # resuming with other settings would mix two set-ups in one file
+    with pytest.raises(ValueError, match=r"other settings \(max_new_tokens differ"):
+        run_batch(tiny_model, tokenizer, cfg)
+    cfg.max_new_tokens, cfg.resume = 3, False
     with pytest.raises(FileExistsError, match="resume=true"):
         run_batch(tiny_model, tokenizer, cfg)
 

@@ -86,6 +86,9 @@ def test_bleu_hand_computed():
     # Brevity penalty: hypothesis 4 of reference 5 characters, all 4-gram-precise: exp(1 - 5/4).
     import math
     assert bleu(["左肺上叶"], ["左肺上叶结"]) == pytest.approx(math.exp(1 - 5 / 4))
+    # Answers shorter than 4 characters: only the n-gram orders that exist are averaged.
+    assert bleu(["左上"], ["左上"]) == pytest.approx(1.0)
+    assert bleu(["左上"], ["左下"]) == pytest.approx((0.5 * 0.5) ** 0.5)  # 1/2, then 0 -> 1/(2*1)
     s = open_scores(["左上", "右肺上叶有结节"], ["左上", "左肺上叶结节"])
     assert s["n"] == 2 and s["exact_match"] == 0.5
     assert s["rouge_l"] == pytest.approx((1 + 10 / 13) / 2)

@@ -25,6 +25,7 @@ _LAZY = {
     "inference_mesh": "qilin_jax.infer.sharded",
     "inference_sharding": "qilin_jax.infer.sharded",
     "shard_model": "qilin_jax.infer.sharded",
+    "load_for_inference": "qilin_jax.infer.sharded",
 }
 
 __all__ = sorted(_LAZY)

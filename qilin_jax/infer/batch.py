@@ -198,6 +198,37 @@ def read_done(path: str | os.PathLike) -> dict[str, dict]:
     return done
 
 
+def settings_of(model, opts: DecodeOptions) -> dict:
+    """What the answers depend on: decoding, prompt format and the model (config + a weight sample)."""
+    import hashlib
+
+    import jax
+
+    cfg_json = json.dumps(model.config.to_dict(), sort_keys=True, default=str)
+    emb = model.llm.embed_tokens.get_value()
+    sample = np.asarray(jax.device_get(emb[:2, :16]), np.float32).tobytes()
+    return {"max_new_tokens": opts.max_new_tokens, "do_sample": opts.do_sample,
+            "temperature": opts.temperature, "top_k": opts.top_k, "top_p": opts.top_p,
+            "seed": opts.seed, "stop": list(opts.stop), "template": opts.template,
+            "system": opts.system, "image_mode": opts.image_mode,
+            "model": hashlib.sha256(cfg_json.encode() + sample).hexdigest()[:16]}
+
+
+def check_settings(output: Path, settings: dict) -> None:
+    """Record the settings next to a new output; raise if an existing output was made otherwise."""
+    meta = output.with_name(output.name + ".settings.json")
+    if output.exists() and output.stat().st_size and meta.exists():
+        old = json.loads(meta.read_text(encoding="utf-8"))
+        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if diff:
+            raise ValueError(f"{output} was written with other settings ({', '.join(diff)} differ: "
+                             f"{ {k: old.get(k) for k in diff} } then, { {k: settings.get(k) for k in diff} } "
+                             "now); its answers would mix two set-ups. Use another output path, or "
+                             "delete it (eval: resume=false) to start over")
+        return
+    meta.write_text(json.dumps(settings, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+
+
 # --------------------------------------------------------------------------------------------
 # Answering
 
@@ -269,8 +300,9 @@ def answer_requests(model, tokenizer, requests: Iterable[Request], opts: DecodeO
         if output.exists() and output.stat().st_size and not resume:
             raise FileExistsError(f"{output} exists; delete it, choose another output, or set "
                                   "resume=true to keep its rows and answer the rest")
-        done = read_done(output) if resume else {}
         output.parent.mkdir(parents=True, exist_ok=True)
+        check_settings(output, settings_of(model, opts))
+        done = read_done(output) if resume else {}
     wanted = {r.id for r in requests}
     records = {k: v for k, v in done.items() if k in wanted}
     todo = [r for r in requests if r.id not in done]

@@ -51,8 +51,10 @@ def write_report(report: dict, output_dir: str | os.PathLike) -> Path:
 
 def _generate(model, tokenizer, reqs: list[Request], cfg: EvalConfig, output_dir, mesh, desc):
     out = Path(output_dir) / GENERATIONS if output_dir else None
-    if out is not None and not cfg.resume and out.exists():
-        out.unlink()  # resume off: start over (the predictions are derived, never the source)
+    if out is not None and not cfg.resume:
+        for f in (out, out.with_name(out.name + ".settings.json")):
+            if f.exists():
+                f.unlink()  # resume off: start over (the predictions are derived, never the source)
     return answer_requests(model, tokenizer, reqs, cfg, output=out, batch_size=cfg.batch_size,
                            resume=cfg.resume, strict=cfg.strict, progress=cfg.progress, mesh=mesh,
                            desc=desc)

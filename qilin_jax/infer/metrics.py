@@ -188,9 +188,8 @@ def exact_match(pred: str, ref: str) -> bool:
 
 
 def bleu(preds: Sequence[str], refs: Sequence[str] | Sequence[Sequence[str]]) -> float:
-    """Corpus BLEU-4 (sacrebleu, exp smoothing) on `char_tokens`, as a fraction in [0, 1]."""
-    import sacrebleu
-
+    """Corpus BLEU-4 (sacrebleu, exp smoothing, effective order) on `char_tokens`, in [0, 1]."""
+    sacrebleu = _require("sacrebleu", "sacrebleu==2.6.0")
     if len(preds) != len(refs):
         raise ValueError(f"bleu: {len(preds)} predictions but {len(refs)} references")
     if not preds:
@@ -199,7 +198,19 @@ def bleu(preds: Sequence[str], refs: Sequence[str] | Sequence[Sequence[str]]) ->
     k = max(len(r) for r in multi)
     streams = [[" ".join(char_tokens(r[i])) if i < len(r) else "" for r in multi] for i in range(k)]
     hyps = [" ".join(char_tokens(p)) for p in preds]
-    return sacrebleu.corpus_bleu(hyps, streams, tokenize="none", force=True).score / 100.0
+    # use_effective_order: n-gram orders with no n-gram in the whole corpus (answers of 1-3
+    # characters) are left out of the mean instead of making BLEU 0.
+    return sacrebleu.corpus_bleu(hyps, streams, tokenize="none", force=True,
+                                 use_effective_order=True).score / 100.0
+
+
+def _require(module: str, pip_name: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(f"open-ended scoring needs {module.split('.')[0]}: pip install {pip_name}") from None
 
 
 class _CharTokenizer:
@@ -216,8 +227,7 @@ def rouge_l(pred: str, ref: str) -> float:
     """ROUGE-L F1 (rouge_score) on `char_tokens`."""
     global _ROUGE
     if _ROUGE is None:
-        from rouge_score import rouge_scorer
-
+        rouge_scorer = _require("rouge_score.rouge_scorer", "rouge-score==0.1.2")
         _ROUGE = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_CharTokenizer())
     return float(_ROUGE.score(ref, pred)["rougeL"].fmeasure)
 
