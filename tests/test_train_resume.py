@@ -54,15 +54,21 @@ def _tmp_entries(names):
 
 
 def test_sigkill_sigterm_resume_equals_uninterrupted(curriculum, tmp_path):
-    """One run directory, interrupted three times, each time resumed by the same command:
+    """One run directory, interrupted four times, each time resumed by the same command:
     A: SIGKILL after stage-1 step 5 (checkpoint 3 exists) -> resume from 3;
-    B: SIGTERM after stage-2 step 2 -> it saves step 2 and stops cleanly -> resume from 2;
-    C: SIGKILL in the middle of writing stage-2 checkpoint 6 -> the temporary directory is
+    B: SIGTERM after stage-1 step 6, the stage's last -> it saves 6 and stops cleanly; the
+       resume has nothing left to train in stage 1 and only writes its final weights;
+    C: SIGTERM after stage-2 step 3, a checkpoint step -> saved once, stops -> resume from 3;
+    D: SIGKILL in the middle of writing stage-2 checkpoint 6 -> the temporary directory is
        never picked up -> resume from 3;
-    D: runs to the end. The logged steps and the final parameters equal the reference's."""
+    E: runs to the end. The logged steps and the final parameters equal the reference's."""
     raw, ref_run, ref_rows = curriculum
     cfg = _config_copy(raw, tmp_path)
     run = tmp_path / "runs" / "run"
+
+    def stages_summary():
+        summary = json.loads((run / "train_summary.json").read_text())
+        return [(s["name"], s["steps"], s["interrupted"]) for s in summary]
 
     # A: SIGKILL mid-training.
     p = H.run_main(cfg, **{KILL: "stage1:5:after_step"})
@@ -70,25 +76,31 @@ def test_sigkill_sigterm_resume_equals_uninterrupted(curriculum, tmp_path):
     assert H.checkpoint_entries(run, "stage1") == ["3"]
     assert [r["step"] for r in H.read_metrics(run)] == [1, 2, 3, 4, 5]
 
-    # B: resume; SIGTERM (preemption) in stage 2: save, stop, exit normally.
-    p = H.run_main(cfg, **{KILL: "stage2:2:after_step:SIGTERM"})
+    # B: resume; SIGTERM (preemption) at the stage's last step: save, stop, exit normally.
+    p = H.run_main(cfg, **{KILL: "stage1:6:after_step:SIGTERM"})
     assert p.returncode == 0, p.stderr[-4000:]
     assert "stage stage1: resumed from step 3" in p.stderr
-    assert (run / "stage1" / "final" / "config.json").exists()
-    assert H.checkpoint_entries(run, "stage2") == ["2"]
-    assert not (run / "stage2" / "final").exists()
-    summary = json.loads((run / "train_summary.json").read_text())
-    assert [(s["name"], s["steps"], s["interrupted"]) for s in summary] == \
-        [("stage1", 6, None), ("stage2", 2, "SIGTERM")]
+    assert H.checkpoint_entries(run, "stage1") == ["3", "6"]
+    assert not (run / "stage1" / "final").exists() and not (run / "stage2").exists()
+    assert stages_summary() == [("stage1", 6, "SIGTERM")]
 
-    # C: resume; SIGKILL while checkpoint 6 (the stage's final save) is half written.
+    # C: resume (stage 1 only writes its final weights); SIGTERM at stage-2 checkpoint step 3.
+    p = H.run_main(cfg, **{KILL: "stage2:3:after_step:SIGTERM"})
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert "stage stage1: resumed from step 6" in p.stderr
+    assert (run / "stage1" / "final" / "config.json").exists()
+    assert H.checkpoint_entries(run, "stage2") == ["3"]
+    assert not (run / "stage2" / "final").exists()
+    assert stages_summary() == [("stage1", 6, None), ("stage2", 3, "SIGTERM")]
+
+    # D: resume; SIGKILL while checkpoint 6 (the stage's final save) is half written.
     p = H.run_main(cfg, **{KILL: "stage2:6:during_save"})
     assert p.returncode == -signal.SIGKILL, p.stderr[-4000:]
     assert "stage stage1 already finished" in p.stderr
-    assert "stage stage2: resumed from step 2" in p.stderr
+    assert "stage stage2: resumed from step 3" in p.stderr
     names = H.checkpoint_entries(run, "stage2")
     tmp = _tmp_entries(names)
-    assert [n for n in names if n not in tmp] == ["2", "3"] and len(tmp) == 1 and tmp[0].startswith("6."), names
+    assert [n for n in names if n not in tmp] == ["3"] and len(tmp) == 1 and tmp[0].startswith("6."), names
     # Orbax names the item directories of an unfinished step temporary as well.
     half = list((run / "stage2" / "checkpoints" / tmp[0]).glob("data*/process_0-of-1.json"))
     assert len(half) == 1, half
@@ -101,7 +113,7 @@ def test_sigkill_sigterm_resume_equals_uninterrupted(curriculum, tmp_path):
     finally:
         ck.close()
 
-    # D: resume from 3 (not from the torn 6) and finish.
+    # E: resume from 3 (not from the torn 6) and finish.
     p = H.run_main(cfg)
     assert p.returncode == 0, p.stderr[-4000:]
     assert "stage stage2: resumed from step 3" in p.stderr
@@ -118,23 +130,24 @@ def test_sigkill_sigterm_resume_equals_uninterrupted(curriculum, tmp_path):
 
 
 def test_nan_policy_stop_keeps_last_good_checkpoint(curriculum, tmp_path):
-    """A non-finite loss at stage-1 step 5 with nan_policy=stop: TrainingError naming the last
-    good checkpoint (3), nothing saved after the bad step (no 6, no final), the steps before
-    it equal the reference."""
+    """A non-finite loss at stage-1 step 6 (the stage's last, where the final checkpoint and
+    weights would be saved) with nan_policy=stop: TrainingError naming the last good
+    checkpoint (3), nothing saved after the bad step (no 6, no final weights), the steps
+    before it equal the reference."""
     raw, _, ref_rows = curriculum
     cfg = _config_copy(raw, tmp_path)
     run = tmp_path / "runs" / "run"
-    p = H.run_main(cfg, "train.nan_policy=stop", **{NAN: "stage1:5"})
+    p = H.run_main(cfg, "train.nan_policy=stop", **{NAN: "stage1:6"})
     assert p.returncode != 0
-    assert "TrainingError: stage stage1: non-finite loss or gradient at step(s) [5]" in p.stderr
+    assert "TrainingError: stage stage1: non-finite loss or gradient at step(s) [6]" in p.stderr
     ckdir = run / "stage1" / "checkpoints"
     assert f"The last good checkpoint is step 3 in {ckdir}" in p.stderr
     assert H.checkpoint_entries(run, "stage1") == ["3"]
     assert not (run / "stage1" / "final").exists() and not (run / "stage2").exists()
     rows = H.read_metrics(run)
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert not rows[-1]["finite"] and not np.isfinite(rows[-1]["loss"])
-    assert H.by_step(rows[:4]) == H.by_step(ref_rows[:4])
+    assert H.by_step(rows[:5]) == H.by_step(ref_rows[:5])
 
 
 def test_nan_policy_skip_goes_on(curriculum, tmp_path):

@@ -82,13 +82,19 @@ class TrainCheckpointer:
         # (step, signal): the save of that step kills the process mid-write. Set only by the
         # QILIN_TEST_KILL_AT test hook of the training loop.
         self.test_kill_during_save = None
+        self._last_started = None
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step (None when there is none)."""
         return self.manager.latest_step()
 
     def save(self, step: int, state, data_state: dict | None, *, force: bool = False) -> bool:
-        """Start saving (asynchronously when enabled); returns whether a save was started."""
+        """Start saving (asynchronously when enabled); returns whether a save was started.
+        A step that is already saved (or being saved) is not saved again: a preemption at a
+        checkpoint step, or the final save of a stage resumed from its last step."""
+        if step == self._last_started or step in self.manager.all_steps():
+            return False
+        self._last_started = step
         args = {"state": ocp.args.StandardSave(state)}
         if data_state is not None:
             kill = self.test_kill_during_save

@@ -455,21 +455,23 @@ def run_stage(cfg: RunConfig, stage: StageConfig, parts: ModelParts, params: dic
             pending.append((host_step, metrics))
             if bar is not None:
                 bar.update(1)
-            save_now = cfg.checkpoint.every_steps and host_step % cfg.checkpoint.every_steps == 0
-            if host_step % cfg.logging.every_steps == 0 or save_now or signals.hit:
-                flush(force_check=True)
+            save_now = bool(cfg.checkpoint.every_steps) and host_step % cfg.checkpoint.every_steps == 0
+            sync_point = host_step % cfg.logging.every_steps == 0 or save_now
             if kill_hook and kill_hook[:2] == (host_step, "after_step"):
+                flush(force_check=True)
                 _test_signal_self(kill_hook[2], ckpt, writer, signals)
+            stop = _stop_requested(signals, sync_point)
+            if sync_point or stop:
+                flush(force_check=True)
             if kill_hook and kill_hook[:2] == (host_step, "during_save"):
                 ckpt.test_kill_during_save = (host_step, kill_hook[2])
-            if save_now and host_step < total:
-                ckpt.save(host_step, state, loader.get_state())
-            if signals.hit:
-                flush(force_check=True)
+            if stop:  # preemption: save this step now, then leave
                 ckpt.save(host_step, state, loader.get_state(), force=True)
                 ckpt.wait()
-                result.interrupted = signals.hit
+                result.interrupted = signals.hit or "signal on another process"
                 break
+            if save_now and host_step < total:
+                ckpt.save(host_step, state, loader.get_state())
         flush(force_check=True)
         if result.interrupted is None:
             ckpt.save(host_step, state, loader.get_state(), force=True)
@@ -488,6 +490,22 @@ def run_stage(cfg: RunConfig, stage: StageConfig, parts: ModelParts, params: dic
         save_pretrained(final, parts.config, final_dir, overwrite=True)
     result.seconds = time.time() - t_start
     return final, result
+
+
+def _stop_requested(signals: "_Signals", sync_point: bool) -> bool:
+    """Whether to save and stop after this step. With several processes every one must take
+    the same decision at the same step (a lone save or break would leave the others blocked
+    in the next collective), so the flags are combined across processes, at the steps every
+    process treats as sync points (logging/checkpoint steps) only: that costs no extra host
+    synchronisation in between."""
+    if jax.process_count() == 1:
+        return signals.hit is not None
+    if not sync_point:
+        return False
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.array([signals.hit is not None], np.int32))
+    return bool(np.any(flags))
 
 
 def _test_signal_self(sig, ckpt, writer, signals) -> None:
