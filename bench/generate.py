@@ -179,6 +179,11 @@ def main(argv=None) -> None:
             "prefill_tokens_per_s", "torch_prefill_tokens_per_s", "prefill_ratio_vs_torch")
     result = {"bench": "generate", "model": top["model"], **{k: round(top[k], 3) for k in keys},
               "batch": args.batch, "new_tokens": args.new_tokens, "prompt_tokens": top["prompt_tokens"],
+              # torch at its default thread count (all cores), what a plain `generate` call gets
+              "torch_all_cores_decode_tokens_per_s": round(
+                  top["torch_by_threads"][str(max(threads))]["decode_tokens_per_s"], 3),
+              "decode_ratio_vs_torch_all_cores": round(top["decode_tokens_per_s"] / top[
+                  "torch_by_threads"][str(max(threads))]["decode_tokens_per_s"], 3),
               "device": jax.devices()[0].platform, "cpu_count": os.cpu_count(),
               "torch_threads": top["torch_threads"], "jax": jax.__version__, "torch": torch.__version__,
               "machine": platform.machine(),

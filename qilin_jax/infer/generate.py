@@ -105,8 +105,8 @@ def _step(model, tok, cache, pos, layers=None):
 # of the stacked array before every matmul, which triples the memory traffic of a decode step
 # (weight-bound). With the layers as separate arrays, sliced once per generate call and run
 # in a Python loop, the matmuls read them in place: ~2.4x faster decoding on CPU. Accelerators
-# keep the scan (their matmuls read the slice in place, and a second copy of a 13B model's
-# weights would not fit). Same math as LlamaModel's cache path (tests compare the two).
+# keep the scan (a second copy of a 13B model's weights would not fit there). Same math as
+# LlamaModel's cache path (test_generate compares cached and cache-free decoding).
 
 
 def _unstack_decode(state) -> bool:
