@@ -43,7 +43,11 @@ def prepare(cfg: RunConfig) -> dict:
 
     if os.path.exists(meta_path):
         meta = json.load(open(meta_path, encoding="utf-8"))
-        same = all(meta.get(k) == v for k, v in opts.items() if k in ("seed", "image_size"))
+        counts = meta.get("counts", {})
+        asked = {"seed": meta.get("seed"), "image_size": meta.get("image_size"),
+                 "n_align": counts.get("alignment"), "n_instruct": counts.get("instruction"),
+                 "n_heldout": counts.get("heldout")}
+        same = all(asked.get(k) == v for k, v in opts.items() if k in asked)
         if same:
             print(f"demo data: {out} (already there)")
         else:

@@ -56,7 +56,8 @@ def run(cfg: RunConfig) -> dict:
         elif task == "eval":
             from qilin_jax.infer.config import EvalConfig
             from qilin_jax.infer.evaluate import run_eval
-            ecfg = EvalConfig(**{**cfg.eval})
+            # Evaluation output goes into the run folder unless the config says otherwise.
+            ecfg = EvalConfig(**{"output_dir": os.path.join(cfg.run_dir, "eval"), **cfg.eval})
             out[task] = run_eval(load_model(cfg), load_tokenizer(cfg), ecfg)
         elif task == "chat":
             from qilin_jax.infer.chat import run_chat

@@ -23,6 +23,10 @@ class VisionConfig:
     patch_size: int = 14
     layer_norm_eps: float = 1e-5
     hidden_act: str = "quick_gelu"
+    # Initialisation of the learned position embeddings: "normal" (std 0.02, as HF CLIP) or
+    # "sincos2d" (2-D sine-cosine, big_vision's choice for ViTs trained from scratch: a strong
+    # position signal from step 0). Only matters for training from scratch (the demo).
+    position_embedding_init: str = "normal"
 
     def __hash__(self):  # hashable (nnx graph definitions are jit-static), dict fields included
         return hash(repr(self))

@@ -26,6 +26,18 @@ ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": lambda x: jax.nn.gelu(x, approx
                "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 
 
+def posemb_sincos_2d(grid: int, dim: int, temperature: float = 10000.0):
+    """[1 + grid*grid, dim] 2-D sine-cosine position embeddings (zeros for the class token)."""
+    if dim % 4:
+        raise ValueError(f"sincos2d position embeddings need hidden_size % 4 == 0, got {dim}")
+    y, x = jnp.mgrid[:grid, :grid]
+    omega = 1.0 / temperature ** (jnp.arange(dim // 4) / max(1, dim // 4 - 1))
+    y = y.reshape(-1)[:, None] * omega[None]
+    x = x.reshape(-1)[:, None] * omega[None]
+    pe = jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=1)
+    return jnp.concatenate([jnp.zeros((1, dim)), pe], axis=0).astype(jnp.float32)
+
+
 class VisionLayers(nnx.Module):
     """All encoder blocks, parameters stacked over a leading `layers` axis."""
 
@@ -74,6 +86,11 @@ class VisionTransformer(nnx.Module):
         self.patch_embed = param(rngs, (p, p, C, D), ("patch", "patch", "patch", "embed"))
         self.class_embedding = param(rngs, (D,), ("embed",))
         self.position_embedding = param(rngs, (cfg.num_patches + 1, D), ("positions", "embed"))
+        if cfg.position_embedding_init == "sincos2d":
+            self.position_embedding.set_value(posemb_sincos_2d(cfg.image_size // p, D))
+        elif cfg.position_embedding_init != "normal":
+            raise ValueError(f"vision.position_embedding_init must be normal or sincos2d, "
+                             f"got {cfg.position_embedding_init!r}")
         self.pre_ln_scale = param(rngs, (D,), ("norm",), value=1.0)
         self.pre_ln_bias = param(rngs, (D,), ("norm",), value=0.0)
         self.layers = VisionLayers(cfg, rngs=rngs)
