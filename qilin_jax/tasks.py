@@ -19,15 +19,17 @@ def trained_checkpoint(cfg: RunConfig) -> str | None:
     return cfg.model.checkpoint
 
 
-def load_model(cfg: RunConfig, checkpoint: str | None = None):
-    """The model to evaluate/chat with: a checkpoint, or the config's random init."""
+def load_model(cfg: RunConfig, checkpoint: str | None = None, *, tensor_parallel: int = 1):
+    """The model to evaluate/chat with: a checkpoint (in the config's compute dtype, straight onto
+    the inference mesh, never whole in float32 on one device), or the config's random init."""
     from flax import nnx
-    from qilin_jax.checkpoint import load_pretrained
+    from qilin_jax.infer.sharded import load_for_inference
     from qilin_jax.models import QilinMedVL
 
     ckpt = checkpoint or trained_checkpoint(cfg)
     if ckpt:
-        return load_pretrained(ckpt)
+        dtype = cfg.model.overrides.get("dtype", "float32")
+        return load_for_inference(ckpt, dtype=dtype, tensor_parallel=tensor_parallel)
     log.warning("no checkpoint: using randomly initialised weights")
     return QilinMedVL(cfg.model_config(), rngs=nnx.Rngs(cfg.seed))
 
@@ -54,19 +56,25 @@ def run(cfg: RunConfig) -> dict:
             with open(os.path.join(cfg.run_dir, "train_summary.json"), "w") as f:
                 json.dump(summary, f, indent=2, default=str)
         elif task == "eval":
-            from qilin_jax.infer.config import EvalConfig
+            from qilin_jax.infer.config import EvalConfig, section_from_dict
             from qilin_jax.infer.evaluate import run_eval
             # Evaluation output goes into the run folder unless the config says otherwise.
-            ecfg = EvalConfig(**{"output_dir": os.path.join(cfg.run_dir, "eval"), **cfg.eval})
-            out[task] = run_eval(load_model(cfg), load_tokenizer(cfg), ecfg)
+            ecfg = section_from_dict(EvalConfig, {"output_dir": os.path.join(cfg.run_dir, "eval"),
+                                                  **cfg.eval}, "eval")
+            out[task] = run_eval(load_model(cfg, tensor_parallel=ecfg.tensor_parallel),
+                                 load_tokenizer(cfg), ecfg)
         elif task == "chat":
             from qilin_jax.infer.chat import run_chat
-            from qilin_jax.infer.config import ChatConfig
-            out[task] = run_chat(load_model(cfg), load_tokenizer(cfg), ChatConfig(**cfg.chat))
+            from qilin_jax.infer.config import ChatConfig, section_from_dict
+            ccfg = section_from_dict(ChatConfig, cfg.chat, "chat")
+            out[task] = run_chat(load_model(cfg, tensor_parallel=ccfg.tensor_parallel),
+                                 load_tokenizer(cfg), ccfg)
         elif task == "batch":
             from qilin_jax.infer.batch import run_batch
-            from qilin_jax.infer.config import BatchConfig
-            out[task] = run_batch(load_model(cfg), load_tokenizer(cfg), BatchConfig(**cfg.batch))
+            from qilin_jax.infer.config import BatchConfig, section_from_dict
+            bcfg = section_from_dict(BatchConfig, cfg.batch, "batch")
+            out[task] = run_batch(load_model(cfg, tensor_parallel=bcfg.tensor_parallel),
+                                  load_tokenizer(cfg), bcfg)
         elif task == "report":
             from qilin_jax import demo
             out[task] = demo.report(cfg, out)
