@@ -342,6 +342,16 @@ def validate(cfg: RunConfig) -> RunConfig:
     if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
         raise ConfigError("mesh: at most one of data/fsdp/tensor may be -1")
     cfg.model_config()  # raises ConfigError on bad model settings
+    from qilin_jax.infer.config import BatchConfig, ChatConfig, EvalConfig, section_from_dict
+
+    for name, cls in (("eval", EvalConfig), ("chat", ChatConfig), ("batch", BatchConfig)):
+        if name in cfg.tasks or getattr(cfg, name):
+            try:
+                section = section_from_dict(cls, getattr(cfg, name), name)
+                if name in cfg.tasks:
+                    section.validate(name)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(str(e)) from e
     for st in stages:
         cfg.stage_data(st)
     return cfg

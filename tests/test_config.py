@@ -67,3 +67,11 @@ def test_base_loop_is_an_error(tmp_path):
 def test_shipped_configs_load(path):
     cfg = load_config(path)
     cfg.model_config()
+
+
+def test_task_sections_are_checked(tmp_path):
+    path = _write(tmp_path, "c.yaml", BASE)
+    with pytest.raises(ConfigError, match="eval: unknown key"):
+        load_config(path, ["eval.tempurature=0.5"])
+    with pytest.raises(ConfigError, match="eval.json is empty"):
+        load_config(path, ["tasks=[train,eval]", "eval.task=demo"])
