@@ -36,6 +36,21 @@ def make_data(out: Path, *, n_align: int = 48, n_instruct: int = 48) -> Path:
     return out
 
 
+def make_model(out: Path) -> Path:
+    """A tiny random model (the demo tokenizer's vocabulary) saved with save_pretrained, as
+    `model.checkpoint` of the test runs: loading it is much cheaper than compiling the
+    random initialisation in every subprocess (tens of seconds of CPU for jit(init))."""
+    out = Path(out)
+    if (out / "config.json").exists():
+        return out
+    from qilin_jax.checkpoint import save_pretrained
+    from tests.infer_fixtures import random_model, tiny_config
+
+    cfg = tiny_config()
+    save_pretrained(random_model(cfg, seed=0), cfg, out, overwrite=True)
+    return out
+
+
 def base_config(data_dir: Path, out_dir: Path, *, name: str = "run", steps=(6, 6),
                 every_steps: int = 3, buckets=(128,), batch_size: int = 4) -> dict:
     """The raw YAML dict of a tiny curriculum: stage1 (adapter, alignment captions) then stage2
@@ -56,7 +71,8 @@ def base_config(data_dir: Path, out_dir: Path, *, name: str = "run", steps=(6, 6
         "output_dir": str(out_dir),
         "tasks": ["train"],
         "model": {"preset": "tiny", "tokenizer": str(REPO / "data" / "tokenizer"),
-                  "overrides": {"text": {"vocab_size": 4000}, "image_token_id": 4000}},
+                  "overrides": {"text": {"vocab_size": 4000}, "image_token_id": 4000},
+                  "checkpoint": str(make_model(data_dir / "model"))},
         "data": {"format": "llava_json", "paths": [str(data_dir / "alignment.json")],
                  "image_folder": str(data_dir / "images"), "template": "plain",
                  "image_mode": "square", "max_length": max(buckets), "batch_size": batch_size,
