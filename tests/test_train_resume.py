@@ -12,6 +12,7 @@ comparison is exact (bit-identical losses, gradient norms and final parameters).
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 from pathlib import Path
 
@@ -172,28 +173,37 @@ def test_nan_policy_skip_goes_on(curriculum, tmp_path):
     assert (run / "stage2" / "final" / "config.json").exists()
 
 
+@pytest.fixture(scope="module")
+def fsdp8_runs(data_dir, tmp_path_factory):
+    """On mesh fsdp=8 (8 devices), one stage training LLM + adapter (so parameters and
+    optimizer moments are really sharded), 6 steps: an uninterrupted run, and a run stopped
+    by SIGTERM after step 3 (checkpoint 3). Returns (config dict, reference run dir,
+    metrics by step, stopped run dir)."""
+    root = tmp_path_factory.mktemp("fsdp8")
+    raw = H.base_config(data_dir, root / "ref", steps=(None, 6), batch_size=8)
+    raw["mesh"] = {"data": 1, "fsdp": 8, "tensor": 1}
+    p = H.run_main(H.write_config(root / "ref.yaml", raw), devices=8)
+    assert p.returncode == 0, p.stderr[-4000:]
+    ref_run = root / "ref" / "run"
+    cfg = _config_copy(raw, root / "stopped")
+    p = H.run_main(cfg, devices=8, **{KILL: "stage2:3:after_step:SIGTERM"})
+    assert p.returncode == 0, p.stderr[-4000:]
+    stopped = root / "stopped" / "runs" / "run"
+    assert H.checkpoint_entries(stopped, "stage2") == ["3"]
+    return raw, ref_run, H.by_step(H.read_metrics(ref_run)), stopped
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh", [("data=2", "fsdp=4"), ("fsdp=4", "tensor=2")],
                          ids=["data2_fsdp4", "fsdp4_tensor2"])
-def test_restore_onto_other_mesh(data_dir, tmp_path, mesh):
-    """A checkpoint saved on mesh fsdp=8 (8 devices) resumes on another mesh shape and goes on
-    with the same losses and final parameters (<= 1e-5) as the uninterrupted fsdp=8 run.
-    One stage training LLM + adapter, so parameters and optimizer moments are really sharded."""
-    raw = H.base_config(data_dir, tmp_path / "ref", steps=(None, 6), batch_size=8)
-    raw["mesh"] = {"data": 1, "fsdp": 8, "tensor": 1}
-    ref_cfg = H.write_config(tmp_path / "ref.yaml", raw)
-    p = H.run_main(ref_cfg, devices=8)
-    assert p.returncode == 0, p.stderr[-4000:]
-    ref_run = tmp_path / "ref" / "run"
-    ref = H.by_step(H.read_metrics(ref_run))
-
+def test_restore_onto_other_mesh(fsdp8_runs, tmp_path, mesh):
+    """The fsdp=8 checkpoint of step 3 resumes on another mesh shape and goes on with the
+    same losses and final parameters (<= 1e-5) as the uninterrupted fsdp=8 run."""
+    raw, ref_run, ref, stopped = fsdp8_runs
     cfg = _config_copy(raw, tmp_path)
     run = tmp_path / "runs" / "run"
-    p = H.run_main(cfg, devices=8, **{KILL: "stage2:3:after_step:SIGTERM"})
-    assert p.returncode == 0, p.stderr[-4000:]
-    assert H.checkpoint_entries(run, "stage2") == ["3"]
-    overrides = ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"]
-    overrides += [f"mesh.{m}" for m in mesh]
+    shutil.copytree(stopped, run)
+    overrides = ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"] + [f"mesh.{m}" for m in mesh]
     p = H.run_main(cfg, *overrides, devices=8)
     assert p.returncode == 0, p.stderr[-4000:]
     assert "stage stage2: resumed from step 3" in p.stderr
