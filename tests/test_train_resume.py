@@ -215,3 +215,25 @@ def test_restore_onto_other_mesh(fsdp8_runs, tmp_path, mesh):
     a, b = H.final_params(run, "stage2"), H.final_params(ref_run, "stage2")
     for k in b:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.slow
+def test_grad_accum_step_sees_batch_size_times_accum_rows(curriculum, tmp_path):
+    """data.batch_size=2 with grad_accum_steps=2 trains on the same 4 rows per optimizer step
+    as the reference's batch_size=4 without accumulation (the loader batch is one step, split
+    into micro-batches): same token counts, losses and final parameters (<= 1e-5)."""
+    raw, ref_run, ref_rows = curriculum
+    cfg = _config_copy(raw, tmp_path)
+    run = tmp_path / "runs" / "run"
+    p = H.run_main(cfg, "data.batch_size=2", "stages.0.grad_accum_steps=2",
+                   "stages.1.grad_accum_steps=2")
+    assert p.returncode == 0, p.stderr[-4000:]
+    got, want = H.by_step(H.read_metrics(run)), H.by_step(ref_rows)
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key]["tokens"] == want[key]["tokens"], key
+        for k in ("loss", "grad_norm"):
+            np.testing.assert_allclose(got[key][k], want[key][k], rtol=1e-5, err_msg=f"{key} {k}")
+    a, b = H.final_params(run, "stage2"), H.final_params(ref_run, "stage2")
+    for k in b:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)

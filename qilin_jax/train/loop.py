@@ -309,7 +309,7 @@ def stage_total_steps(stage: StageConfig, loader, data_cfg) -> int:
     packed rows from the mean sample length)."""
     if stage.max_steps is not None:
         return int(stage.max_steps)
-    per_batch = data_cfg.batch_size * stage.grad_accum_steps
+    per_batch = data_cfg.batch_size  # run_stage made it batch_size x grad_accum_steps
     per_epoch = loader.num_samples // per_batch
     if per_epoch < 1:
         raise TrainingError(f"stage {stage.name}: {loader.num_samples} samples per process make no "
@@ -327,13 +327,16 @@ def run_stage(cfg: RunConfig, stage: StageConfig, parts: ModelParts, params: dic
     stage_dir = os.path.join(cfg.run_dir, stage.name)
     final_dir = os.path.join(stage_dir, "final")
     data_cfg = cfg.stage_data(stage)
+    accum = stage.grad_accum_steps
+    # One loader batch is one optimizer step: data.batch_size rows per micro-batch times
+    # grad_accum_steps (stack_micro splits it), so a step sees batch_size x accum rows.
+    data_cfg.batch_size *= accum
     if stage.max_steps is not None:
         data_cfg.num_epochs = None  # repeat: the step count decides
     elif data_cfg.num_epochs is not None:
         data_cfg.num_epochs = int(math.ceil(stage.num_epochs))
     loader = make_loader(data_cfg, tokenizer)
     total = stage_total_steps(stage, loader, data_cfg)
-    accum = stage.grad_accum_steps
 
     check_patterns(params, stage.trainable, f"stages.{stage.name}.trainable")
     mask = trainable_mask(params, stage.trainable)
