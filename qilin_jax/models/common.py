@@ -1,6 +1,9 @@
 """Small shared pieces: parameter creation with logical axes, norms, dtype helpers, remat."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -48,12 +51,32 @@ def remat_policy(name: str):
     raise ValueError(f"unknown remat policy {name!r}")
 
 
+# XLA's cost analysis counts a while loop's body once, whatever its trip count; the FLOP
+# checks of bench/tpu_compile.py compile shallow models with every scan unrolled instead.
+_UNROLL: contextvars.ContextVar = contextvars.ContextVar("qilin_unroll_scans", default=False)
+
+
+@contextlib.contextmanager
+def unrolled_scans():
+    """Within this context (at trace time) the model's scans are fully unrolled."""
+    token = _UNROLL.set(True)
+    try:
+        yield
+    finally:
+        _UNROLL.reset(token)
+
+
+def scan_unroll():
+    """The `unroll` argument for lax.scan: 1, or True inside `unrolled_scans()`."""
+    return True if _UNROLL.get() else 1
+
+
 def scan_layers(body, carry, xs, *, remat: str = "none", length: int | None = None):
     """lax.scan of `body(carry, x) -> (carry, y)` over stacked layers, optionally rematerialised."""
     policy = remat_policy(remat)
     if policy is not None:
         body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-    return jax.lax.scan(body, carry, xs, length=length)
+    return jax.lax.scan(body, carry, xs, length=length, unroll=scan_unroll())
 
 
 def stacked_values(module: nnx.Module) -> dict:

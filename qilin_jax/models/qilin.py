@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qilin_jax.models.adapter import Adapter
-from qilin_jax.models.common import DTYPES
+from qilin_jax.models.common import DTYPES, scan_unroll
 from qilin_jax.models.configs import QilinConfig
 from qilin_jax.models.llama import KVCache, LlamaModel
 from qilin_jax.models.vit import VisionTransformer
@@ -61,7 +61,7 @@ def cross_entropy(hidden, head_kernel, shifted, *, chunk: int = 0):
         ts = tgt.reshape(B, n, chunk).swapaxes(0, 1)
         ms = valid.reshape(B, n, chunk).swapaxes(0, 1)
         body = jax.checkpoint(lambda c, xs: (c + piece(*xs), None))
-        total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hs, ts, ms))
+        total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hs, ts, ms), unroll=scan_unroll())
     return total, jnp.sum(valid)
 
 
