@@ -184,3 +184,34 @@ def test_two_processes_curriculum_preempted_on_one_host(tmp_path, tmp_path_facto
     made = _reference(monkeypatch, cfg, tmp_path / "one")
     assert sum(m.mismatched_steps for m in made) > 0, "no step exercised the cross-host padding"
     _assert_same_training(mp_run, tmp_path / "one" / "run", "stage2", 6)
+
+
+@pytest.mark.parametrize("env, dist, expect", [
+    ({}, {}, None),  # one process, nothing detected: no jax.distributed
+    ({"SLURM_NTASKS": "1"}, {}, None),
+    ({"SLURM_NTASKS": "16"}, {}, {}),  # SLURM job step of 16 tasks: JAX auto-detects the rest
+    ({"SLURM_NTASKS": "2"}, {"local_device_ids": [0, 1, 2, 3]},
+     {"local_device_ids": [0, 1, 2, 3]}),  # one process per node keeps all its GPUs
+    ({}, {"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1},
+     {"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1}),
+    ({}, {"enabled": "on"}, {}),  # e.g. a TPU pod slice: JAX reads the TPU metadata
+    ({"SLURM_NTASKS": "16"}, {"enabled": "off"}, None),
+])
+def test_distributed_initialize_arguments(monkeypatch, env, dist, expect):
+    """What maybe_initialize_distributed passes to jax.distributed.initialize (or whether it
+    calls it at all) for configured values and detected cluster environments."""
+    import jax
+
+    from qilin_jax.config import DistributedConfig
+    from qilin_jax.train import loop
+
+    for k in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS",
+              "JAX_COORDINATOR_ADDRESS"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    calls = []
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    loop.maybe_initialize_distributed(DistributedConfig(**dist))
+    assert calls == ([] if expect is None else [expect])

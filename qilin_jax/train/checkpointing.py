@@ -90,9 +90,10 @@ class TrainCheckpointer:
 
     def save(self, step: int, state, data_state: dict | None, *, force: bool = False) -> bool:
         """Start saving (asynchronously when enabled); returns whether a save was started.
-        A step that is already saved (or being saved) is not saved again: a preemption at a
-        checkpoint step, or the final save of a stage resumed from its last step."""
-        if step == self._last_started or step in self.manager.all_steps():
+        The step this checkpointer is saving or restored is not saved again: a preemption at
+        a checkpoint step, or the final save of a stage resumed from its last step. (Any
+        other existing step is Orbax's StepAlreadyExistsError: never silently kept.)"""
+        if step == self._last_started:
             return False
         self._last_started = step
         args = {"state": ocp.args.StandardSave(state)}
@@ -104,6 +105,7 @@ class TrainCheckpointer:
     def restore(self, step: int, abstract_state, *, with_data: bool = True):
         """(state, data state or None) of `step`, placed like `abstract_state` (ShapeDtypeStructs
         with shardings: a different mesh than the one that saved is fine)."""
+        self._last_started = step  # it is saved: the same state need not be written again
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         has_data = with_data and (self.directory / str(step) / "data").exists()
         if has_data:

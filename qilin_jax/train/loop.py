@@ -93,22 +93,21 @@ def nan_steps_from_env(stage: str) -> set[int]:
 # --- distributed / mesh ---------------------------------------------------------------------
 
 def maybe_initialize_distributed(dcfg) -> None:
-    """jax.distributed.initialize when configured or detected (SLURM, TPU pods, env vars)."""
+    """jax.distributed.initialize when configured or detected (SLURM, TPU pods, env vars).
+
+    Values set in `distributed:` are passed on, the rest is auto-detected by JAX: e.g. under
+    SLURM with one process per node, local_device_ids=[0,...,7] keeps all 8 GPUs (JAX's
+    SLURM detection would otherwise give each process the one GPU of its local rank)."""
     if dcfg.enabled == "off" or jax.distributed.is_initialized():
         return
-    kw = {}
-    if dcfg.coordinator_address:
-        kw = dict(coordinator_address=dcfg.coordinator_address, num_processes=dcfg.num_processes,
-                  process_id=dcfg.process_id)
-        if dcfg.local_device_ids is not None:
-            kw["local_device_ids"] = dcfg.local_device_ids
-        jax.distributed.initialize(**kw)
-        return
+    kw = {k: v for k, v in dict(coordinator_address=dcfg.coordinator_address,
+                                num_processes=dcfg.num_processes, process_id=dcfg.process_id,
+                                local_device_ids=dcfg.local_device_ids).items() if v is not None}
     env = os.environ
     detected = (int(env.get("SLURM_NTASKS", "1")) > 1 or "TPU_WORKER_HOSTNAMES" in env
                 or "MEGASCALE_COORDINATOR_ADDRESS" in env or "JAX_COORDINATOR_ADDRESS" in env)
-    if dcfg.enabled == "on" or detected:
-        jax.distributed.initialize()
+    if dcfg.coordinator_address or dcfg.enabled == "on" or detected:
+        jax.distributed.initialize(**kw)
 
 
 def build_mesh(cfg: RunConfig):
@@ -353,7 +352,12 @@ def run_stage(cfg: RunConfig, stage: StageConfig, parts: ModelParts, params: dic
     ckpt = TrainCheckpointer(os.path.join(stage_dir, "checkpoints"), keep=cfg.checkpoint.keep,
                              async_save=cfg.checkpoint.async_save)
     start = 0
-    latest = ckpt.latest_step() if cfg.checkpoint.resume else None
+    latest = ckpt.latest_step()
+    if latest is not None and not cfg.checkpoint.resume:
+        ckpt.close()
+        raise TrainingError(
+            f"stage {stage.name}: {ckpt.directory} holds checkpoints (newest: step {latest}) but "
+            f"checkpoint.resume=false: choose another run `name`, delete that folder, or resume")
     if latest is not None:
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
         state, data_state = ckpt.restore(latest, abstract)
