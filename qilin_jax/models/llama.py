@@ -191,14 +191,23 @@ class LlamaModel(nnx.Module):
                              q_positions=jnp.broadcast_to(q_slots, (B, T)),
                              kv_positions=jnp.broadcast_to(slots, (B, S)))
 
-            def body(h, xs):
-                p, ck, cv = xs
+            # The cache rides in the scan carry and each layer's slice is written back in
+            # place: as scanned inputs/outputs the whole cache would be copied every step (a
+            # second cache in temporaries: 67 GB for 13B, batch 32, 2560 slots).
+            def body(carry, xs):
+                h, ks, vs = carry
+                p, i = xs
+                ck = jax.lax.dynamic_index_in_dim(ks, i, keepdims=False)
+                cv = jax.lax.dynamic_index_in_dim(vs, i, keepdims=False)
                 h, (ck, cv) = _block(p, h, cfg=cfg, cos=cos, sin=sin, mask=mask, segment_ids=None,
                                      lengths=None, impl="xla", dtype=dtype,
                                      cache_kv=(ck, cv), cache_index=cache.index)
-                return h, (ck, cv)
+                ks = jax.lax.dynamic_update_index_in_dim(ks, ck, i, 0)
+                vs = jax.lax.dynamic_update_index_in_dim(vs, cv, i, 0)
+                return (h, ks, vs), None
 
-            x, (ks, vs) = scan_layers(body, x, (params, cache.k, cache.v))
+            layer_ids = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
+            (x, ks, vs), _ = scan_layers(body, (x, cache.k, cache.v), (params, layer_ids))
             new_cache = KVCache(ks, vs, new_mask, cache.index + T)
         x = rms_norm(x, self.norm.get_value(), cfg.rms_norm_eps)
         return x, new_cache
