@@ -100,8 +100,11 @@ _COMPILE_CACHE: list[str] = []
 
 def compile_cache_dir() -> str:
     if not _COMPILE_CACHE:
+        import atexit
+        import shutil
         import tempfile
         _COMPILE_CACHE.append(tempfile.mkdtemp(prefix="qilin_test_xla_cache_"))
+        atexit.register(shutil.rmtree, _COMPILE_CACHE[0], ignore_errors=True)
     return _COMPILE_CACHE[0]
 
 
