@@ -53,8 +53,10 @@ def run(cfg: RunConfig) -> dict:
             results = run_training(cfg)
             out[task] = [r.__dict__ for r in results]
             summary = [{k: v for k, v in r.__dict__.items() if k != "losses"} for r in results]
-            with open(os.path.join(cfg.run_dir, "train_summary.json"), "w") as f:
-                json.dump(summary, f, indent=2, default=str)
+            import jax
+            if jax.process_index() == 0:  # one writer in multi-host runs
+                with open(os.path.join(cfg.run_dir, "train_summary.json"), "w") as f:
+                    json.dump(summary, f, indent=2, default=str)
         elif task == "eval":
             from qilin_jax.infer.config import EvalConfig, section_from_dict
             from qilin_jax.infer.evaluate import run_eval

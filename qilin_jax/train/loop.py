@@ -324,6 +324,8 @@ def run_stage(cfg: RunConfig, stage: StageConfig, parts: ModelParts, params: dic
 
     t_start = time.time()
     stage_dir = os.path.join(cfg.run_dir, stage.name)
+    if jax.process_index() == 0:  # the resolved config next to the stage's checkpoints
+        dump_config(cfg, os.path.join(stage_dir, "config.yaml"))
     final_dir = os.path.join(stage_dir, "final")
     data_cfg = cfg.stage_data(stage)
     accum = stage.grad_accum_steps
