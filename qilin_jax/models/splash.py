@@ -13,6 +13,8 @@ they divide), each chip attending over its own rows and heads.
 The sequence is padded to a multiple of the block size (segment id 0 for the padding, which
 real tokens never attend to) and the padding sliced off again. `interpret=True` runs the
 kernel in the Pallas interpreter, which is how the CPU tests check it against "xla".
+Do not trace it for TPU under `jax_default_matmul_precision="highest"` with bf16 inputs:
+Mosaic rejects the kernel's bf16 dots at that precision ("Bad lhs type").
 """
 from __future__ import annotations
 
