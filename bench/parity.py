@@ -23,14 +23,9 @@ import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from converters.mapping import nested_to_flat  # noqa: E402
-from qilin_jax.models import QilinMedVL, model_preset  # noqa: E402
+from qilin_jax.models import QilinMedVL  # noqa: E402
 from tests import torch_ref as R  # noqa: E402
-from tests.test_models_parity import LLAMA_VARIANTS, _Holder, _llava_batch  # noqa: E402
-
-
-def tiny(**kw):
-    cfg = model_preset("tiny")
-    return dataclasses.replace(cfg, image_token_id=cfg.text.vocab_size - 1, **kw)
+from tests.test_models_parity import LLAMA_VARIANTS, _Holder, _llava_batch, tiny  # noqa: E402
 
 
 def max_grad_err(ref, ours):
