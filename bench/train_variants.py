@@ -26,6 +26,7 @@ VARIANTS = {
     "remat_full": {"remat": "full"},
     "remat_save_dots": {"remat": "save_dots"},
     "loss_chunk_256": {"loss_chunk": 256},
+    "remat_full_loss_chunk_256": {"remat": "full", "loss_chunk": 256},
     "no_donation": {"_donate": False},
 }
 
