@@ -130,13 +130,12 @@ def lower_train(cfg, mesh, stage: str, *, rows: int, accum: int, seq: int):
     """The jitted, lowered train step of `stage` for abstract sharded inputs."""
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
     from qilin_jax import sharding as S
     from qilin_jax.config import StageConfig
     from qilin_jax.train import loop as L
     from qilin_jax.train.optim import make_optimizer, partition, trainable_mask
-    from qilin_jax.train.step import TrainState, compile_train_step, init_state
+    from qilin_jax.train.step import compile_train_step, init_state
 
     rules = S.DEFAULT_RULES
     parts = L.model_parts(cfg, mesh, rules)
@@ -145,8 +144,7 @@ def lower_train(cfg, mesh, stage: str, *, rows: int, accum: int, seq: int):
     t_sh, f_sh = partition(parts.shardings, mask)
     tx, schedule = make_optimizer(StageConfig(name=stage, trainable=STAGE_PATTERNS[stage]), 1000)
     state_abs = jax.eval_shape(lambda t: init_state(t, tx), t_abs)
-    repl = NamedSharding(mesh, P())
-    state_sh = TrainState(repl, t_sh, L._match_opt_shardings(state_abs.opt_state, t_sh, repl), repl)
+    state_sh = L.train_state_shardings(state_abs.opt_state, t_sh, mesh)
     S_ = cfg.vision.image_size
     i32 = lambda: jax.ShapeDtypeStruct((accum, rows, seq), jnp.int32)
     batch = {"input_ids": i32(), "labels": i32(), "segment_ids": i32(), "position_ids": i32(),

@@ -85,13 +85,12 @@ class JaxSide:
 
     def __init__(self, cfg, batch: dict):
         import jax
-        from jax.sharding import NamedSharding, PartitionSpec as P
 
         from qilin_jax import sharding as S
         from qilin_jax.config import StageConfig
         from qilin_jax.train import loop as L
         from qilin_jax.train.optim import make_optimizer, partition, trainable_mask
-        from qilin_jax.train.step import TrainState, compile_train_step, init_state
+        from qilin_jax.train.step import compile_train_step, init_state
 
         self.jax = jax
         mesh = S.make_mesh(1, 1, 1, devices=jax.devices()[:1])
@@ -101,7 +100,6 @@ class JaxSide:
         micro = {k: v[None] for k, v in batch.items()}  # one micro-batch
         b_sh = L.batch_shardings(mesh, self.rules, micro)
         self.batch = L.to_global(micro, b_sh)
-        repl = NamedSharding(mesh, P())
         self.steps, self.states, self.frozen, self.compile_s = {}, {}, {}, {}
         for name, patterns in STAGES.items():
             stage = StageConfig(name=name, trainable=patterns, learning_rate=1e-5, warmup_ratio=0.0)
@@ -111,7 +109,7 @@ class JaxSide:
             tx, schedule = make_optimizer(stage, 1000)
             # Copy: the state is donated, and the parameters are shared by both stages.
             state = jax.jit(lambda t: init_state(jax.tree.map(lambda x: x + 0, t), tx))(trainable)
-            state_sh = TrainState(repl, t_sh, L._match_opt_shardings(state.opt_state, t_sh, repl), repl)
+            state_sh = L.train_state_shardings(state.opt_state, t_sh, mesh)
             state = jax.device_put(state, state_sh)
             step = compile_train_step(parts.graphdef, tx, schedule, state_shardings=state_sh,
                                       frozen_shardings=f_sh, batch_shardings=b_sh)

@@ -39,8 +39,8 @@ def build(cfg, batch, stage: str, donate: bool):
     from qilin_jax import sharding as S
     from qilin_jax.config import StageConfig
     from qilin_jax.train import loop as L
-    from qilin_jax.train.optim import make_optimizer, partition, trainable_mask
-    from qilin_jax.train.step import TrainState, init_state, train_step
+    from qilin_jax.train.optim import make_optimizer
+    from qilin_jax.train.step import train_step
     from bench.train_step import STAGES
 
     mesh = S.make_mesh(1, 1, 1, devices=jax.devices()[:1])
@@ -51,14 +51,9 @@ def build(cfg, batch, stage: str, donate: bool):
     b_sh = L.batch_shardings(mesh, rules, micro)
     gbatch = L.to_global(micro, b_sh)
     st = StageConfig(name=stage, trainable=STAGES[stage], learning_rate=1e-5, warmup_ratio=0.0)
-    mask = trainable_mask(params, st.trainable)
-    trainable, frozen = partition(params, mask)
-    t_sh, f_sh = partition(parts.shardings, mask)
     tx, schedule = make_optimizer(st, 1000)
-    state = jax.jit(lambda t: init_state(t, tx))(trainable)
+    state, frozen, state_sh, f_sh = L.init_stage_state(parts, params, st.trainable, tx, mesh)
     repl = NamedSharding(mesh, P())
-    state_sh = TrainState(repl, t_sh, L._match_opt_shardings(state.opt_state, t_sh, repl), repl)
-    state = jax.device_put(state, state_sh)
     import functools
     fn = functools.partial(train_step, parts.graphdef, tx, schedule)
     jitted = jax.jit(fn, donate_argnums=(0,) if donate else (),

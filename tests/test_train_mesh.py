@@ -1,18 +1,14 @@
 """The same train steps on meshes of 8 simulated CPU devices equal one device."""
-import dataclasses
-
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from qilin_jax import sharding as S
 from qilin_jax.config import StageConfig
 from qilin_jax.models import model_preset
 from qilin_jax.train import loop as L
-from qilin_jax.train.optim import combine, make_optimizer, partition, trainable_mask
-from qilin_jax.train.step import TrainState, compile_train_step, init_state
+from qilin_jax.train.optim import combine, make_optimizer
+from qilin_jax.train.step import compile_train_step
 
 
 def _batches(cfg, n, B=8, T=40, seed=0):
@@ -41,14 +37,8 @@ def _run(mesh_shape, cfg, stage, batches):
     rules = S.DEFAULT_RULES
     parts = L.model_parts(cfg, mesh, rules)
     params = L.init_params(parts, 0, None, mesh, rules)
-    mask = trainable_mask(params, stage.trainable)
-    trainable, frozen = partition(params, mask)
-    t_sh, f_sh = partition(parts.shardings, mask)
     tx, schedule = make_optimizer(stage, 10)
-    state = jax.jit(lambda t: init_state(t, tx))(trainable)
-    repl = NamedSharding(mesh, P())
-    state_sh = TrainState(repl, t_sh, L._match_opt_shardings(state.opt_state, t_sh, repl), repl)
-    state = jax.device_put(state, state_sh)
+    state, frozen, state_sh, f_sh = L.init_stage_state(parts, params, stage.trainable, tx, mesh)
     b_sh = L.batch_shardings(mesh, rules, batches[0])
     step = compile_train_step(parts.graphdef, tx, schedule, state_shardings=state_sh,
                               frozen_shardings=f_sh, batch_shardings=b_sh)

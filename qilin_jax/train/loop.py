@@ -8,7 +8,6 @@ next stage starts from and what `qilin_jax.load_pretrained` reads.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -19,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -30,7 +28,7 @@ from qilin_jax.models import QilinConfig, QilinMedVL
 from qilin_jax.train.checkpointing import TrainCheckpointer
 from qilin_jax.train.flops import device_peak_tflops, step_flops
 from qilin_jax.train.optim import check_patterns, combine, make_optimizer, partition, trainable_mask
-from qilin_jax.train.step import BATCH_KEYS, TrainState, compile_train_step, init_state, stack_micro
+from qilin_jax.train.step import TrainState, compile_train_step, init_state, stack_micro
 
 log = logging.getLogger("qilin_jax.train")
 
@@ -340,16 +338,9 @@ def run_stage(cfg: RunConfig, stage: StageConfig, parts: ModelParts, params: dic
     total = stage_total_steps(stage, loader, data_cfg)
 
     check_patterns(params, stage.trainable, f"stages.{stage.name}.trainable")
-    mask = trainable_mask(params, stage.trainable)
-    trainable, frozen = partition(params, mask)
-    t_sh, f_sh = partition(parts.shardings, mask)
     tx, schedule = make_optimizer(stage, total)
-    state = jax.jit(lambda t: init_state(t, tx, cfg.seed), out_shardings=None)(trainable)
-    # Optimizer moments follow their parameters' shardings; step/rng are replicated.
-    repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    opt_sh = _match_opt_shardings(state.opt_state, t_sh, repl)
-    state_sh = TrainState(repl, t_sh, opt_sh, repl)
-    state = jax.device_put(state, state_sh)
+    state, frozen, state_sh, f_sh = init_stage_state(parts, params, stage.trainable, tx, mesh,
+                                                     seed=cfg.seed)
 
     ckpt = TrainCheckpointer(os.path.join(stage_dir, "checkpoints"), keep=cfg.checkpoint.keep,
                              async_save=cfg.checkpoint.async_save)
@@ -529,6 +520,24 @@ def _test_signal_self(sig, ckpt, writer, signals) -> None:
     deadline = time.time() + 10
     while signals.hit is None and time.time() < deadline:  # the handler runs between bytecodes
         time.sleep(0.01)
+
+
+def train_state_shardings(opt_state, trainable_shardings, mesh) -> TrainState:
+    """Shardings of a TrainState: optimizer moments follow their parameters, step/rng replicated."""
+    repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return TrainState(repl, trainable_shardings,
+                      _match_opt_shardings(opt_state, trainable_shardings, repl), repl)
+
+
+def init_stage_state(parts: ModelParts, params: dict, patterns, tx, mesh, *, seed: int = 0):
+    """(state, frozen, state shardings, frozen shardings) for training `patterns` of `params`:
+    the trainable subtree gets a fresh optimizer state, both are placed on the mesh."""
+    mask = trainable_mask(params, patterns)
+    trainable, frozen = partition(params, mask)
+    t_sh, f_sh = partition(parts.shardings, mask)
+    state = jax.jit(lambda t: init_state(t, tx, seed))(trainable)
+    state_sh = train_state_shardings(state.opt_state, t_sh, mesh)
+    return jax.device_put(state, state_sh), frozen, state_sh, f_sh
 
 
 def _match_opt_shardings(opt_state, param_shardings, repl):
