@@ -28,6 +28,9 @@ VARIANTS = {
     "loss_chunk_256": {"loss_chunk": 256},
     "remat_full_loss_chunk_256": {"remat": "full", "loss_chunk": 256},
     "no_donation": {"_donate": False},
+    "remat_none": {"remat": "none"},
+    "remat_none_loss_whole": {"remat": "none", "loss_chunk": 0},
+    "remat_save_dots_loss_whole": {"remat": "save_dots", "loss_chunk": 0},
 }
 
 

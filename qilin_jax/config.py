@@ -168,6 +168,9 @@ class RunConfig:
 
 
 _QILIN_FIELDS = {f.name for f in dataclasses.fields(QilinConfig)}
+# TextConfig fields filled from others in __post_init__ when None, and what they derive from.
+_TEXT_DERIVED = {"head_dim": ("hidden_size", "num_attention_heads"),
+                 "num_key_value_heads": ("num_attention_heads",)}
 
 
 def build_model_config(preset: str, overrides: dict | None = None) -> QilinConfig:
@@ -179,6 +182,12 @@ def build_model_config(preset: str, overrides: dict | None = None) -> QilinConfi
     unknown = sorted(set(overrides) - _QILIN_FIELDS)
     if unknown:
         raise ConfigError(f"model.overrides: unknown key(s) {unknown}; known: {sorted(_QILIN_FIELDS)}")
+    # The preset's derived text fields (head_dim = hidden / heads, kv heads = heads) are
+    # recomputed when what they derive from is overridden and they are not.
+    text_over = overrides.get("text") or {}
+    for derived, inputs in _TEXT_DERIVED.items():
+        if derived not in text_over and any(k in text_over for k in inputs):
+            base["text"][derived] = None
     merged = deep_merge(base, overrides)
     try:
         return QilinConfig.from_dict(merged)

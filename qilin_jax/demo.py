@@ -47,7 +47,8 @@ def prepare(cfg: RunConfig) -> dict:
         asked = {"seed": meta.get("seed"), "image_size": meta.get("image_size"),
                  "n_align": counts.get("alignment"), "n_instruct": counts.get("instruction"),
                  "n_heldout": counts.get("heldout")}
-        same = all(asked.get(k) == v for k, v in opts.items() if k in asked)
+        same = (meta.get("generator_version") == make_demo.GENERATOR_VERSION
+                and all(asked.get(k) == v for k, v in opts.items() if k in asked))
         if same:
             print(f"demo data: {out} (already there)")
         else:

@@ -75,3 +75,18 @@ def test_task_sections_are_checked(tmp_path):
         load_config(path, ["eval.tempurature=0.5"])
     with pytest.raises(ConfigError, match="eval.json is empty"):
         load_config(path, ["tasks=[train,eval]", "eval.task=demo"])
+
+
+def test_overridden_widths_rederive_head_dim_and_kv_heads():
+    """A preset's derived head_dim / kv heads follow overridden widths unless set explicitly."""
+    from qilin_jax.config import build_model_config
+
+    t = build_model_config("tiny", {"text": {"hidden_size": 256, "num_attention_heads": 4}}).text
+    assert (t.head_dim, t.num_key_value_heads) == (64, 4)  # tiny's own head_dim is 16
+    t = build_model_config("qilin_med_vl_13b", {"text": {"hidden_size": 256, "num_attention_heads": 4}}).text
+    assert (t.head_dim, t.num_key_value_heads) == (64, 4)  # not the 13B's 128 / 40
+    t = build_model_config("qilin_med_vl_13b", {"text": {"hidden_size": 256, "num_attention_heads": 4,
+                                                          "head_dim": 32, "num_key_value_heads": 2}}).text
+    assert (t.head_dim, t.num_key_value_heads) == (32, 2)  # explicit values win
+    t = build_model_config("qilin_med_vl_13b", {"text": {"num_hidden_layers": 2}}).text
+    assert (t.head_dim, t.num_key_value_heads) == (128, 40)  # untouched widths keep the preset's

@@ -71,6 +71,19 @@ def test_files_and_meta(demo):
     assert set(meta["chance"]) == set(QTYPES)
 
 
+def test_grounding_is_location_questions_on_one_lesion_alignment_images(demo):
+    """Demo stage 0's file: one location question per single, one-lesion alignment image."""
+    alignment = {a["image"]: a for a in _load(demo, "alignment.json") if isinstance(a["image"], str)}
+    grounding = _load(demo, "grounding.json")
+    expected = [img for img, a in alignment.items() if a["case"]["count"] == 1]
+    assert [g["image"] for g in grounding] == expected and expected
+    assert _load(demo, "meta.json")["counts"]["grounding"] == len(grounding)
+    for g in grounding:
+        human, gpt = g["conversations"]
+        assert human["value"].startswith("<image>\n") and human["value"][8:] in templates.QUESTIONS["location"]
+        assert gpt["value"] == alignment[g["image"]]["case"]["locations"][0] and g["qtype"] == "location"
+
+
 def _check_conversation(sample: dict, split: str) -> None:
     conv = sample["conversations"]
     assert len(conv) >= 2 and len(conv) % 2 == 0, sample["id"]

@@ -6,6 +6,7 @@ Writes into the output folder:
   images/*.png             grayscale PNGs (CT-like, X-ray-like, ultrasound-like, MR-like)
   alignment.json           stage 1: LLaVA rows, human "<image>", gpt = Chinese caption
   instruction.json         stage 2: LLaVA rows with Chinese questions, short closed-set answers
+  grounding.json           demo stage 0: location questions on the one-lesion alignment images
   heldout.json             held-out cases (disjoint images), one question each, with "answer"
   pmc_vqa_style.csv        PMC-VQA-format multiple choice over held-out images
   meta.json                counts, seed, answer sets, chance levels
@@ -37,9 +38,9 @@ from data.demo.templates import (  # noqa: F401  (re-exported for evaluation cod
     normalize_answer,
 )
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 # Split ids keep the per-sample RNG streams of the splits independent.
-_SPLIT_ID = {"alignment": 1, "instruction": 2, "heldout": 3, "csv": 4}
+_SPLIT_ID = {"alignment": 1, "instruction": 2, "heldout": 3, "csv": 4, "grounding": 5}
 # Lesion radius as a fraction of the shorter image side, per size class.
 SIZE_RADIUS = {"小": 0.05, "中": 0.08, "大": 0.115}
 # Quadrant centres (x, y) as fractions of width/height.
@@ -282,6 +283,24 @@ def make_instruction_sample(seed: int, idx: int, image_size: int, img_dir: Path)
             "case": _public_case(case)}
 
 
+def make_grounding_sample(seed: int, idx: int, alignment: dict) -> dict | None:
+    """Return a location question on an alignment image with exactly one lesion, else None.
+
+    Demo stage 0's curriculum: localising one lesion is what a from-scratch ViT learns first
+    (in a mixed question set it does not get there in a CPU budget); the other questions build
+    on the lesion features it learns. No new images: the alignment images are reused.
+    """
+    case = alignment["case"]
+    if case["count"] != 1 or isinstance(alignment["image"], list):
+        return None
+    rng = _rng(seed, "grounding", idx)
+    qa = T.question(case, "location", rng)
+    return {"id": f"ground_{idx:05d}", "image": alignment["image"],
+            "conversations": [{"from": "human", "value": "<image>\n" + qa["question"]},
+                              {"from": "gpt", "value": qa["answer"]}],
+            "qtype": "location", "case": case}
+
+
 def make_heldout_sample(seed: int, idx: int, image_size: int, img_dir: Path) -> dict:
     """Return one held-out single-image, single-question sample, balanced by index."""
     rng = _rng(seed, "heldout", idx)
@@ -361,11 +380,13 @@ def generate(out_dir: str | Path, seed: int = 0, n_align: int = 2000, n_instruct
     alignment = [make_alignment_sample(seed, i, image_size, img_dir) for i in range(n_align)]
     instruction = [make_instruction_sample(seed, i, image_size, img_dir) for i in range(n_instruct)]
     heldout = [make_heldout_sample(seed, i, image_size, img_dir) for i in range(n_heldout)]
+    grounding = [g for i, a in enumerate(alignment) if (g := make_grounding_sample(seed, i, a))]
     single = [h for h in heldout if isinstance(h["image"], str)]
     rows = [make_csv_row(seed, i, single[i]) for i in range(min(n_csv, len(single)))]
     _dump_json(alignment, out / "alignment.json")
     _dump_json(instruction, out / "instruction.json")
     _dump_json(heldout, out / "heldout.json")
+    _dump_json(grounding, out / "grounding.json")
     with open(out / "pmc_vqa_style.csv", "w", encoding="utf-8", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, lineterminator="\n")
         w.writeheader()
@@ -385,11 +406,12 @@ def generate(out_dir: str | Path, seed: int = 0, n_align: int = 2000, n_instruct
         "image_size": image_size,
         "image_dir": "images",
         "files": {"alignment": "alignment.json", "instruction": "instruction.json",
-                  "heldout": "heldout.json", "pmc_vqa_style": "pmc_vqa_style.csv"},
+                  "heldout": "heldout.json", "grounding": "grounding.json", "pmc_vqa_style": "pmc_vqa_style.csv"},
         "counts": {
             "alignment": len(alignment),
             "instruction": len(instruction),
             "heldout": len(heldout),
+            "grounding": len(grounding),
             "pmc_vqa_style": len(rows),
             "images": n_files,
             "composite_alignment": sum(isinstance(s["image"], list) for s in alignment),
@@ -429,7 +451,8 @@ def main(argv: list[str] | None = None) -> None:
     meta = generate(a.out, seed=a.seed, n_align=a.n_align, n_instruct=a.n_instruct,
                     n_heldout=a.n_heldout, image_size=a.image_size, n_csv=a.n_csv)
     c = meta["counts"]
-    print(f"wrote {a.out}: {c['alignment']} alignment, {c['instruction']} instruction, {c['heldout']} held-out, "
+    print(f"wrote {a.out}: {c['alignment']} alignment, {c['instruction']} instruction, {c['grounding']} grounding, "
+          f"{c['heldout']} held-out, "
           f"{c['pmc_vqa_style']} csv rows, {c['images']} images, {meta['total_bytes'] / 1e6:.1f} MB "
           f"in {meta['_seconds']:.1f} s")
 
