@@ -9,7 +9,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_short_demo_learns(tmp_path):  # ~6 min on 2 cores
+def test_short_demo_learns(tmp_path):  # ~8 min on 2 cores
     data = tmp_path / "demo_data"
     overrides = [
         f"output_dir={tmp_path}", "name=short",
