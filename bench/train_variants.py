@@ -11,6 +11,7 @@ donated/aliased bytes, arguments). Prints one JSON line and a one-line summary.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import statistics
@@ -31,6 +32,7 @@ VARIANTS = {
     "remat_none": {"remat": "none"},
     "remat_none_loss_whole": {"remat": "none", "loss_chunk": 0},
     "remat_save_dots_loss_whole": {"remat": "save_dots", "loss_chunk": 0},
+    "unrolled_layers": {"_unroll": True},  # layer scans fully unrolled at trace time
 }
 
 
@@ -86,8 +88,12 @@ def main(argv=None) -> None:
     for name in names:
         change = dict(VARIANTS[name])
         donate = change.pop("_donate", True)
+        unroll = change.pop("_unroll", False)
         cfg = dataclasses.replace(base, **change)
-        compiled, state, frozen, gb = build(cfg, batch, args.stage, donate)
+        from qilin_jax.models.common import unrolled_scans
+
+        with unrolled_scans() if unroll else contextlib.nullcontext():
+            compiled, state, frozen, gb = build(cfg, batch, args.stage, donate)
         m = compiled.memory_analysis()
         mem[name] = {"temp_mb": round(m.temp_size_in_bytes / 2**20, 1),
                      "argument_mb": round(m.argument_size_in_bytes / 2**20, 1),
