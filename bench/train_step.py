@@ -12,15 +12,18 @@ large matmul in each framework after each stage (4096^3 float32 on CPU, ~1-3 s l
 8192^3 bfloat16 on GPU); every figure is the median over repeats. Each step is a full optimizer update: forward, backward
 over the stage's trainable parameters, global-norm clipping (1.0), AdamW, and (ours) the
 warmup-cosine schedule and the non-finite guard. MFU = step_flops (qilin_jax/train/flops.py,
-the formula the training loop logs) / step time / measured matmul peak.
+the formula the training loop logs) / step time / measured matmul peak; our step is credited
+with the LM head only on the positions it computes (the supervised ones when
+`loss_supervised_only` is on; `mfu_all_positions` is the usual every-position formula), torch's
+with every position (it computes them all).
 
 Compute settings come from the config's `platform:` section by jax's default backend (GPU:
 bfloat16, cuDNN flash attention, full remat, chunked cross-entropy; torch gets bf16 autocast,
 SDPA and gradient checkpointing to match). On CPU each side runs its fastest setting: ours
-with full remat and a 256-token CE chunk (bench/train_variants.py: 0.65x the step time of
-neither, the working set stays in cache), torch without gradient checkpointing. Prints one JSON line (contract keys:
-stage1_step_s, stage2_step_s, torch_stage2_step_s, stage2_speedup_vs_torch, mfu) and a
-one-line summary.
+with full remat, a 256-token CE chunk, the LM head on supervised positions only and the
+causal-block XLA attention (bench/train_variants.py), torch without gradient checkpointing.
+Prints one JSON line (contract keys: stage1_step_s, stage2_step_s, torch_stage2_step_s,
+stage2_speedup_vs_torch, mfu) and a one-line summary.
 """
 from __future__ import annotations
 
@@ -272,13 +275,20 @@ def main(argv=None) -> None:
 
     med = {k: statistics.median(v) for k, v in times.items() if v}
     peak = {who: statistics.median(v) for who, v in peaks.items()}
-    flops = {s: step_flops(cfg, B, T, B, llm_trainable=(s == "stage2")) for s in STAGES}
+    # Torch computes the LM head on every position (the usual formula); ours, with
+    # loss_supervised_only, only on the supervised ones, and is credited only for those.
+    flops_all = {s: step_flops(cfg, B, T, B, llm_trainable=(s == "stage2")) for s in STAGES}
+    supervised = int((batch["labels"][:, 1:] != -100).sum())
+    flops = {s: step_flops(cfg, B, T, B, llm_trainable=(s == "stage2"),
+                           head_tokens=supervised if cfg.loss_supervised_only else None) for s in STAGES}
     out = {"config": os.path.relpath(args.config, ROOT), "platform": plat,
            "device": jax.devices()[0].device_kind, "host": platform.node(), "threads": threads,
            "jax": jax.__version__, "params": param_count(cfg)["total"],
            "dtype": cfg.dtype, "attention": cfg.attention, "remat": cfg.remat,
-           "loss_chunk": cfg.loss_chunk, "batch": B, "seq": T, "repeats": repeats,
+           "loss_chunk": cfg.loss_chunk, "loss_supervised_only": cfg.loss_supervised_only,
+           "batch": B, "seq": T, "supervised_tokens": supervised, "repeats": repeats,
            "step_flops": {s: flops[s] for s in STAGES},
+           "step_flops_all_positions": {s: flops_all[s] for s in STAGES},
            "matmul_peak_tflops": {who: round(p / 1e12, 4) for who, p in peak.items()},
            "matmul_n": n, "peak_dtype": peak_dtype}
     vendor = device_peak_tflops(jax.devices()[0])
@@ -290,10 +300,13 @@ def main(argv=None) -> None:
             t = med[f"{who}_{s}"]
             out[f"{pre}{s}_step_s"] = round(t, 4)
             out[f"{pre}{s}_tokens_per_s"] = round(B * T / t, 1)
-            out[f"{pre}{s}_mfu"] = round(flops[s] / t / peak[who], 4)
+            out[f"{pre}{s}_mfu"] = round((flops if who == "jax" else flops_all)[s] / t / peak[who], 4)
             out[f"{pre}{s}_loss"] = round(losses[f"{who}_{s}"], 4)
     if "jax" in sides:
         out["mfu"] = out["stage2_mfu"]
+        # The usual formula (LM head on every position), comparable with runs before
+        # loss_supervised_only; it credits positions our step skips when that is on.
+        out["mfu_all_positions"] = round(flops_all["stage2"] / med["jax_stage2"] / peak["jax"], 4)
         out["stage1_over_stage2"] = round(med["jax_stage1"] / med["jax_stage2"], 3)
         out["compile_s"] = {k: round(v, 2) for k, v in sides["jax"].compile_s.items()}
         if vendor:

@@ -33,6 +33,11 @@ VARIANTS = {
     "remat_none_loss_whole": {"remat": "none", "loss_chunk": 0},
     "remat_save_dots_loss_whole": {"remat": "save_dots", "loss_chunk": 0},
     "unrolled_layers": {"_unroll": True},  # layer scans fully unrolled at trace time
+    # the LM head on the supervised positions only (qilin.cross_entropy), on or off
+    "loss_supervised_only": {"loss_supervised_only": True},
+    "loss_every_position": {"loss_supervised_only": False},
+    # jax.nn.dot_product_attention instead of our XLA attention (custom VJP, causal blocks)
+    "attention_reference": {"attention": "xla_reference"},
 }
 
 
@@ -115,7 +120,8 @@ def main(argv=None) -> None:
     base_t = med.get("baseline", next(iter(med.values())))
     out = {"config": str(Path(args.config).relative_to(ROOT)) if args.config.startswith(str(ROOT)) else args.config,
            "platform": plat, "stage": args.stage, "repeats": args.repeats,
-           "baseline": {k: getattr(base, k) for k in ("dtype", "attention", "remat", "loss_chunk")},
+           "baseline": {k: getattr(base, k) for k in ("dtype", "attention", "remat", "loss_chunk",
+                                                      "loss_supervised_only")},
            "variants": {n: {"step_s": round(med[n], 4), "vs_baseline": round(med[n] / base_t, 3), **mem[n]}
                         for n in names}}
     print(json.dumps(out))

@@ -32,7 +32,7 @@ class ModelSection:
     # Overrides of QilinConfig fields on top of the preset (vision/text are merged per key).
     overrides: dict = field(default_factory=dict)
     # A checkpoint written by `python -m converters to-jax` or by training; its config wins
-    # over preset/overrides for shapes (dtype/attention/remat/loss_chunk may still be set).
+    # over preset/overrides for shapes (dtype/attention/remat/loss_chunk/loss_supervised_only may still be set).
     checkpoint: Optional[str] = None
     tokenizer: str = "data/tokenizer"  # a local HF tokenizer directory
 

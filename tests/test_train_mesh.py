@@ -11,7 +11,7 @@ from qilin_jax.train.optim import combine, make_optimizer
 from qilin_jax.train.step import compile_train_step
 
 
-def _batches(cfg, n, B=8, T=40, seed=0):
+def _batches(cfg, n, B=8, T=40, seed=0, answer_tokens=None):
     rng = np.random.default_rng(seed)
     P_, img = cfg.image_tokens, cfg.image_token_id
     out = []
@@ -23,6 +23,10 @@ def _batches(cfg, n, B=8, T=40, seed=0):
             mask[b, T - rng.integers(0, 8):] = 0
         ids = np.where(mask == 1, ids, 0)
         labels = np.where((mask == 1) & (ids != img), ids, -100).astype(np.int32)
+        if answer_tokens is not None:  # supervise only a short answer span per row
+            for b in range(B):
+                end = int(mask[b].sum())
+                labels[b, :end - answer_tokens[b % len(answer_tokens)]] = -100
         pos = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
         px = rng.normal(size=(B, 1, 3, 32, 32)).astype(np.float32)
         batch = dict(input_ids=ids, labels=labels, segment_ids=mask, position_ids=pos,
@@ -79,3 +83,23 @@ def test_mesh_equals_one_device(mesh_shape, reference):
     assert spec[1] == ("fsdp" if mesh.shape["fsdp"] > 1 else None)
     assert spec[2] == ("tensor" if mesh.shape["tensor"] > 1 else None)
     assert len(q.sharding.device_set) == 8
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 8, 1), (2, 2, 2)])
+def test_supervised_only_loss_on_a_mesh_equals_every_position(mesh_shape):
+    """loss_supervised_only (the LM head on gathered supervised positions, budget picked on
+    device) on a sharded mesh trains exactly like the every-position loss on one device,
+    for short answers (a gathered branch) and a long one (the every-position branch)."""
+    import dataclasses
+
+    batches = _batches(CFG, 2, answer_tokens=[3, 5, 1, 4]) + _batches(CFG, 1, seed=1)
+    ref_losses, ref_params, _, _ = _run((1, 1, 1), CFG, STAGE, batches)
+    cfg = dataclasses.replace(CFG, loss_supervised_only=True)
+    losses, params, _, _ = _run(mesh_shape, cfg, STAGE, batches)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    for path, want in jax.tree_util.tree_leaves_with_path(ref_params):
+        got = dict(jax.tree_util.tree_leaves_with_path(params))[path]
+        assert np.linalg.norm(got - want) <= 1e-5 * max(np.linalg.norm(want), 1e-12), path
+    supervised = (batches[0]["labels"][0][:, 1:] != -100).sum()
+    assert L.head_tokens(cfg, {"labels": batches[0]["labels"][0]}, 2) == 2 * supervised
+    assert L.head_tokens(CFG, {"labels": batches[0]["labels"][0]}) is None

@@ -4,7 +4,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from qilin_jax.models.common import param
+from qilin_jax.models.common import dense, param
 
 
 class Adapter(nnx.Module):
@@ -22,8 +22,8 @@ class Adapter(nnx.Module):
 
     def __call__(self, x):
         dtype = x.dtype
-        x = x @ self.linear_1.get_value().astype(dtype) + self.linear_1_bias.get_value().astype(dtype)
+        x = dense(x, self.linear_1.get_value().astype(dtype)) + self.linear_1_bias.get_value().astype(dtype)
         if self.kind == "mlp2x_gelu":
             x = jax.nn.gelu(x, approximate=False)  # exact erf GELU, as torch nn.GELU()
-            x = x @ self.linear_2.get_value().astype(dtype) + self.linear_2_bias.get_value().astype(dtype)
+            x = dense(x, self.linear_2.get_value().astype(dtype)) + self.linear_2_bias.get_value().astype(dtype)
         return x

@@ -92,12 +92,15 @@ class QilinConfig:
     # Compute dtype; parameters are always stored in float32 (master weights).
     dtype: str = "float32"
     # Attention implementation: "auto" (cudnn on GPU in bf16/fp16, splash on TPU, xla else),
-    # "xla", "cudnn", "splash".
+    # "xla", "cudnn", "splash" ("xla_reference": jax.nn.dot_product_attention, for comparison).
     attention: str = "auto"
     # Rematerialisation of each decoder/vision block in training: "none", "full", "save_dots".
     remat: str = "none"
     # Sequence chunk for the memory-lean cross-entropy (0 = whole sequence at once).
     loss_chunk: int = 0
+    # Run the LM head only on supervised positions (gathered into the smallest of a few
+    # static per-row budgets; exact). See cross_entropy in qilin.py.
+    loss_supervised_only: bool = False
 
     def __hash__(self):  # hashable (nnx graph definitions are jit-static), dict fields included
         return hash(repr(self))
@@ -115,8 +118,14 @@ class QilinConfig:
             raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.remat not in ("none", "full", "save_dots"):
             raise ValueError(f"model.remat must be none, full or save_dots, got {self.remat!r}")
-        if self.attention not in ("auto", "xla", "cudnn", "splash"):
-            raise ValueError(f"model.attention must be auto, xla, cudnn or splash, got {self.attention!r}")
+        if self.attention not in ("auto", "xla", "xla_reference", "cudnn", "splash"):
+            raise ValueError(f"model.attention must be auto, xla, xla_reference, cudnn or splash, "
+                             f"got {self.attention!r}")
+        if not isinstance(self.loss_supervised_only, bool):
+            raise ValueError(f"model.loss_supervised_only must be true or false, "
+                             f"got {self.loss_supervised_only!r}")
+        if self.loss_chunk < 0:
+            raise ValueError(f"model.loss_chunk must be >= 0, got {self.loss_chunk}")
         n = self.vision.num_hidden_layers
         if not -n - 1 <= self.vision_feature_layer <= n:
             raise ValueError(f"model.vision_feature_layer {self.vision_feature_layer} is outside "

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qilin_jax.models.attention import attention, make_mask, resolve_implementation
-from qilin_jax.models.common import DTYPES, param, rms_norm, scan_layers, stacked_values
+from qilin_jax.models.common import DTYPES, dense, param, rms_norm, scan_layers, stacked_values
 from qilin_jax.models.configs import TextConfig
 from qilin_jax.sharding import constrain
 
@@ -86,9 +86,9 @@ def _block(p, x, *, cfg: TextConfig, cos, sin, mask, segment_ids, lengths, impl,
     B, T, _ = x.shape
     H, KV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
-    q = (h @ p["q_proj"].astype(dtype)).reshape(B, T, H, hd)
-    k = (h @ p["k_proj"].astype(dtype)).reshape(B, T, KV, hd)
-    v = (h @ p["v_proj"].astype(dtype)).reshape(B, T, KV, hd)
+    q = (dense(h, p["q_proj"].astype(dtype))).reshape(B, T, H, hd)
+    k = (dense(h, p["k_proj"].astype(dtype))).reshape(B, T, KV, hd)
+    v = (dense(h, p["v_proj"].astype(dtype))).reshape(B, T, KV, hd)
     q = constrain(q, ("batch", "act_seq", "act_heads", None))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     new_kv = None
@@ -98,16 +98,17 @@ def _block(p, x, *, cfg: TextConfig, cos, sin, mask, segment_ids, lengths, impl,
         cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
         new_kv = (ck, cv)
         k, v = ck.astype(dtype), cv.astype(dtype)
-    out = attention(q, k, v, mask=mask, causal=True, segment_ids=segment_ids, lengths=lengths,
+    # With a cache the mask carries causality (queries sit at cache.index onwards).
+    out = attention(q, k, v, mask=mask, causal=cache_kv is None, segment_ids=segment_ids, lengths=lengths,
                     implementation=impl)
     out = constrain(out, ("batch", "act_seq", "act_heads", None))
-    x = x + out.reshape(B, T, H * hd) @ p["o_proj"].astype(dtype)
+    x = x + dense(out.reshape(B, T, H * hd), p["o_proj"].astype(dtype))
     x = constrain(x, ("batch", "act_seq", "act_embed"))
     h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
-    gate = h @ p["gate_proj"].astype(dtype)
-    up = h @ p["up_proj"].astype(dtype)
+    gate = dense(h, p["gate_proj"].astype(dtype))
+    up = dense(h, p["up_proj"].astype(dtype))
     act = constrain(jax.nn.silu(gate) * up, ("batch", "act_seq", "act_mlp"))
-    x = x + act @ p["down_proj"].astype(dtype)
+    x = x + dense(act, p["down_proj"].astype(dtype))
     x = constrain(x, ("batch", "act_seq", "act_embed"))
     return x, new_kv
 
@@ -141,7 +142,7 @@ class LlamaModel(nnx.Module):
 
     def logits(self, hidden):
         """Logits [batch, seq, vocab] in the compute dtype."""
-        out = hidden @ self.head_kernel().astype(hidden.dtype)
+        out = dense(hidden, self.head_kernel().astype(hidden.dtype))
         return constrain(out, ("batch", "act_seq", "act_vocab"))
 
     def __call__(self, inputs_embeds, *, segment_ids=None, position_ids=None,
@@ -169,7 +170,8 @@ class LlamaModel(nnx.Module):
 
         if cache is None:
             impl = resolve_implementation(self.attention_impl, dtype, packed=packed, decoding=False)
-            mask = make_mask(segment_ids, segment_ids, causal=True) if impl == "xla" else None
+            mask = (make_mask(segment_ids, segment_ids, causal=True)
+                    if impl in ("xla", "xla_reference") else None)
             lengths = jnp.sum(segment_ids != 0, axis=1) if impl == "cudnn" else None
 
             def body(h, p):

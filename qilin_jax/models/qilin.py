@@ -1,6 +1,7 @@
 """QilinMedVL: CLIP ViT -> adapter -> image features placed at the image tokens -> LLaMA-2."""
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -32,14 +33,22 @@ def shift_labels(labels):
     return jnp.concatenate([labels[:, 1:], pad], axis=1)
 
 
-def cross_entropy(hidden, head_kernel, shifted, *, chunk: int = 0):
-    """Sum of token cross-entropies and the count of supervised tokens.
+# Per-row budgets (fractions of the row) the supervised positions are gathered into.
+LOSS_BUDGET_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2)
 
-    With `chunk` > 0 the logits are computed `chunk` positions at a time in a rematerialised
-    scan, so float32 logits for the whole sequence never exist at once.
-    """
-    valid = shifted != IGNORE_INDEX
-    tgt = jnp.where(valid, shifted, 0)
+
+def loss_position_budgets(seq: int) -> list[int]:
+    """Static per-row slot counts to gather supervised positions into (multiples of 8, < seq)."""
+    out = []
+    for f in LOSS_BUDGET_FRACTIONS:
+        k = -(-math.ceil(seq * f) // 8) * 8
+        if 0 < k < seq and k not in out:
+            out.append(k)
+    return out
+
+
+def _ce_sum(hidden, head_kernel, tgt, valid, chunk: int):
+    """Summed cross-entropy over [B, T] positions (masked by `valid`), optionally chunked."""
 
     def piece(h, t, m):
         # One 2-D matmul over all positions: the head's weight gradient is then a plain
@@ -52,19 +61,53 @@ def cross_entropy(hidden, head_kernel, shifted, *, chunk: int = 0):
 
     B, T, D = hidden.shape
     if chunk <= 0 or chunk >= T:
-        total = piece(hidden, tgt, valid)
-    else:
-        n = -(-T // chunk)
-        padT = n * chunk - T
-        if padT:
-            hidden = jnp.pad(hidden, ((0, 0), (0, padT), (0, 0)))
-            tgt = jnp.pad(tgt, ((0, 0), (0, padT)))
-            valid = jnp.pad(valid, ((0, 0), (0, padT)))
-        hs = hidden.reshape(B, n, chunk, D).swapaxes(0, 1)
-        ts = tgt.reshape(B, n, chunk).swapaxes(0, 1)
-        ms = valid.reshape(B, n, chunk).swapaxes(0, 1)
-        body = jax.checkpoint(lambda c, xs: (c + piece(*xs), None))
-        total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hs, ts, ms), unroll=scan_unroll())
+        return piece(hidden, tgt, valid)
+    n = -(-T // chunk)
+    padT = n * chunk - T
+    if padT:
+        hidden = jnp.pad(hidden, ((0, 0), (0, padT), (0, 0)))
+        tgt = jnp.pad(tgt, ((0, 0), (0, padT)))
+        valid = jnp.pad(valid, ((0, 0), (0, padT)))
+    hs = hidden.reshape(B, n, chunk, D).swapaxes(0, 1)
+    ts = tgt.reshape(B, n, chunk).swapaxes(0, 1)
+    ms = valid.reshape(B, n, chunk).swapaxes(0, 1)
+    body = jax.checkpoint(lambda c, xs: (c + piece(*xs), None))
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hs, ts, ms), unroll=scan_unroll())
+    return total
+
+
+def cross_entropy(hidden, head_kernel, shifted, *, chunk: int = 0, supervised_only: bool = False):
+    """Sum of token cross-entropies and the count of supervised tokens.
+
+    With `chunk` > 0 the logits are computed `chunk` positions at a time in a rematerialised
+    scan, so float32 logits for the whole sequence never exist at once.
+
+    With `supervised_only` the LM head runs only where there is a label: each row's
+    supervised positions are gathered (in order) into the smallest static budget
+    (`loss_position_budgets`: 1/16 .. 1/2 of the row) that holds the busiest row, chosen
+    on device by `lax.switch`; a batch with a row past half its length takes the
+    every-position branch. Image tokens, prompts and padding never need logits, and in
+    LLaVA-style data they are most of the sequence. Loss and gradients are exact either way.
+    """
+    valid = shifted != IGNORE_INDEX
+    tgt = jnp.where(valid, shifted, 0)
+    T = hidden.shape[1]
+    budgets = loss_position_budgets(T) if supervised_only else []
+    if not budgets:
+        return _ce_sum(hidden, head_kernel, tgt, valid, chunk), jnp.sum(valid)
+
+    def gathered(k):
+        def branch(h, t, m):
+            order = jnp.argsort(~m, axis=1, stable=True)[:, :k]  # supervised positions first
+            return _ce_sum(jnp.take_along_axis(h, order[..., None], axis=1), head_kernel,
+                           jnp.take_along_axis(t, order, axis=1),
+                           jnp.take_along_axis(m, order, axis=1), chunk)
+        return branch
+
+    branches = [gathered(k) for k in budgets] + [lambda h, t, m: _ce_sum(h, head_kernel, t, m, chunk)]
+    busiest = jnp.max(jnp.sum(valid, axis=1))
+    index = jnp.sum(busiest > jnp.asarray(budgets, jnp.int32))  # the first budget that fits
+    total = jax.lax.switch(index, branches, hidden, tgt, valid)
     return total, jnp.sum(valid)
 
 
@@ -140,7 +183,8 @@ class QilinMedVL(nnx.Module):
         loss = n = None
         if labels is not None:
             total, n = cross_entropy(hidden, self.llm.head_kernel(), shift_labels(jnp.asarray(labels)),
-                                     chunk=self.config.loss_chunk)
+                                     chunk=self.config.loss_chunk,
+                                     supervised_only=self.config.loss_supervised_only)
             loss = total / jnp.maximum(n, 1)
         logits = self.llm.logits(hidden) if return_logits else None
         return QilinOutput(logits, loss, n, new_cache)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qilin_jax.models.attention import attention
-from qilin_jax.models.common import DTYPES, layer_norm, param, scan_layers, stacked_values
+from qilin_jax.models.common import DTYPES, dense, layer_norm, param, scan_layers, stacked_values
 from qilin_jax.models.configs import VisionConfig
 from qilin_jax.sharding import constrain
 
@@ -63,14 +63,14 @@ def _block(p, x, *, cfg: VisionConfig, dtype):
     H, hd = cfg.num_attention_heads, cfg.head_dim
     c = lambda name: p[name].astype(dtype)
     h = layer_norm(x, p["ln1_scale"], p["ln1_bias"], cfg.layer_norm_eps)
-    q = (h @ c("q_proj") + c("q_bias")).reshape(B, T, H, hd)
-    k = (h @ c("k_proj") + c("k_bias")).reshape(B, T, H, hd)
-    v = (h @ c("v_proj") + c("v_bias")).reshape(B, T, H, hd)
+    q = (dense(h, c("q_proj")) + c("q_bias")).reshape(B, T, H, hd)
+    k = (dense(h, c("k_proj")) + c("k_bias")).reshape(B, T, H, hd)
+    v = (dense(h, c("v_proj")) + c("v_bias")).reshape(B, T, H, hd)
     out = attention(q, k, v, implementation="xla")
-    x = x + out.reshape(B, T, D) @ c("o_proj") + c("o_bias")
+    x = x + dense(out.reshape(B, T, D), c("o_proj")) + c("o_bias")
     h = layer_norm(x, p["ln2_scale"], p["ln2_bias"], cfg.layer_norm_eps)
-    h = ACTIVATIONS[cfg.hidden_act](h @ c("fc1") + c("fc1_bias"))
-    x = x + h @ c("fc2") + c("fc2_bias")
+    h = ACTIVATIONS[cfg.hidden_act](dense(h, c("fc1")) + c("fc1_bias"))
+    x = x + dense(h, c("fc2")) + c("fc2_bias")
     return constrain(x, ("batch", "act_seq", "act_embed"))
 
 
@@ -109,7 +109,7 @@ class VisionTransformer(nnx.Module):
         x = pixel_values.astype(dtype).transpose(0, 2, 3, 1)  # NHWC
         gh, gw = Hh // p, W // p
         x = x.reshape(N, gh, p, gw, p, C).transpose(0, 1, 3, 2, 4, 5).reshape(N, gh * gw, p * p * C)
-        x = x @ self.patch_embed.get_value().reshape(p * p * C, -1).astype(dtype)
+        x = dense(x, self.patch_embed.get_value().reshape(p * p * C, -1).astype(dtype))
         cls = jnp.broadcast_to(self.class_embedding.get_value().astype(dtype), (N, 1, x.shape[-1]))
         x = jnp.concatenate([cls, x], axis=1) + self.position_embedding.get_value().astype(dtype)
         x = layer_norm(x, self.pre_ln_scale.get_value(), self.pre_ln_bias.get_value(), cfg.layer_norm_eps)

@@ -25,7 +25,7 @@ def _llm_matmul_params(cfg: QilinConfig) -> int:
     per_layer = (t.hidden_size * t.num_attention_heads * t.head_dim * 2
                  + t.hidden_size * t.num_key_value_heads * t.head_dim * 2
                  + 3 * t.hidden_size * t.intermediate_size)
-    return t.num_hidden_layers * per_layer + t.hidden_size * t.vocab_size  # + LM head
+    return t.num_hidden_layers * per_layer  # the LM head is counted apart (head_tokens)
 
 
 def _vit_matmul_params(cfg: QilinConfig, layers: int) -> int:
@@ -36,18 +36,23 @@ def _vit_matmul_params(cfg: QilinConfig, layers: int) -> int:
 
 
 def step_flops(cfg: QilinConfig, batch: int, seq: int, images: int, *, llm_trainable: bool,
-               adapter_trainable: bool = True, vision_trainable: bool = False) -> float:
+               adapter_trainable: bool = True, vision_trainable: bool = False,
+               head_tokens: int | None = None) -> float:
     """Model FLOPs of one training step (matmuls; causal attention counted at half).
 
     Forward = 2 x params x tokens. Backward: activation gradients (2x) wherever something
     before the layer trains, weight gradients (2x) only for trainable weights. Stage 1
-    (frozen LLM) is ~4x N x tokens in the LLM, stage 2 ~6x.
+    (frozen LLM) is ~4x N x tokens in the LLM, stage 2 ~6x. The LM head is counted on
+    `head_tokens` positions (default every token, the usual formula; with
+    `loss_supervised_only` the step computes it only on the supervised tokens, and counting
+    the skipped positions would overstate the utilisation).
     """
     t = cfg.text
     tokens = batch * seq
+    head_tokens = tokens if head_tokens is None else head_tokens
     n_llm = _llm_matmul_params(cfg)
     attn = 2 * 2 * t.num_hidden_layers * t.num_attention_heads * t.head_dim * seq * tokens / 2  # QK^T and AV, causal
-    fwd_llm = 2 * n_llm * tokens + attn
+    fwd_llm = 2 * n_llm * tokens + attn + 2 * t.hidden_size * t.vocab_size * head_tokens
     llm = fwd_llm * (1 + 1 + (1 if llm_trainable else 0))  # fwd + act grads (+ weight grads)
 
     v = cfg.vision

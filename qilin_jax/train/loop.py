@@ -145,9 +145,19 @@ def resolve_model_config(cfg: RunConfig) -> QilinConfig:
 
     ck = read_config(cfg.model.checkpoint)
     ov = cfg.model.overrides
-    keep = {k: getattr(run_cfg, k) for k in ("dtype", "attention", "remat", "loss_chunk") if k in ov}
+    keep = {k: getattr(run_cfg, k) for k in ("dtype", "attention", "remat", "loss_chunk",
+                                              "loss_supervised_only") if k in ov}
     import dataclasses
     return dataclasses.replace(ck, **keep)
+
+
+def head_tokens(config, batch: dict, processes: int = 1) -> int | None:
+    """Positions the LM head runs on for a step whose host batch is `batch` (None = all, the
+    usual MFU formula; with loss_supervised_only, the supervised ones, this host's times
+    `processes`)."""
+    if not config.loss_supervised_only or "labels" not in batch:
+        return None
+    return int((np.asarray(batch["labels"])[:, 1:] != -100).sum()) * processes
 
 
 def init_params(parts: ModelParts, seed: int, checkpoint: str | None, mesh, rules) -> dict:
@@ -451,7 +461,8 @@ def run_stage(cfg: RunConfig, stage: StageConfig, parts: ModelParts, params: dic
             B, T = local["input_ids"].shape
             flops_since += step_flops(parts.config, B * jax.process_count(), T,
                                       int(local["image_valid"].sum()) * jax.process_count(),
-                                      llm_trainable=any(p.startswith("llm") for p in stage.trainable))
+                                      llm_trainable=any(p.startswith("llm") for p in stage.trainable),
+                                      head_tokens=head_tokens(parts.config, local, jax.process_count()))
             pending.append((host_step, metrics))
             if bar is not None:
                 bar.update(1)
