@@ -84,6 +84,19 @@ def test_grounding_is_location_questions_on_one_lesion_alignment_images(demo):
         assert gpt["value"] == alignment[g["image"]]["case"]["locations"][0] and g["qtype"] == "location"
 
 
+def test_count_size_is_the_count_and_size_only_instruction_rows(demo):
+    """Demo stage 0b's file: the instruction rows whose every question asks count or size, in
+    order (images reused, no new samples), with answers consistent with the case."""
+    instruction = _load(demo, "instruction.json")
+    rows = _load(demo, "count_size.json")
+    assert rows == [s for s in instruction if set(s["qtypes"]) <= {"count", "size"}] and rows
+    assert {q for r in rows for q in r["qtypes"]} == {"count", "size"}
+    assert _load(demo, "meta.json")["counts"]["count_size"] == len(rows)
+    for r in rows:
+        if r["qtypes"] == ["count"]:
+            assert normalize_answer(r["conversations"][1]["value"], "count") == str(r["case"]["count"]), r
+
+
 def _check_conversation(sample: dict, split: str) -> None:
     conv = sample["conversations"]
     assert len(conv) >= 2 and len(conv) % 2 == 0, sample["id"]

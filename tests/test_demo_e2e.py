@@ -15,8 +15,9 @@ def test_short_demo_learns(tmp_path):  # ~8 min on 2 cores
         f"output_dir={tmp_path}", "name=short",
         f"demo.data_dir={data}", "demo.n_align=800", "demo.n_instruct=600", "demo.n_heldout=100",
         f"data.paths=[{data}/alignment.json]", f"data.image_folder={data}/images",
-        f"stages.0.data.paths=[{data}/grounding.json]", f"stages.2.data.paths=[{data}/instruction.json]",
-        "stages.0.max_steps=400", "stages.1.max_steps=5", "stages.2.max_steps=200",
+        f"stages.0.data.paths=[{data}/grounding.json]", f"stages.1.data.paths=[{data}/count_size.json]",
+        f"stages.3.data.paths=[{data}/instruction.json]",
+        "stages.0.max_steps=400", "stages.1.max_steps=100", "stages.2.max_steps=5", "stages.3.max_steps=200",
         f"eval.json={data}/heldout.json", f"eval.image_folder={data}/images",
         "checkpoint.every_steps=1000", "logging.progress_bar=false", "logging.every_steps=20",
     ]
@@ -39,5 +40,5 @@ def test_short_demo_learns(tmp_path):  # ~8 min on 2 cores
     assert report["heldout_accuracy"] > report["before_training"]["heldout_accuracy"] + 0.1, report
     assert (run / "loss_curves.png").stat().st_size > 1000
     assert report["chat_answer"], "the chat about pydicom's CT slice produced no answer"
-    for stage in ("stage0", "stage1", "stage2"):
+    for stage in ("stage0", "stage0b", "stage1", "stage2"):
         assert (run / stage / "final" / "config.json").exists()

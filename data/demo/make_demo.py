@@ -7,6 +7,7 @@ Writes into the output folder:
   alignment.json           stage 1: LLaVA rows, human "<image>", gpt = Chinese caption
   instruction.json         stage 2: LLaVA rows with Chinese questions, short closed-set answers
   grounding.json           demo stage 0: location questions on the one-lesion alignment images
+  count_size.json          demo stage 0b: the instruction rows that ask only count / size
   heldout.json             held-out cases (disjoint images), one question each, with "answer"
   pmc_vqa_style.csv        PMC-VQA-format multiple choice over held-out images
   meta.json                counts, seed, answer sets, chance levels
@@ -38,7 +39,7 @@ from data.demo.templates import (  # noqa: F401  (re-exported for evaluation cod
     normalize_answer,
 )
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 # Split ids keep the per-sample RNG streams of the splits independent.
 _SPLIT_ID = {"alignment": 1, "instruction": 2, "heldout": 3, "csv": 4, "grounding": 5}
 # Lesion radius as a fraction of the shorter image side, per size class.
@@ -381,12 +382,14 @@ def generate(out_dir: str | Path, seed: int = 0, n_align: int = 2000, n_instruct
     instruction = [make_instruction_sample(seed, i, image_size, img_dir) for i in range(n_instruct)]
     heldout = [make_heldout_sample(seed, i, image_size, img_dir) for i in range(n_heldout)]
     grounding = [g for i, a in enumerate(alignment) if (g := make_grounding_sample(seed, i, a))]
+    count_size = [s for s in instruction if set(s["qtypes"]) <= {"count", "size"}]
     single = [h for h in heldout if isinstance(h["image"], str)]
     rows = [make_csv_row(seed, i, single[i]) for i in range(min(n_csv, len(single)))]
     _dump_json(alignment, out / "alignment.json")
     _dump_json(instruction, out / "instruction.json")
     _dump_json(heldout, out / "heldout.json")
     _dump_json(grounding, out / "grounding.json")
+    _dump_json(count_size, out / "count_size.json")
     with open(out / "pmc_vqa_style.csv", "w", encoding="utf-8", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, lineterminator="\n")
         w.writeheader()
@@ -406,12 +409,14 @@ def generate(out_dir: str | Path, seed: int = 0, n_align: int = 2000, n_instruct
         "image_size": image_size,
         "image_dir": "images",
         "files": {"alignment": "alignment.json", "instruction": "instruction.json",
-                  "heldout": "heldout.json", "grounding": "grounding.json", "pmc_vqa_style": "pmc_vqa_style.csv"},
+                  "heldout": "heldout.json", "grounding": "grounding.json", "count_size": "count_size.json",
+                  "pmc_vqa_style": "pmc_vqa_style.csv"},
         "counts": {
             "alignment": len(alignment),
             "instruction": len(instruction),
             "heldout": len(heldout),
             "grounding": len(grounding),
+            "count_size": len(count_size),
             "pmc_vqa_style": len(rows),
             "images": n_files,
             "composite_alignment": sum(isinstance(s["image"], list) for s in alignment),
