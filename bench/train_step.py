@@ -270,17 +270,18 @@ def main(argv=None) -> None:
             for who, side in sides.items():
                 peaks[who].append(side.matmul_peak(n, peak_dtype, reps=1))
 
-    from qilin_jax.models.qilin import param_count
+    from qilin_jax.models.qilin import IGNORE_INDEX, param_count
     from qilin_jax.train.flops import device_peak_tflops, step_flops
+    from qilin_jax.train.loop import head_tokens
 
     med = {k: statistics.median(v) for k, v in times.items() if v}
     peak = {who: statistics.median(v) for who, v in peaks.items()}
     # Torch computes the LM head on every position (the usual formula); ours, with
     # loss_supervised_only, only on the supervised ones, and is credited only for those.
     flops_all = {s: step_flops(cfg, B, T, B, llm_trainable=(s == "stage2")) for s in STAGES}
-    supervised = int((batch["labels"][:, 1:] != -100).sum())
+    supervised = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     flops = {s: step_flops(cfg, B, T, B, llm_trainable=(s == "stage2"),
-                           head_tokens=supervised if cfg.loss_supervised_only else None) for s in STAGES}
+                           head_tokens=head_tokens(cfg, batch)) for s in STAGES}
     out = {"config": os.path.relpath(args.config, ROOT), "platform": plat,
            "device": jax.devices()[0].device_kind, "host": platform.node(), "threads": threads,
            "jax": jax.__version__, "params": param_count(cfg)["total"],

@@ -77,6 +77,10 @@ def _fwd_piece(qg, k, v, gmask, scale):
     return o, m[..., 0], jnp.log(denom)[..., 0]
 
 
+def _cat(xs, axis):
+    return xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=axis)
+
+
 def _slice_mask(gmask, a, b, kv_end):
     return None if gmask is None else gmask[..., a:b, :kv_end]
 
@@ -96,9 +100,8 @@ def _softmax_attention_fwd(q, k, v, mask, block):
         end = b if block else k.shape[1]  # causal blocks: keys after the block's last query are masked
         o, m, ld = _fwd_piece(qg[:, a:b], k[:, :end], v[:, :end], _slice_mask(gmask, a, b, end), scale)
         outs.append(o), ms.append(m), lds.append(ld)
-    cat = lambda xs, ax: xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=ax)
-    out = cat(outs, 1).reshape(B, T, H, d).astype(q.dtype)
-    return out, (q, k, v, mask, out, (cat(ms, -1), cat(lds, -1)))
+    out = _cat(outs, 1).reshape(B, T, H, d).astype(q.dtype)
+    return out, (q, k, v, mask, out, (_cat(ms, -1), _cat(lds, -1)))
 
 
 def _softmax_attention_bwd(block, res, dout):
@@ -132,7 +135,7 @@ def _softmax_attention_bwd(block, res, dout):
             dk, dv = dk + dk_i, dv + dv_i
         else:
             dk, dv = dk.at[:, :end].add(dk_i), dv.at[:, :end].add(dv_i)
-    dq = (dqs[0] if len(dqs) == 1 else jnp.concatenate(dqs, axis=1)).reshape(B, T, H, d)
+    dq = _cat(dqs, 1).reshape(B, T, H, d)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 

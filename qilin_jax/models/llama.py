@@ -86,9 +86,9 @@ def _block(p, x, *, cfg: TextConfig, cos, sin, mask, segment_ids, lengths, impl,
     B, T, _ = x.shape
     H, KV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
-    q = (dense(h, p["q_proj"].astype(dtype))).reshape(B, T, H, hd)
-    k = (dense(h, p["k_proj"].astype(dtype))).reshape(B, T, KV, hd)
-    v = (dense(h, p["v_proj"].astype(dtype))).reshape(B, T, KV, hd)
+    q = dense(h, p["q_proj"].astype(dtype)).reshape(B, T, H, hd)
+    k = dense(h, p["k_proj"].astype(dtype)).reshape(B, T, KV, hd)
+    v = dense(h, p["v_proj"].astype(dtype)).reshape(B, T, KV, hd)
     q = constrain(q, ("batch", "act_seq", "act_heads", None))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     new_kv = None

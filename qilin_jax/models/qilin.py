@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qilin_jax.models.adapter import Adapter
-from qilin_jax.models.common import DTYPES, scan_unroll
+from qilin_jax.models.common import DTYPES, dense, scan_unroll
 from qilin_jax.models.configs import QilinConfig
 from qilin_jax.models.llama import KVCache, LlamaModel
 from qilin_jax.models.vit import VisionTransformer
@@ -51,10 +51,7 @@ def _ce_sum(hidden, head_kernel, tgt, valid, chunk: int):
     """Summed cross-entropy over [B, T] positions (masked by `valid`), optionally chunked."""
 
     def piece(h, t, m):
-        # One 2-D matmul over all positions: the head's weight gradient is then a plain
-        # [D, N] x [N, V] dot (XLA:CPU ran the 3-D form's two-axis contraction ~5x slower).
-        logits = (h.reshape(-1, h.shape[-1]) @ head_kernel.astype(h.dtype)).astype(jnp.float32)
-        logits = logits.reshape(h.shape[:-1] + logits.shape[-1:])
+        logits = dense(h, head_kernel.astype(h.dtype)).astype(jnp.float32)  # one 2-D matmul
         lse = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
         return jnp.sum(jnp.where(m, lse - picked, 0.0))

@@ -157,7 +157,7 @@ def head_tokens(config, batch: dict, processes: int = 1) -> int | None:
     `processes`)."""
     if not config.loss_supervised_only or "labels" not in batch:
         return None
-    return int((np.asarray(batch["labels"])[:, 1:] != -100).sum()) * processes
+    return int((np.asarray(batch["labels"])[:, 1:] != IGNORE_INDEX).sum()) * processes
 
 
 def init_params(parts: ModelParts, seed: int, checkpoint: str | None, mesh, rules) -> dict:
