@@ -1,5 +1,6 @@
-"""The accelerator decode path (stacked layers in a scan, the KV cache updated in place in
-the scan carry) equals the CPU path (unstacked layers) and a cache-free forward."""
+"""The accelerator inference path (stacked layers in a scan, the KV cache updated in place in
+the scan carry) equals the CPU path (unstacked layers), prefill and decode, and a cache-free
+forward."""
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -17,9 +18,16 @@ def test_stacked_decode_step_equals_unstacked_and_full_forward():
     mask = np.ones((B, T), np.int32)
     mask[1, :3] = 0  # left padding, as generate aligns prompts
     logits, cache, pos = G._prefill(model, jnp.asarray(ids), jnp.asarray(mask), None, slots=32)
+    layers = G._layer_list(model)
+    u_logits, u_cache, u_pos = G._prefill(model, jnp.asarray(ids), jnp.asarray(mask), None, slots=32,
+                                          layers=layers)
+    np.testing.assert_allclose(logits, u_logits, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(cache.k, u_cache.k, atol=1e-6)
+    np.testing.assert_array_equal(cache.mask, u_cache.mask)
+    np.testing.assert_array_equal(pos, u_pos)
     tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     a_logits, a_cache = G._step(model, tok, cache, pos + 1)
-    b_logits, b_cache = G._step_unstacked(model, G._layer_list(model), tok, cache, pos + 1)
+    b_logits, b_cache = G._step(model, tok, cache, pos + 1, layers)
     np.testing.assert_allclose(a_logits, b_logits, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(a_cache.k, b_cache.k, atol=1e-6)
     np.testing.assert_allclose(a_cache.v, b_cache.v, atol=1e-6)

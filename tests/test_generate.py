@@ -119,3 +119,36 @@ def test_stream_matches_generate():
     full = G.generate(model, ids, px, mask, max_new_tokens=6, eos_token_id=-1)
     steps = np.stack(list(G.stream(model, ids, px, mask, max_new_tokens=6, eos_token_id=-1)), axis=1)
     np.testing.assert_array_equal(steps, full)
+
+
+def test_short_calls_layer_cache_and_prompt_buckets(monkeypatch):
+    """Every layer path gives the same tokens: the cached unstacked layers (prefill and decode),
+    a per-call copy, and the stacked scan (calls of 1-2 new tokens without the cache); the
+    cache is reused while the parameters are the same arrays and remade when they change."""
+    cfg = model_preset("tiny")
+    model = QilinMedVL(cfg, rngs=nnx.Rngs(6))
+    ids, mask, px = _prompts(cfg)
+    long = G.generate(model, ids, px, mask, max_new_tokens=8, eos_token_id=-1)  # cached layers
+    graphdef, state = nnx.split(model)
+    cached = G.cached_layers(model, graphdef, state)
+    assert cached is not None and G.cached_layers(model, graphdef, state) is cached
+    monkeypatch.setattr(G, "LAYER_CACHE_MAX_BYTES", 0)  # too big to cache: per-call paths
+    assert G.cached_layers(model, graphdef, state) is None
+    np.testing.assert_array_equal(G.generate(model, ids, px, mask, max_new_tokens=8, eos_token_id=-1), long)
+    for n in (1, 2):
+        assert n < G.UNSTACK_MIN_NEW_TOKENS
+        np.testing.assert_array_equal(G.generate(model, ids, px, mask, max_new_tokens=n, eos_token_id=-1),
+                                      long[:, :n])
+    monkeypatch.undo()
+    # New parameter values: the cache is remade, and generation follows the new weights.
+    w = model.llm.layers.down_proj
+    w.set_value(w.get_value() * 3.0)
+    fresh = G.cached_layers(model, graphdef, nnx.split(model)[1])
+    assert fresh is not cached
+    np.testing.assert_array_equal(fresh[0]["down_proj"], np.asarray(w.get_value())[0])
+    assert G.generate(model, ids, px, mask, max_new_tokens=0).shape == (3, 0)
+    # Prompt buckets: >= n, at most 25% padding past 64, four per doubling.
+    sizes = [G.prompt_length_bucket(n) for n in range(1, 2049)]
+    assert all(b >= n for n, b in zip(range(1, 2049), sizes)) and sizes == sorted(sizes)
+    assert all(b <= max(64, 1.25 * n) for n, b in zip(range(1, 2049), sizes))
+    assert sorted(set(b for b in sizes if 128 < b <= 256)) == [160, 192, 224, 256]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import weakref
 from typing import Iterator
 
 import jax
@@ -17,9 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qilin_jax.models.attention import make_mask
-from qilin_jax.models.common import DTYPES, rms_norm, stacked_values
-from qilin_jax.models.llama import KVCache, _block, rope_cos_sin
+from qilin_jax.models.common import DTYPES, stacked_values
+from qilin_jax.models.llama import KVCache, layer_list
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +42,31 @@ def bucket(n: int, minimum: int = 16) -> int:
     while b < n:
         b *= 2
     return b
+
+
+def prompt_length_bucket(n: int, minimum: int = 16) -> int:
+    """The prompt length a prompt of n tokens is padded to: powers of two up to 64, then four
+    steps per doubling (64, 80, 96, 112, 128, 160, ..., 768, 896, 1024, ...), so padding
+    wastes at most 25% of a prefill (a plain power of two wastes up to 50%) for at most
+    four programs per doubling."""
+    b = bucket(n, minimum)
+    if b <= 64:
+        return b
+    step = b // 8  # b/2 < n <= b: try b/2 + k * b/8
+    return min(b, -(-n // step) * step)
+
+
+# Unstacking the layers (`llama.layer_list`) copies the decoder weights once per call; a CPU
+# decode step with stacked layers reads them ~2.4x slower. Measured on the bench's medium
+# model: the copy (~70-100 ms) costs about as much as what 2 decode steps save, so calls
+# that decode fewer tokens keep the scan.
+UNSTACK_MIN_NEW_TOKENS = 3
+# Unless the model is small enough to keep its unstacked layers: CPU inference holds one
+# unstacked copy of the decoder weights per model (a second copy in memory) when they take at
+# most this many bytes, made on the first call and reused while the parameters stay the same
+# arrays; every call then reads the layers in place, prefill included, with no copy.
+LAYER_CACHE_MAX_BYTES = 4 << 30
+_LAYER_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def sample_logits(logits, rng, cfg: SamplingConfig):
@@ -81,105 +106,95 @@ def left_align(input_ids, attention_mask, length: int, pad_id: int = 0):
     return out_ids, out_mask
 
 
-def _prefill(model, ids, mask, pixel_values, slots: int):
+def _prefill(model, ids, mask, pixel_values, slots: int, layers=None):
     cfg = model.config
     B, T = ids.shape
     cache = KVCache.init(cfg.text, B, slots, DTYPES[cfg.dtype])
     pos = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
     emb = model.embed_inputs(jnp.asarray(ids), pixel_values)
-    hidden, cache = model.llm(emb, segment_ids=mask, position_ids=pos, cache=cache)
+    hidden, cache = model.llm(emb, segment_ids=mask, position_ids=pos, cache=cache, layers=layers)
     # Only the last position's logits are used: [batch, 1, vocab], not [batch, T, vocab]
     # (the LM head over every prompt position was ~35% of a CPU prefill).
     return model.llm.logits(hidden[:, -1:])[:, 0], cache, pos[:, -1]
 
 
 def _step(model, tok, cache, pos, layers=None):
-    if layers is not None:
-        return _step_unstacked(model, layers, tok, cache, pos)
-    out = model(tok[:, None], segment_ids=jnp.ones_like(tok)[:, None], position_ids=pos[:, None],
-                cache=cache)
-    return out.logits[:, -1], out.cache
-
-
-# Decoding on CPU: inside a scan over stacked layers XLA:CPU copies each layer's weights out
-# of the stacked array before every matmul, which triples the memory traffic of a decode step
-# (weight-bound). With the layers as separate arrays, sliced once per generate call and run
-# in a Python loop, the matmuls read them in place: ~2.4x faster decoding on CPU. Accelerators
-# keep the scan (a second copy of a 13B model's weights would not fit there). Same math as
-# LlamaModel's cache path (test_generate compares cached and cache-free decoding).
+    """One decode step: (logits [batch, vocab], cache); `layers` as in LlamaModel.__call__."""
+    hidden, cache = model.llm(model.llm.embed(tok[:, None]), segment_ids=jnp.ones_like(tok)[:, None],
+                              position_ids=pos[:, None], cache=cache, layers=layers)
+    return model.llm.logits(hidden)[:, -1], cache
 
 
 def _unstack_decode(state) -> bool:
-    """Whether decoding runs unstacked layers: when the parameters live on CPU."""
+    """Whether inference runs unstacked layers (`llama.layer_list`): when the parameters live on CPU."""
     leaf = jax.tree.leaves(state)[0]
     return all(d.platform == "cpu" for d in leaf.devices())
 
 
 def _layer_list(model) -> list[dict]:
-    """The decoder's stacked parameters as one dict of arrays per layer."""
-    stacked = stacked_values(model.llm.layers)
-    return [{k: v[i] for k, v in stacked.items()} for i in range(model.config.text.num_hidden_layers)]
+    return layer_list(model.llm.layers)
 
 
-def _step_unstacked(model, layers, tok, cache, pos):
-    """One decode step (logits [batch, vocab], cache) with per-layer parameter arrays."""
-    llm = model.llm
-    cfg = llm.cfg
-    B = tok.shape[0]
-    x = llm.embed(tok[:, None])
-    cos, sin = rope_cos_sin(pos[:, None], cfg)
-    S = cache.k.shape[2]
-    new_mask = jax.lax.dynamic_update_slice(cache.mask, jnp.ones((B, 1), jnp.int32), (0, cache.index))
-    mask = make_mask(jnp.ones((B, 1), jnp.int32), new_mask, causal=True,
-                     q_positions=jnp.broadcast_to(cache.index, (B, 1)),
-                     kv_positions=jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S)))
-    ks, vs = [], []
-    for i, p in enumerate(layers):
-        x, (ck, cv) = _block(p, x, cfg=cfg, cos=cos, sin=sin, mask=mask, segment_ids=None,
-                             lengths=None, impl="xla", dtype=DTYPES[llm.dtype],
-                             cache_kv=(cache.k[i], cache.v[i]), cache_index=cache.index)
-        ks.append(ck)
-        vs.append(cv)
-    x = rms_norm(x, llm.norm.get_value(), cfg.rms_norm_eps)
-    return llm.logits(x)[:, -1], KVCache(jnp.stack(ks), jnp.stack(vs), new_mask, cache.index + 1)
+def cached_layers(model, graphdef, state) -> list[dict] | None:
+    """The model's unstacked decoder layers for CPU inference from the per-model cache (made
+    now if missing or stale), or None: not on CPU, or over LAYER_CACHE_MAX_BYTES."""
+    if not _unstack_decode(state):
+        return None
+    stacked = tuple(jax.tree.leaves(stacked_values(model.llm.layers)))
+    if sum(x.nbytes for x in stacked) > LAYER_CACHE_MAX_BYTES:
+        return None
+    hit = _LAYER_CACHE.get(model)
+    # The entry holds the stacked arrays it was made from: identity means same values, and
+    # no id can be reused while the entry lives.
+    if hit is None or len(hit[0]) != len(stacked) or any(a is not b for a, b in zip(hit[0], stacked)):
+        hit = (stacked, _layer_list_jit(graphdef, state))
+        _LAYER_CACHE[model] = hit
+    return hit[1]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "slots", "max_tokens", "sampling", "unstack"))
-def _generate_jit(graphdef, state, ids, mask, pixel_values, max_new, eos_id, pad_id, rng, *,
+def _generate_jit(graphdef, state, ids, mask, pixel_values, max_new, eos_id, pad_id, rng, layers=None, *,
                   slots, max_tokens, sampling, unstack=False):
     model = nnx.merge(graphdef, state)
     B = ids.shape[0]
-    logits, cache, pos = _prefill(model, ids, mask, pixel_values, slots)
-    layers = _layer_list(model) if unstack else None
+    if layers is None and unstack:
+        layers = _layer_list(model)
+    logits, cache, pos = _prefill(model, ids, mask, pixel_values, slots, layers)
     out = jnp.full((B, max_tokens), pad_id, jnp.int32)
     done = jnp.zeros((B,), bool)
 
+    def emit(t, logits, done, out, rng):
+        rng, sub = jax.random.split(rng)
+        tok = jnp.where(done, pad_id, sample_logits(logits, sub, sampling))
+        return tok, done | (tok == eos_id), out.at[:, t].set(tok), rng
+
+    # Token t comes from the logits of step t - 1; the loop stops one step early and the last
+    # token is sampled after it, so no decode step runs whose logits nobody reads (one step of
+    # N saved; a 1-token call is the prefill alone).
     def cond(c):
         t, _, _, _, done, _, _ = c
-        return (t < max_new) & ~jnp.all(done)
+        return (t < max_new - 1) & ~jnp.all(done)
 
     def body(c):
         t, logits, cache, pos, done, out, rng = c
-        rng, sub = jax.random.split(rng)
-        tok = sample_logits(logits, sub, sampling)
-        tok = jnp.where(done, pad_id, tok)
-        out = out.at[:, t].set(tok)
-        done = done | (tok == eos_id)
+        tok, done, out, rng = emit(t, logits, done, out, rng)
         pos = pos + 1
         logits, cache = _step(model, tok, cache, pos, layers)
         return t + 1, logits, cache, pos, done, out, rng
 
     carry = (jnp.zeros((), jnp.int32), logits, cache, pos, done, out, rng)
-    carry = jax.lax.while_loop(cond, body, carry)
-    return carry[5]
+    t, logits, _, _, done, out, rng = jax.lax.while_loop(cond, body, carry)
+    # max_new >= 1 here (generate checks); after an early stop on `</s>` every row is done and
+    # the last write is padding.
+    return emit(t, logits, done, out, rng)[2]
 
 
-def _prepare(model, input_ids, attention_mask, max_new_tokens: int, prompt_bucket: int | None):
+def _prepare(model, input_ids, attention_mask, max_new_tokens: int, prompt_len: int | None):
     ids = np.asarray(input_ids)
     if ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, seq], got shape {ids.shape}")
     lengths = (np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)).sum(1)
-    T = prompt_bucket or bucket(int(lengths.max()))
+    T = prompt_len or prompt_length_bucket(int(lengths.max()))
     ids, mask = left_align(ids, attention_mask, T, model.config.text.pad_token_id)
     slots = T + bucket(max_new_tokens)
     return ids, mask, slots
@@ -193,20 +208,26 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, *, max_ne
     cfg = model.config
     eos = cfg.text.eos_token_id if eos_token_id is None else eos_token_id
     pad = cfg.text.pad_token_id if pad_token_id is None else pad_token_id
+    if max_new_tokens < 1:
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        return np.zeros((np.asarray(input_ids).shape[0], 0), np.int32)
     ids, mask, slots = _prepare(model, input_ids, attention_mask, max_new_tokens, prompt_bucket)
     graphdef, state = nnx.split(model)
     px = None if pixel_values is None else jnp.asarray(pixel_values, jnp.float32)
+    layers = cached_layers(model, graphdef, state)
     out = _generate_jit(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), px,
                         jnp.int32(max_new_tokens), jnp.int32(eos), jnp.int32(pad),
-                        jax.random.PRNGKey(seed), slots=slots, max_tokens=bucket(max_new_tokens),
+                        jax.random.PRNGKey(seed), layers, slots=slots, max_tokens=bucket(max_new_tokens),
                         sampling=SamplingConfig(do_sample, temperature, top_k, top_p),
-                        unstack=_unstack_decode(state))
+                        unstack=(layers is None and _unstack_decode(state)
+                                 and max_new_tokens >= UNSTACK_MIN_NEW_TOKENS))
     return np.asarray(out)[:, :max_new_tokens]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "slots"))
-def _prefill_jit(graphdef, state, ids, mask, pixel_values, *, slots):
-    return _prefill(nnx.merge(graphdef, state), ids, mask, pixel_values, slots)
+def _prefill_jit(graphdef, state, ids, mask, pixel_values, layers=None, *, slots):
+    return _prefill(nnx.merge(graphdef, state), ids, mask, pixel_values, slots, layers)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -232,10 +253,13 @@ def stream(model, input_ids, pixel_values=None, attention_mask=None, *, max_new_
     ids, mask, slots = _prepare(model, input_ids, attention_mask, max_new_tokens, None)
     graphdef, state = nnx.split(model)
     px = None if pixel_values is None else jnp.asarray(pixel_values, jnp.float32)
-    logits, cache, pos = _prefill_jit(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), px, slots=slots)
+    layers = cached_layers(model, graphdef, state)
+    if layers is None and _unstack_decode(state):
+        layers = _layer_list_jit(graphdef, state)
+    logits, cache, pos = _prefill_jit(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), px, layers,
+                                      slots=slots)
     sampling = SamplingConfig(do_sample, temperature, top_k, top_p)
     rng = jax.random.PRNGKey(seed)
-    layers = _layer_list_jit(graphdef, state) if _unstack_decode(state) else None
     done = np.zeros(ids.shape[0], bool)
     for _ in range(max_new_tokens):
         rng, sub = jax.random.split(rng)

@@ -113,6 +113,21 @@ def _block(p, x, *, cfg: TextConfig, cos, sin, mask, segment_ids, lengths, impl,
     return x, new_kv
 
 
+def layer_list(layers: "LlamaLayers") -> list[dict]:
+    """The stacked decoder parameters as one dict of arrays per layer.
+
+    CPU inference: inside a scan over stacked layers XLA:CPU copies each layer's weights out
+    of the stacked array before its matmuls, every step, which triples the memory traffic of a
+    (weight-bound) decode step. Sliced once per generate call and run in a Python loop
+    (`LlamaModel.__call__(..., layers=)`), the matmuls read them in place: ~2.4x faster
+    decoding on CPU. Accelerators keep the scan (a second copy of a 13B model's weights would
+    not fit there).
+    """
+    stacked = stacked_values(layers)
+    n = next(iter(stacked.values())).shape[0]
+    return [{k: v[i] for k, v in stacked.items()} for i in range(n)]
+
+
 class LlamaModel(nnx.Module):
     """Decoder-only LLaMA with an LM head; `__call__` returns (hidden_states, new_cache)."""
 
@@ -146,13 +161,16 @@ class LlamaModel(nnx.Module):
         return constrain(out, ("batch", "act_seq", "act_vocab"))
 
     def __call__(self, inputs_embeds, *, segment_ids=None, position_ids=None,
-                 cache: KVCache | None = None, packed: bool = False):
+                 cache: KVCache | None = None, packed: bool = False, layers: list[dict] | None = None):
         """Final-norm hidden states [batch, seq, embed] and the updated cache (or None).
 
         segment_ids: [batch, seq], 1.. for tokens of each packed sample, 0 for padding
         (an attention mask is segment ids with a single segment); `packed` (static) says rows
         may hold several segments, which rules out kernels that only know lengths. With a cache, the new
         tokens are written at cache.index and attend to every valid slot before them.
+        layers (with a cache only): the decoder's parameters as one dict of arrays per layer
+        (`layer_list`), run in a Python loop instead of the scan over the stacked arrays; the
+        CPU inference path (see `layer_list`).
         """
         cfg = self.cfg
         dtype = DTYPES[self.dtype]
@@ -208,8 +226,18 @@ class LlamaModel(nnx.Module):
                 vs = jax.lax.dynamic_update_index_in_dim(vs, cv, i, 0)
                 return (h, ks, vs), None
 
-            layer_ids = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
-            (x, ks, vs), _ = scan_layers(body, (x, cache.k, cache.v), (params, layer_ids))
+            if layers is not None:
+                ks, vs = [], []
+                for i, p in enumerate(layers):
+                    x, (ck, cv) = _block(p, x, cfg=cfg, cos=cos, sin=sin, mask=mask, segment_ids=None,
+                                         lengths=None, impl="xla", dtype=dtype,
+                                         cache_kv=(cache.k[i], cache.v[i]), cache_index=cache.index)
+                    ks.append(ck)
+                    vs.append(cv)
+                ks, vs = jnp.stack(ks), jnp.stack(vs)
+            else:
+                layer_ids = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
+                (x, ks, vs), _ = scan_layers(body, (x, cache.k, cache.v), (params, layer_ids))
             new_cache = KVCache(ks, vs, new_mask, cache.index + T)
         x = rms_norm(x, self.norm.get_value(), cfg.rms_norm_eps)
         return x, new_cache
