@@ -5,6 +5,7 @@ per-chip memory against each chip's HBM and the compiled FLOPs against our MFU f
     pip install "libtpu==0.0.42.*"     # the version jax[tpu]==0.10.2 pins (extra `tpu`)
     python bench/tpu_compile.py [--targets v5p-8,v4-8,v5e-16,v5e-256] [--programs stage1,stage2,decode]
                                 [--find-fit] [--flops-check v5p-8] [--seq 2048] [--out FILE.jsonl]
+                                [--loss-supervised-only]
 
 Nothing is allocated: parameters, optimizer state and batches are jax.ShapeDtypeStructs with
 the shardings of our rules (qilin_jax/sharding.py), the step is `jax.jit(...).lower(...)
@@ -56,12 +57,16 @@ STAGE_PATTERNS = {"stage1": ["adapter/.*"], "stage2": ["llm/.*", "adapter/.*"]}
 GLOBAL_BATCH = {"stage1": 256, "stage2": 128}
 
 
+# QilinConfig fields set from the command line (--loss-supervised-only), applied to every compile.
+MODEL_OVERRIDES: dict = {}
+
+
 def model_config(text_layers: int | None = None, vision_layers: int | None = None, **kw):
     """The 13B release config with TPU compute settings (optionally shallower)."""
     from qilin_jax.models import model_preset
 
     settings = dict(dtype="bfloat16", attention="splash", remat="full", loss_chunk=512)
-    cfg = model_preset("qilin_med_vl_13b", **{**settings, **kw})
+    cfg = model_preset("qilin_med_vl_13b", **{**settings, **MODEL_OVERRIDES, **kw})
     if text_layers is not None:
         cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, num_hidden_layers=text_layers))
     if vision_layers is not None:
@@ -181,7 +186,7 @@ def compile_train(target: str, stage: str, *, seq: int) -> dict:
     t0 = time.perf_counter()
     lowered = lower_train(cfg, mesh, stage, rows=per_step, accum=accum, seq=seq)
     t1 = time.perf_counter()
-    head = {"target": target, "topology": topo, "chips": chips, "program": stage,
+    head = {"target": target, "topology": topo, "chips": chips, "program": stage, **MODEL_OVERRIDES,
             "mesh": dict(mesh.shape), "rows_per_micro": per_step, "accum": accum,
             "global_batch": per_step * accum, "seq": seq, "lower_s": round(t1 - t0, 1),
             "argument_gb_precheck": round(lowered.argument_bytes / GB, 3)}
@@ -333,7 +338,11 @@ def main(argv=None) -> None:
     ap.add_argument("--attention-check", default="", help="target of the splash-vs-xla memory check")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--out", default=None, help="append every JSON line to this file too")
+    ap.add_argument("--loss-supervised-only", action="store_true",
+                    help="compile with model.loss_supervised_only (the LM head on labelled positions only)")
     args = ap.parse_args(argv)
+    if args.loss_supervised_only:
+        MODEL_OVERRIDES["loss_supervised_only"] = True
 
     import jax
     import libtpu  # noqa: F401  (fail early with a clear message below)
