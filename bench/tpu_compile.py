@@ -236,7 +236,7 @@ def flops_check(target: str, stage: str, *, seq: int, rows: int | None = None) -
     extra = {}
     if stage == "stage2":
         extra["remat_full_extra_at_1_layer"] = round(compiled_flops(1, 1, remat="full") / f11 - 1, 4)
-    return {"target": target, "program": f"{stage}_flops", "rows": rows, "seq": seq,
+    return {"target": target, "program": f"{stage}_flops", **MODEL_OVERRIDES, "rows": rows, "seq": seq,
             "compiled_flops": compiled, "formula_flops": formula,
             "formula_attention_flops": attn,
             "compiled_over_formula": round(compiled / formula, 4),

@@ -7,6 +7,7 @@ from flax import nnx
 
 from qilin_jax.infer import generate as G
 from qilin_jax.models import QilinMedVL, model_preset
+from qilin_jax.models.llama import layer_list
 
 
 def test_stacked_decode_step_equals_unstacked_and_full_forward():
@@ -18,7 +19,7 @@ def test_stacked_decode_step_equals_unstacked_and_full_forward():
     mask = np.ones((B, T), np.int32)
     mask[1, :3] = 0  # left padding, as generate aligns prompts
     logits, cache, pos = G._prefill(model, jnp.asarray(ids), jnp.asarray(mask), None, slots=32)
-    layers = G._layer_list(model)
+    layers = layer_list(model.llm.layers)
     u_logits, u_cache, u_pos = G._prefill(model, jnp.asarray(ids), jnp.asarray(mask), None, slots=32,
                                           layers=layers)
     np.testing.assert_allclose(logits, u_logits, atol=1e-5, rtol=1e-5)

@@ -131,10 +131,6 @@ def _unstack_decode(state) -> bool:
     return all(d.platform == "cpu" for d in leaf.devices())
 
 
-def _layer_list(model) -> list[dict]:
-    return layer_list(model.llm.layers)
-
-
 def cached_layers(model, graphdef, state) -> list[dict] | None:
     """The model's unstacked decoder layers for CPU inference from the per-model cache (made
     now if missing or stale), or None: not on CPU, or over LAYER_CACHE_MAX_BYTES."""
@@ -158,7 +154,7 @@ def _generate_jit(graphdef, state, ids, mask, pixel_values, max_new, eos_id, pad
     model = nnx.merge(graphdef, state)
     B = ids.shape[0]
     if layers is None and unstack:
-        layers = _layer_list(model)
+        layers = layer_list(model.llm.layers)
     logits, cache, pos = _prefill(model, ids, mask, pixel_values, slots, layers)
     out = jnp.full((B, max_tokens), pad_id, jnp.int32)
     done = jnp.zeros((B,), bool)
@@ -232,7 +228,7 @@ def _prefill_jit(graphdef, state, ids, mask, pixel_values, layers=None, *, slots
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _layer_list_jit(graphdef, state):
-    return _layer_list(nnx.merge(graphdef, state))
+    return layer_list(nnx.merge(graphdef, state).llm.layers)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("cache",))
