@@ -10,6 +10,14 @@ call overheads are). prefill tokens/s = batch * prompt_len / t1; decode tokens/s
 batch * (N - 1) / (tN - t1). Float32 on both sides; torch uses its SDPA attention and,
 per figure, the faster of 1 thread and all cores (--torch-threads).
 
+Roofline: the same run measures the machine's memory bandwidth (a float32 matrix-vector
+product over --bandwidth-mb of weights, jax and torch, best of both) and, per model, the bytes
+of weights one decode step must read (every decoder layer, the final norm and the LM head, in
+float32). bandwidth / bytes is the fastest any batch-1 decoder can go on this machine
+(`decode_roofline_tokens_per_s`); `decode_ratio_bound_vs_torch` is that over torch's figure:
+the largest decode ratio vs torch that any implementation reading the float32 weights once
+per step could reach here.
+
 Prints one JSON line (top-level figures: the last model in --models, by default `medium`;
 every model under "models") and a one-line summary. Contract keys: decode_tokens_per_s,
 torch_decode_tokens_per_s, decode_ratio_vs_torch.
@@ -71,6 +79,41 @@ def _best_time(fn, repeats: int, min_seconds: float = 1.0, max_repeats: int = 20
         fn()
         times.append(time.perf_counter() - t)
     return min(times)
+
+
+def memory_bandwidth(megabytes: int, repeats: int = 5) -> dict:
+    """GB/s of a float32 matrix-vector product over `megabytes` of matrix, in jax and in torch
+    (all cores), best of `repeats`: the rate at which a batch-1 decode step can stream weights."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    cols = 4096
+    rows = max(1, megabytes * 2**20 // (4 * cols))
+    nbytes = rows * cols * 4
+    w = jnp.ones((rows, cols), jnp.float32)
+    x = jnp.ones((cols,), jnp.float32)
+    f = jax.jit(lambda w, x: w @ x)
+    f(w, x).block_until_ready()
+    out = {"jax": nbytes / _best_time(lambda: f(w, x).block_until_ready(), repeats, 0.5) / 1e9}
+    del w
+    wt, xt = torch.ones(rows, cols), torch.ones(cols)
+    with torch.inference_mode():
+        wt @ xt
+        out["torch"] = nbytes / _best_time(lambda: wt @ xt, repeats, 0.5) / 1e9
+    return out
+
+
+def decode_weight_bytes(model) -> int:
+    """Bytes of weights one decode step reads: every decoder layer, the final norm and the LM
+    head (the embedding contributes one row per token, the vision tower nothing)."""
+    import jax
+    from flax import nnx
+
+    llm = model.llm
+    total = sum(x.nbytes for x in jax.tree.leaves(nnx.state(llm.layers, nnx.Param)))
+    total += llm.norm.get_value().nbytes + llm.head_kernel().nbytes
+    return int(total)
 
 
 def bench_model(name: str, *, new_tokens: int, batch: int, text_tokens: int, repeats: int,
@@ -137,6 +180,7 @@ def bench_model(name: str, *, new_tokens: int, batch: int, text_tokens: int, rep
 
     return {
         "model": name, "params": param_count(cfg)["total"], "batch": batch, "prompt_tokens": T,
+        "decode_weight_bytes": decode_weight_bytes(model),
         "new_tokens": new_tokens,
         "decode_tokens_per_s": res["ours"]["decode_tokens_per_s"],
         "torch_decode_tokens_per_s": res["torch"]["decode_tokens_per_s"],
@@ -159,6 +203,8 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--text-tokens", type=int, default=32, help="text tokens after the image in the prompt")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--bandwidth-mb", type=int, default=512,
+                    help="matrix size of the memory-bandwidth measurement (well above the caches)")
     ap.add_argument("--torch-threads", default="auto",
                     help="comma-separated thread counts to try for torch (its best is reported); "
                          "auto = 1 and all cores")
@@ -171,12 +217,25 @@ def main(argv=None) -> None:
         threads = sorted({1, os.cpu_count() or 1})
     else:
         threads = [int(x) for x in args.torch_threads.split(",")]
+    torch.set_num_threads(max(threads))
+    bandwidth = [memory_bandwidth(args.bandwidth_mb)]
     runs = [bench_model(m.strip(), new_tokens=args.new_tokens, batch=args.batch,
                         text_tokens=args.text_tokens, repeats=args.repeats, torch_threads=threads)
             for m in args.models.split(",") if m.strip()]
+    torch.set_num_threads(max(threads))
+    bandwidth.append(memory_bandwidth(args.bandwidth_mb))  # before and after: the best of both
+    bw = max(max(b.values()) for b in bandwidth)
+    for r in runs:
+        roof = args.batch * bw * 1e9 / r["decode_weight_bytes"]
+        r["decode_roofline_tokens_per_s"] = roof
+        r["decode_fraction_of_roofline"] = r["decode_tokens_per_s"] / roof
+        r["torch_decode_fraction_of_roofline"] = r["torch_decode_tokens_per_s"] / roof
+        r["decode_ratio_bound_vs_torch"] = roof / r["torch_decode_tokens_per_s"]
     top = runs[-1]
     keys = ("decode_tokens_per_s", "torch_decode_tokens_per_s", "decode_ratio_vs_torch",
-            "prefill_tokens_per_s", "torch_prefill_tokens_per_s", "prefill_ratio_vs_torch")
+            "prefill_tokens_per_s", "torch_prefill_tokens_per_s", "prefill_ratio_vs_torch",
+            "decode_roofline_tokens_per_s", "decode_fraction_of_roofline",
+            "torch_decode_fraction_of_roofline", "decode_ratio_bound_vs_torch")
     result = {"bench": "generate", "model": top["model"], **{k: round(top[k], 3) for k in keys},
               "batch": args.batch, "new_tokens": args.new_tokens, "prompt_tokens": top["prompt_tokens"],
               # torch at its default thread count (all cores), what a plain `generate` call gets
@@ -187,13 +246,19 @@ def main(argv=None) -> None:
               "device": jax.devices()[0].platform, "cpu_count": os.cpu_count(),
               "torch_threads": top["torch_threads"], "jax": jax.__version__, "torch": torch.__version__,
               "machine": platform.machine(),
+              "memory_bandwidth_gb_per_s": round(bw, 2),
+              "memory_bandwidth_runs": [{k: round(v, 2) for k, v in b.items()} for b in bandwidth],
+              "bandwidth_mb": args.bandwidth_mb,
               "models": {r["model"]: {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}
                          for r in runs}}
     print(json.dumps(result))
     print("; ".join(f"{r['model']}: decode {r['decode_tokens_per_s']:.1f} tok/s vs torch "
                     f"{r['torch_decode_tokens_per_s']:.1f} ({r['decode_ratio_vs_torch']:.2f}x), prefill "
                     f"{r['prefill_tokens_per_s']:.0f} vs {r['torch_prefill_tokens_per_s']:.0f} tok/s "
-                    f"({r['prefill_ratio_vs_torch']:.2f}x)" for r in runs))
+                    f"({r['prefill_ratio_vs_torch']:.2f}x); decode roofline {r['decode_roofline_tokens_per_s']:.1f} "
+                    f"tok/s at {bw:.1f} GB/s (ours {r['decode_fraction_of_roofline']:.0%}, torch "
+                    f"{r['torch_decode_fraction_of_roofline']:.0%}; ratio bound {r['decode_ratio_bound_vs_torch']:.2f}x)"
+                    for r in runs))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ adapter train; vision frozen on both), same model config and batch, run alternat
 process, with MFU against a matmul peak measured in the same run on the same device.
 
     python bench/train_step.py [--config configs/bench/cpu.yaml] [--repeats 5]
-                               [--frameworks jax,torch]
+                               [--frameworks jax,torch] [--settings gpu] [--override attention=xla]
 
 Method: both frameworks are built and warmed up (our compile and torch's first-call costs
 excluded), then each repeat runs jax stage 1, torch stage 1, jax stage 2, torch stage 2 and a
@@ -50,15 +50,34 @@ STAGES = {
 }
 
 
-def load_bench_config(path: str, plat: str):
-    """(QilinConfig with the platform's compute settings, the raw bench dict)."""
+def load_bench_config(path: str, plat: str, overrides: dict | None = None):
+    """(QilinConfig with the platform's compute settings and `overrides`, the raw bench dict)."""
     from qilin_jax.config import build_model_config, load_yaml
 
     raw = load_yaml(path)
     m = raw["model"]
     cfg = build_model_config(m.get("preset", "qilin_med_vl_13b"), m.get("overrides"))
-    settings = raw.get("platform", {}).get(plat, {})
+    platforms = raw.get("platform", {})
+    if platforms and plat not in platforms:
+        raise SystemExit(f"{path}: no `platform: {plat}:` settings (has: {', '.join(platforms)})")
+    settings = dict(platforms.get(plat, {}), **(overrides or {}))
+    unknown = sorted(k for k in settings if k not in {f.name for f in dataclasses.fields(cfg)})
+    if unknown:
+        raise SystemExit(f"{path}: unknown compute setting(s) {unknown} for platform {plat!r}")
     return dataclasses.replace(cfg, **settings), raw
+
+
+def parse_overrides(items) -> dict:
+    """`key=value` pairs (YAML-typed values) from --override."""
+    import yaml
+
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--override {item!r}: expected key=value, e.g. attention=xla")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
 
 
 def make_batch(cfg, rows: int, text_tokens: int, pad_last_row: int, seed: int = 0) -> dict:
@@ -231,12 +250,19 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--frameworks", default="jax,torch")
     ap.add_argument("--matmul-n", type=int, default=None, help="peak matmul size (default 4096 CPU, 8192 GPU)")
+    ap.add_argument("--settings", default=None,
+                    help="use this platform's compute settings of the config (default: jax's backend); "
+                         "e.g. --settings gpu --override attention=xla runs the GPU path (bf16, torch "
+                         "autocast) on a CPU")
+    ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                    help="one compute setting over the config's (dtype, attention, remat, loss_chunk, ...)")
     args = ap.parse_args(argv)
 
     import jax
 
     plat = jax.default_backend()
-    cfg, raw = load_bench_config(args.config, plat)
+    settings = args.settings or plat
+    cfg, raw = load_bench_config(args.config, settings, parse_overrides(args.override))
     b = raw.get("batch", {})
     batch = make_batch(cfg, b.get("rows", 2), b.get("text_tokens", 160), b.get("pad_last_row", 0))
     B, T = batch["input_ids"].shape
@@ -282,7 +308,7 @@ def main(argv=None) -> None:
     supervised = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     flops = {s: step_flops(cfg, B, T, B, llm_trainable=(s == "stage2"),
                            head_tokens=head_tokens(cfg, batch)) for s in STAGES}
-    out = {"config": os.path.relpath(args.config, ROOT), "platform": plat,
+    out = {"config": os.path.relpath(args.config, ROOT), "platform": plat, "settings": settings,
            "device": jax.devices()[0].device_kind, "host": platform.node(), "threads": threads,
            "jax": jax.__version__, "params": param_count(cfg)["total"],
            "dtype": cfg.dtype, "attention": cfg.attention, "remat": cfg.remat,
