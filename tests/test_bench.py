@@ -1,10 +1,10 @@
-"""The benchmark scripts run end to end on a tiny config and print their contract JSON.
+"""The benchmark scripts run end to end on a tiny config and print their JSON.
 
 Speed is never asserted here (benchmarks measure it); these tests keep the scripts working:
 bench/train_step.py on CPU with the CPU settings and with the GPU code path (bf16 compute,
 torch autocast, full remat; attention forced to XLA, as cuDNN needs a GPU), its per-platform
 settings for every bench config, and bench/generate.py's figures, greedy-token agreement with
-torch and its roofline fields.
+torch and its roofline fields, and bench/loop_overheads.py (checkpoint and host-sync costs).
 """
 import json
 import math
@@ -130,3 +130,18 @@ def test_generate_bench_tiny(capsys):
     assert out["decode_roofline_tokens_per_s"] == pytest.approx(bw * 1e9 / expected, rel=1e-2)
     assert out["decode_ratio_bound_vs_torch"] == pytest.approx(
         out["decode_roofline_tokens_per_s"] / out["torch_decode_tokens_per_s"], rel=1e-2)
+
+
+def test_loop_overheads_bench_tiny(tiny_bench, tmp_path, capsys):
+    from bench import loop_overheads as O
+
+    ckdir = tmp_path / "ckpts"
+    out = _run(O.main, ["--config", tiny_bench, "--steps", "2", "--save-every", "1", "--repeats", "1",
+                        "--dir", str(ckdir)], capsys)
+    assert out["saves"] == 2 and out["state_mb"] > 0
+    assert set(out["seconds"]) == set(O.VARIANTS)
+    for key in ("async_save_cost_per_save_s", "sync_save_cost_per_save_s", "sync_every_step_cost_per_step_s"):
+        assert key in out
+    assert list(ckdir.iterdir()) == []  # every variant's checkpoints were written, then removed
+    with pytest.raises(SystemExit, match="unknown variant"):
+        O.main(["--config", tiny_bench, "--variants", "no_save,fast"])
