@@ -252,3 +252,57 @@ def test_worker_processes_give_the_same_batches_and_resume(dataset, tokenizer):
     for a, b in zip(got, ref):
         for key in a:
             assert np.array_equal(a[key], b[key]), key
+
+
+def test_group_by_length(tmp_path, tokenizer):
+    # Samples of very different lengths: grouped batches hold similar lengths, so the length
+    # buckets pad less; every sample still comes once per epoch; resume is exact.
+    rows = []
+    for i in range(24):
+        words = " ".join(["word"] * (2 + 5 * (i % 4)))  # four length classes (64-109 tokens)
+        rows.append({"id": f"s{i}", "conversations": [
+            {"from": "human", "value": f"question {i} {words}"},
+            {"from": "gpt", "value": f"answer {i}"}]})
+    path = tmp_path / "text.json"
+    path.write_text(json.dumps(rows))
+    base = dict(paths=[str(path)], image_size=SIZE, seq_buckets=[64, 80, 96, 112, 128], batch_size=3,
+                seed=1, read_threads=0, prefetch_buffer=0, max_length=None, num_epochs=2, pack_buffer=13)
+    plain_loader, plain = run(DataConfig(**base), tokenizer)
+    cfg = DataConfig(**base, group_by_length=True)
+    loader, grouped = run(cfg, tokenizer)
+    assert len(grouped) == len(plain) == 16
+    assert loader.stats()["skipped"] == {} and loader.stats()["samples"] == 48
+    assert loader.stats()["padding_fraction"] < 0.5 * plain_loader.stats()["padding_fraction"]
+
+    def numbers(batches):
+        out = []
+        for b in batches:
+            for r in answers_in_batch(b, tokenizer):
+                out += [int(a.split()[-1]) for a in r]
+        return out
+
+    got = numbers(grouped)
+    assert sorted(got[:24]) == sorted(got[24:]) == list(range(24))  # each epoch: every sample once
+    # Windows of 12 (13 rounded down to 4 batches of 3), sorted by length within each: the
+    # batches in a window have non-overlapping length ranges, and their order is shuffled.
+    lengths = [b["attention_mask"].sum(1) for b in grouped]
+    for w in range(0, 16, 4):
+        spans = sorted((int(x.min()), int(x.max())) for x in lengths[w:w + 4])
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans
+    starts = [[int(x.min()) for x in lengths[w:w + 4]] for w in range(0, 16, 4)]
+    assert any(s != sorted(s) for s in starts)  # not simply short-to-long
+    assert run(cfg, tokenizer)[1][5]["input_ids"].tolist() == grouped[5]["input_ids"].tolist()  # seeded
+    for k in (2, 5):  # resume inside a window
+        it = make_loader(cfg, tokenizer, process_index=0, process_count=1)
+        for _ in range(k):
+            next(it)
+        state = json.loads(json.dumps(it.get_state()))
+        resumed = make_loader(cfg, tokenizer, process_index=0, process_count=1)
+        resumed.set_state(state)
+        rest = list(resumed)
+        assert len(rest) == len(grouped) - k
+        for a, b in zip(rest, grouped[k:]):
+            assert np.array_equal(a["input_ids"], b["input_ids"])
+    with pytest.raises(ValueError, match="group_by_length applies to unpacked rows"):
+        DataConfig(**base, group_by_length=True, packing=True).validate()
+    assert cfg.fingerprint() != DataConfig(**base).fingerprint()

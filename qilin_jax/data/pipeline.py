@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import zlib
 import json
 import logging
 import os
@@ -83,6 +84,11 @@ class DataConfig:
     # (576 image tokens + ~100 text) with ~5-8% padding; 2688 holds 4 with 7-11%.
     pack_length: int = 4096
     pack_buffer: int = 256  # samples planned together by the packer (more = less padding)
+    # Unpacked rows: batches of similar length (HF `group_by_length`, LLaVA's
+    # `group_by_modality_length`): each window of pack_buffer samples (rounded down to a
+    # multiple of batch_size) is sorted by length and cut into batches, whose order is then
+    # shuffled (seeded by the window's sample ids). With seq_buckets, less padding per batch.
+    group_by_length: bool = False
     images_per_row: Optional[int] = None  # I; None = 1 (composite) or composite_max unpacked,
     # pack_length // (image_tokens + 16) packed
     drop_remainder: bool = True  # drop a final partial batch (else pad it with empty rows)
@@ -162,6 +168,9 @@ class DataConfig:
         check(self.image_slots() >= (1 if self.composite else self.composite_max),
               "images_per_row too small for one sample's images (composite off: >= composite_max)")
         check(self.pack_buffer >= 1, "pack_buffer must be >= 1")
+        check(not (self.group_by_length and self.packing),
+              "group_by_length applies to unpacked rows (packing already fills each row): "
+              "set one of group_by_length / packing")
         check(self.num_epochs is None or self.num_epochs >= 1, "num_epochs must be >= 1 or None")
         check(self.worker_count >= 0 and self.read_threads >= 0, "worker_count/read_threads >= 0")
         check(len(self.dicom_window_percentiles) == 2, "dicom_window_percentiles: [low, high]")
@@ -173,6 +182,8 @@ class DataConfig:
                 "images_per_row", "shuffle", "seed", "num_epochs", "composite", "composite_max")
         d = {k: getattr(self, k) for k in keys}
         d["paths"] = [os.path.basename(str(x).rstrip("/")) for x in self.paths]  # mount-agnostic
+        if self.group_by_length:  # only when on: states saved before the option still resume
+            d["group_by_length"] = True
         blob = json.dumps(d, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -350,21 +361,45 @@ class FilterSkips(grain.IterDataset):
         return it
 
 class RowsIterator(grain.DatasetIterator):
-    """Emits rows (lists of samples): one sample each, or packed by best-fit-decreasing."""
+    """Emits rows (lists of samples): one sample each, packed by best-fit-decreasing, or one
+    sample each in length-grouped order (`group_batch` > 0: batches of similar length)."""
 
-    def __init__(self, parent, packing, capacity, image_slots, buffer):
+    def __init__(self, parent, packing, capacity, image_slots, buffer, group_batch: int = 0):
         super().__init__(parent)
         self._packing = packing
         self._capacity = capacity
         self._slots = image_slots
+        self._group_batch = 0 if packing else int(group_batch)
+        if self._group_batch:  # whole batches per window, so batches never straddle windows
+            buffer = max(self._group_batch, buffer // self._group_batch * self._group_batch)
         self._buffer = buffer
         self._rows: list = []
         self._group_state = None
         self._emitted = 0
         self._skip_rows = 0
 
+    def _plan(self, group: list) -> list[list]:
+        """The window's rows in emission order."""
+        if self._packing:
+            plan = plan_rows(
+                [len(g["input_ids"]) for g in group],
+                [g["pixel_values"].shape[0] for g in group],
+                self._capacity, self._slots,
+            )
+            return [[group[i] for i in row] for row in plan]
+        b = self._group_batch
+        order = sorted(range(len(group)), key=lambda i: len(group[i]["input_ids"]))  # stable
+        chunks = [order[i:i + b] for i in range(0, len(order), b)]
+        full = [c for c in chunks if len(c) == b]
+        # A seed from the window's contents: the same order again after a resume.
+        ids = "\x00".join(str(g.get("id", "")) for g in group)
+        rng = np.random.default_rng(zlib.crc32(ids.encode("utf-8")))
+        shuffled = [full[i] for i in rng.permutation(len(full))]
+        shuffled += [c for c in chunks if len(c) < b]  # a partial batch (end of data) stays last
+        return [[group[i]] for c in shuffled for i in c]
+
     def __next__(self):
-        if not self._packing:
+        if not self._packing and not self._group_batch:
             return [next(self._parent)]
         if not self._rows:
             self._group_state = self._parent.get_state()
@@ -376,12 +411,7 @@ class RowsIterator(grain.DatasetIterator):
                     break
             if not group:
                 raise StopIteration
-            plan = plan_rows(
-                [len(g["input_ids"]) for g in group],
-                [g["pixel_values"].shape[0] for g in group],
-                self._capacity, self._slots,
-            )
-            self._rows = [[group[i] for i in row] for row in plan]
+            self._rows = self._plan(group)
             self._emitted = 0
             if self._skip_rows:  # resuming inside a group
                 self._rows = self._rows[self._skip_rows:]
@@ -393,7 +423,7 @@ class RowsIterator(grain.DatasetIterator):
         return self._rows.pop(0)
 
     def get_state(self):
-        if not self._packing:
+        if not self._packing and not self._group_batch:
             return {"parent": self._parent.get_state()}
         if not self._rows:  # between groups
             return {"parent": self._parent.get_state(), "emitted": 0}
@@ -407,9 +437,9 @@ class RowsIterator(grain.DatasetIterator):
         self._skip_rows = int(state.get("emitted", 0))
 
 class Rows(grain.IterDataset):
-    def __init__(self, parent, packing, capacity, image_slots, buffer):
+    def __init__(self, parent, packing, capacity, image_slots, buffer, group_batch: int = 0):
         super().__init__(parent)
-        self._args = (packing, capacity, image_slots, buffer)
+        self._args = (packing, capacity, image_slots, buffer, group_batch)
 
     def __iter__(self):
         return RowsIterator(self._parent.__iter__(), *self._args)
@@ -685,7 +715,8 @@ def make_loader(
         )
     filt = FilterSkips(it)
     slots = cfg.image_slots()
-    rows = Rows(filt, cfg.packing, cfg.row_length(), slots, cfg.pack_buffer)
+    rows = Rows(filt, cfg.packing, cfg.row_length(), slots, cfg.pack_buffer,
+                group_batch=cfg.batch_size if cfg.group_by_length else 0)
     collate = Collate(cfg.batch_size, cfg.seq_buckets, slots, cfg.image_size,
                       fixed_length=cfg.pack_length if cfg.packing else None)
     batches = Batches(rows, collate, cfg.batch_size, cfg.drop_remainder)
