@@ -103,9 +103,10 @@ def make_batch(cfg, rows: int, text_tokens: int, pad_last_row: int, seed: int = 
 # --- ours -------------------------------------------------------------------------------------
 
 class JaxSide:
-    """Our sharded jitted train step (one device), one donated TrainState per stage."""
+    """Our sharded jitted train step (one device), one donated TrainState per stage (`stages`:
+    names of STAGES to build, all by default)."""
 
-    def __init__(self, cfg, batch: dict):
+    def __init__(self, cfg, batch: dict, stages=tuple(STAGES)):
         import jax
 
         from qilin_jax import sharding as S
@@ -123,8 +124,8 @@ class JaxSide:
         b_sh = L.batch_shardings(mesh, self.rules, micro)
         self.batch = L.to_global(micro, b_sh)
         self.steps, self.states, self.frozen, self.compile_s = {}, {}, {}, {}
-        for name, patterns in STAGES.items():
-            stage = StageConfig(name=name, trainable=patterns, learning_rate=1e-5, warmup_ratio=0.0)
+        for name in stages:
+            stage = StageConfig(name=name, trainable=STAGES[name], learning_rate=1e-5, warmup_ratio=0.0)
             mask = trainable_mask(params, stage.trainable)
             trainable, frozen = partition(params, mask)
             t_sh, f_sh = partition(parts.shardings, mask)
