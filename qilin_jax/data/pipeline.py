@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import zlib
 import json
 import logging
 import os
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
