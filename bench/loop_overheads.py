@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -98,9 +99,8 @@ def main(argv=None) -> None:
             shutil.rmtree(root, ignore_errors=True)
     med = {v: statistics.median(t) for v, t in times.items()}
     saves = args.steps // args.save_every
-    out = {"bench": "loop_overheads", "config": str(Path(args.config).resolve().relative_to(ROOT))
-           if Path(args.config).resolve().is_relative_to(ROOT) else args.config,
-           "platform": plat, "steps": args.steps, "save_every": args.save_every, "saves": saves,
+    out = {"bench": "loop_overheads", "config": os.path.relpath(args.config, ROOT), "platform": plat,
+           "steps": args.steps, "save_every": args.save_every, "saves": saves,
            "state_mb": round(state_bytes / 2**20, 1), "repeats": args.repeats,
            "seconds": {v: round(t, 3) for v, t in med.items()},
            "times_s": {v: [round(x, 3) for x in t] for v, t in times.items()}}
