@@ -326,7 +326,7 @@ def main(argv=None) -> None:
         pre = "" if who == "jax" else "torch_"
         for s in STAGES:
             t = med[f"{who}_{s}"]
-            out[f"{pre}{s}_step_s"] = round(t, 4)
+            out[f"{pre}{s}_step_s"] = round(t, 6)
             out[f"{pre}{s}_tokens_per_s"] = round(B * T / t, 1)
             out[f"{pre}{s}_mfu"] = round((flops if who == "jax" else flops_all)[s] / t / peak[who], 4)
             out[f"{pre}{s}_loss"] = round(losses[f"{who}_{s}"], 4)
@@ -343,7 +343,7 @@ def main(argv=None) -> None:
         for s in STAGES:
             out[f"{s}_speedup_vs_torch"] = round(med[f"torch_{s}"] / med[f"jax_{s}"], 3)
         out["torch_mfu"] = out["torch_stage2_mfu"]
-    out["times_s"] = {k: [round(x, 4) for x in v] for k, v in times.items()}
+    out["times_s"] = {k: [round(x, 6) for x in v] for k, v in times.items()}
     print(json.dumps(out))
     parts = [f"{plat} {out['device']}: seq {T} x {B}"]
     if "jax" in sides:

@@ -56,7 +56,7 @@ def _check_train_step(out: dict):
         assert key in out and out[key] > 0, key
     for s in ("stage1", "stage2"):
         assert out[f"{s}_speedup_vs_torch"] == pytest.approx(
-            out[f"torch_{s}_step_s"] / out[f"{s}_step_s"], rel=0.02)  # of times rounded to 0.1 ms
+            out[f"torch_{s}_step_s"] / out[f"{s}_step_s"], rel=2e-3)  # ratio to 3 places, times to 1 us
         # Random init on both sides: the loss of a 512-token vocabulary starts near ln(512).
         for pre in ("", "torch_"):
             assert abs(out[f"{pre}{s}_loss"] - math.log(512)) < 1.0, (pre, s, out[f"{pre}{s}_loss"])
