@@ -112,11 +112,13 @@ def _check_conversation(sample: dict, split: str) -> None:
 
 
 def _check_answer(question: str, answer: str, qtype: str, sid: str) -> None:
-    assert answer in ANSWER_SETS[qtype], (sid, qtype, answer)
-    if qtype == "choice":
-        options = [m.group(1) for line in question.split("\n") if (m := OPTION_RE.match(line))]
-        assert options == ["A", "B", "C", "D"], sid
-        assert answer in options, sid
+    if qtype != "choice":
+        assert answer in ANSWER_SETS[qtype], (sid, qtype, answer)
+        return
+    # A choice reply is the chosen option's text (PMC-VQA's Answer column), exactly one option's.
+    options = {m.group(1): line[2:] for line in question.split("\n") if (m := OPTION_RE.match(line))}
+    assert list(options) == ["A", "B", "C", "D"], sid
+    assert list(options.values()).count(answer) == 1, (sid, answer, options)
 
 
 def test_format_valid(demo):
@@ -138,8 +140,12 @@ def test_format_valid(demo):
                 assert qt in QTYPES
                 _check_answer(s["conversations"][2 * t]["value"], s["conversations"][2 * t + 1]["value"], qt, s["id"])
             if split == "heldout":
-                assert len(s["conversations"]) == 2 and s["answer"] == s["conversations"][1]["value"]
-                if s["qtype"] == "choice":
+                assert len(s["conversations"]) == 2
+                if s["qtype"] != "choice":
+                    assert s["answer"] == s["conversations"][1]["value"]
+                else:  # the gold letter beside the reply, the option's text
+                    assert s["answer"] in ANSWER_SETS["choice"]
+                    assert s["conversations"][1]["value"] == s["answer_text"]
                     assert [c[:2] for c in s["choices"]] == ["A:", "B:", "C:", "D:"]
                     correct = s["choices"]["ABCD".index(s["answer"])]
                     assert correct == f"{s['answer']}:{s['answer_text']}"

@@ -279,7 +279,7 @@ def make_instruction_sample(seed: int, idx: int, image_size: int, img_dir: Path)
     for t, q in enumerate(qtypes):
         qa = T.question(case, q, rng, topic=topic if t == 0 else None)
         conv.append({"from": "human", "value": ("<image>\n" if t == 0 else "") + qa["question"]})
-        conv.append({"from": "gpt", "value": qa["answer"]})
+        conv.append({"from": "gpt", "value": qa["reply"]})
     return {"id": stem, "image": image, "conversations": conv, "qtype": qtype, "qtypes": qtypes,
             "case": _public_case(case)}
 
@@ -298,7 +298,7 @@ def make_grounding_sample(seed: int, idx: int, alignment: dict) -> dict | None:
     qa = T.question(case, "location", rng)
     return {"id": f"ground_{idx:05d}", "image": alignment["image"],
             "conversations": [{"from": "human", "value": "<image>\n" + qa["question"]},
-                              {"from": "gpt", "value": qa["answer"]}],
+                              {"from": "gpt", "value": qa["reply"]}],
             "qtype": "location", "case": case}
 
 
@@ -331,7 +331,7 @@ def make_heldout_sample(seed: int, idx: int, image_size: int, img_dir: Path) -> 
         "id": stem,
         "image": image,
         "conversations": [{"from": "human", "value": "<image>\n" + qa["question"]},
-                          {"from": "gpt", "value": qa["answer"]}],
+                          {"from": "gpt", "value": qa["reply"]}],
         "qtype": qtype,
         "answer": qa["answer"],
         "case": _public_case(case),

@@ -90,7 +90,12 @@ CHOICE_STEMS = {
     "kind": ("图中病灶的表现是？", "下列哪项最符合图中所见？"),
 }
 CHOICE_TOPICS = ("modality", "location", "count", "size", "kind")
-CHOICE_SUFFIX = "请直接回答选项字母。"
+# The reply is the chosen option's text, PMC-VQA's `Answer` column, scored as PMC-VQA scores a
+# generative model: the reply is matched to its option (qilin_jax.infer.metrics.parse_choice).
+# A letter-only reply ("请直接回答选项字母。" -> "B") stayed at chance in every demo run: the
+# tiny model does not learn to look up the letter of an option within the CPU budget (see
+# configs/demo.yaml); LLaVA-Med-7B is at 24.7% on PMC-VQA with that prompt too.
+CHOICE_SUFFIX = "请从以上选项中选出正确答案。"
 NO_LESION = "未见病灶"
 CHOICE_EXTRA = {"size": NO_LESION}  # the 4th option where the closed set has only 3
 
@@ -208,13 +213,16 @@ def choice_topics(case: dict) -> list[str]:
 
 def question(case: dict, qtype: str, rng: np.random.Generator, topic: str | None = None,
              answer_pos: int | None = None) -> dict:
-    """Return {'question','answer'} (+ 'choices','topic','stem','answer_text' for choice).
+    """Return {'question','answer','reply'} (+ 'choices','topic','stem','answer_text' for choice).
 
+    `answer` is the gold label (a letter for choice questions), `reply` the assistant's turn in
+    the training data (the correct option's text for choice questions, else the answer).
     For choice questions `topic` forces the sub-topic and `answer_pos` (0-3) the correct letter.
     """
     if qtype != "choice":
         qs = QUESTIONS[qtype]
-        return {"question": qs[rng.integers(len(qs))], "answer": answer(case, qtype)}
+        a = answer(case, qtype)
+        return {"question": qs[rng.integers(len(qs))], "answer": a, "reply": a}
     topics = choice_topics(case)
     drawn = topics[rng.integers(len(topics))]
     if topic is None:
@@ -230,6 +238,7 @@ def question(case: dict, qtype: str, rng: np.random.Generator, topic: str | None
     return {
         "question": text,
         "answer": letters[options.index(correct)],
+        "reply": correct,
         "choices": choices,
         "topic": topic,
         "stem": stem,
@@ -366,4 +375,4 @@ def iter_texts(seed: int = 0, n: int = 2000) -> Iterator[str]:
         for qt in applicable_qtypes(case):
             qa = question(case, qt, rng)
             yield qa["question"]
-            yield qa["answer"]
+            yield qa["reply"]
