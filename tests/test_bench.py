@@ -145,3 +145,19 @@ def test_loop_overheads_bench_tiny(tiny_bench, tmp_path, capsys):
     assert list(ckdir.iterdir()) == []  # every variant's checkpoints were written, then removed
     with pytest.raises(SystemExit, match="unknown variant"):
         O.main(["--config", tiny_bench, "--variants", "no_save,fast"])
+
+
+def test_decode_layout_bench_tiny(capsys):
+    from bench import decode_layout as D
+
+    # 128 tokens, best of 3: the tiny model decodes a token in ~50 us, so fewer tokens leave
+    # tN - t1 within the jitter of one call
+    out = _run(D.main, ["--models", "tiny", "--new-tokens", "128", "--repeats", "3"], capsys)
+    r = out["models"]["tiny"]
+    assert r["greedy_tokens_equal"] is True  # the two layouts compute the same model
+    for v in D.LAYOUTS:
+        assert r[v]["decode_tokens_per_s"] > 0 and r[v]["prefill_s"] > 0
+    assert r["decode_out_in_over_in_out"] == pytest.approx(
+        r["out_in"]["decode_tokens_per_s"] / r["in_out"]["decode_tokens_per_s"], rel=1e-2)
+    with pytest.raises(SystemExit, match="new-tokens"):
+        D.main(["--models", "tiny", "--new-tokens", "1"])

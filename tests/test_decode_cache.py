@@ -7,7 +7,7 @@ from flax import nnx
 
 from qilin_jax.infer import generate as G
 from qilin_jax.models import QilinMedVL, model_preset
-from qilin_jax.models.llama import layer_list
+from qilin_jax.models.llama import MATRICES, layer_list
 
 
 def test_stacked_decode_step_equals_unstacked_and_full_forward():
@@ -20,6 +20,9 @@ def test_stacked_decode_step_equals_unstacked_and_full_forward():
     mask[1, :3] = 0  # left padding, as generate aligns prompts
     logits, cache, pos = G._prefill(model, jnp.asarray(ids), jnp.asarray(mask), None, slots=32)
     layers = layer_list(model.llm.layers)
+    # the decode copy keeps every matrix transposed ([out, in], `<name>_t`), norms as they are
+    assert set(layers[0]) == {"attn_norm", "mlp_norm"} | {m + "_t" for m in MATRICES}
+    np.testing.assert_array_equal(layers[1]["down_proj_t"], model.llm.layers.down_proj.get_value()[1].T)
     u_logits, u_cache, u_pos = G._prefill(model, jnp.asarray(ids), jnp.asarray(mask), None, slots=32,
                                           layers=layers)
     np.testing.assert_allclose(logits, u_logits, atol=1e-5, rtol=1e-5)

@@ -145,7 +145,7 @@ def test_short_calls_layer_cache_and_prompt_buckets(monkeypatch):
     w.set_value(w.get_value() * 3.0)
     fresh = G.cached_layers(model, graphdef, nnx.split(model)[1])
     assert fresh is not cached
-    np.testing.assert_array_equal(fresh[0]["down_proj"], np.asarray(w.get_value())[0])
+    np.testing.assert_array_equal(fresh[0]["down_proj_t"], np.asarray(w.get_value())[0].T)
     assert G.generate(model, ids, px, mask, max_new_tokens=0).shape == (3, 0)
     # Prompt buckets: >= n, at most 25% padding past 64, four per doubling.
     sizes = [G.prompt_length_bucket(n) for n in range(1, 2049)]

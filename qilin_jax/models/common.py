@@ -32,6 +32,17 @@ def dense(x, kernel):
     return (x.reshape(-1, x.shape[-1]) @ kernel).reshape(*lead, kernel.shape[-1])
 
 
+def dense_t(x, kernel_t):
+    """`x @ kernel_t.T` for x [..., in] and kernel_t [out, in] (the torch Linear layout).
+
+    XLA:CPU streams a [out, in] matrix faster in a matrix-vector product (each output is a
+    contiguous dot product): the decode path keeps its cached layers this way (`llama.layer_list`).
+    """
+    lead = x.shape[:-1]
+    y = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), kernel_t, (((1,), (1,)), ((), ())))
+    return y.reshape(*lead, kernel_t.shape[0])
+
+
 def rms_norm(x, weight, eps: float):
     """LLaMA RMSNorm, computed in float32 and cast back as HF does."""
     dtype = x.dtype

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qilin_jax.models.attention import attention, make_mask, resolve_implementation
-from qilin_jax.models.common import DTYPES, dense, param, rms_norm, scan_layers, stacked_values
+from qilin_jax.models.common import DTYPES, dense, dense_t, param, rms_norm, scan_layers, stacked_values
 from qilin_jax.models.configs import TextConfig
 from qilin_jax.sharding import constrain
 
@@ -80,15 +80,27 @@ class LlamaLayers(nnx.Module):
         self.down_proj = param(rngs, (L, M, D), ("layers", "mlp", "embed"))
 
 
+# The decoder's matrices; `layer_list` keeps them transposed, [out, in], as `<name>_t`.
+MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _proj(x, p, name: str, dtype):
+    """x times the layer's matrix `name`: stored [in, out] (the model) or [out, in] as
+    `<name>_t` (`layer_list`'s decode copy); which one is known at trace time."""
+    if name in p:
+        return dense(x, p[name].astype(dtype))
+    return dense_t(x, p[name + "_t"].astype(dtype))
+
+
 def _block(p, x, *, cfg: TextConfig, cos, sin, mask, segment_ids, lengths, impl, dtype,
            cache_kv=None, cache_index=None):
     """One decoder block on [batch, seq, embed]; returns (x, (k, v) for the cache or None)."""
     B, T, _ = x.shape
     H, KV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
-    q = dense(h, p["q_proj"].astype(dtype)).reshape(B, T, H, hd)
-    k = dense(h, p["k_proj"].astype(dtype)).reshape(B, T, KV, hd)
-    v = dense(h, p["v_proj"].astype(dtype)).reshape(B, T, KV, hd)
+    q = _proj(h, p, "q_proj", dtype).reshape(B, T, H, hd)
+    k = _proj(h, p, "k_proj", dtype).reshape(B, T, KV, hd)
+    v = _proj(h, p, "v_proj", dtype).reshape(B, T, KV, hd)
     q = constrain(q, ("batch", "act_seq", "act_heads", None))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     new_kv = None
@@ -102,13 +114,13 @@ def _block(p, x, *, cfg: TextConfig, cos, sin, mask, segment_ids, lengths, impl,
     out = attention(q, k, v, mask=mask, causal=cache_kv is None, segment_ids=segment_ids, lengths=lengths,
                     implementation=impl)
     out = constrain(out, ("batch", "act_seq", "act_heads", None))
-    x = x + dense(out.reshape(B, T, H * hd), p["o_proj"].astype(dtype))
+    x = x + _proj(out.reshape(B, T, H * hd), p, "o_proj", dtype)
     x = constrain(x, ("batch", "act_seq", "act_embed"))
     h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
-    gate = dense(h, p["gate_proj"].astype(dtype))
-    up = dense(h, p["up_proj"].astype(dtype))
+    gate = _proj(h, p, "gate_proj", dtype)
+    up = _proj(h, p, "up_proj", dtype)
     act = constrain(jax.nn.silu(gate) * up, ("batch", "act_seq", "act_mlp"))
-    x = x + dense(act, p["down_proj"].astype(dtype))
+    x = x + _proj(act, p, "down_proj", dtype)
     x = constrain(x, ("batch", "act_seq", "act_embed"))
     return x, new_kv
 
@@ -120,12 +132,15 @@ def layer_list(layers: "LlamaLayers") -> list[dict]:
     of the stacked array before its matmuls, every step, which triples the memory traffic of a
     (weight-bound) decode step. Sliced once per generate call and run in a Python loop
     (`LlamaModel.__call__(..., layers=)`), the matmuls read them in place: ~2.4x faster
-    decoding on CPU. Accelerators keep the scan (a second copy of a 13B model's weights would
-    not fit there).
+    decoding on CPU. The matrices are kept transposed, [out, in] under `<name>_t` (the torch
+    Linear layout): XLA:CPU's matrix-vector products stream that layout faster (see
+    docs/performance.md). Accelerators keep the scan (a second copy of a 13B model's weights
+    would not fit there).
     """
     stacked = stacked_values(layers)
     n = next(iter(stacked.values())).shape[0]
-    return [{k: v[i] for k, v in stacked.items()} for i in range(n)]
+    return [{(k + "_t" if k in MATRICES else k): (v[i].T if k in MATRICES else v[i])
+             for k, v in stacked.items()} for i in range(n)]
 
 
 class LlamaModel(nnx.Module):
