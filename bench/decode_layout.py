@@ -25,15 +25,6 @@ import numpy as np  # noqa: E402
 LAYOUTS = ("in_out", "out_in")
 
 
-def _in_out_layer_list(layers) -> list[dict]:
-    """The cached decode layers as they were before: per-layer slices, matrices [in, out]."""
-    from qilin_jax.models.common import stacked_values
-
-    st = stacked_values(layers)
-    n = next(iter(st.values())).shape[0]
-    return [{k: v[i] for k, v in st.items()} for i in range(n)]
-
-
 def measure(name: str, new_tokens: int, repeats: int) -> dict:
     import jax
     from flax import nnx
@@ -50,9 +41,9 @@ def measure(name: str, new_tokens: int, repeats: int) -> dict:
     prompt = 97 if name == "medium" else 49
     ids = np.random.default_rng(0).integers(3, cfg.text.vocab_size - 1, size=(1, prompt)).astype(np.int32)
     mask = np.ones_like(ids)
-    makers = {"in_out": _in_out_layer_list, "out_in": Lm.layer_list}
-    layers = {v: jax.block_until_ready(jax.jit(lambda s, f=f: f(nnx.merge(graphdef, s).llm.layers))(state))
-              for v, f in makers.items()}
+    layers = {v: jax.block_until_ready(jax.jit(
+        lambda s, t=(v == "out_in"): Lm.layer_list(nnx.merge(graphdef, s).llm.layers, transpose=t))(state))
+        for v in LAYOUTS}
     stacked = tuple(jax.tree.leaves(stacked_values(model.llm.layers)))
 
     def run(v: str, n: int):

@@ -125,7 +125,7 @@ def _block(p, x, *, cfg: TextConfig, cos, sin, mask, segment_ids, lengths, impl,
     return x, new_kv
 
 
-def layer_list(layers: "LlamaLayers") -> list[dict]:
+def layer_list(layers: "LlamaLayers", transpose: bool = True) -> list[dict]:
     """The stacked decoder parameters as one dict of arrays per layer.
 
     CPU inference: inside a scan over stacked layers XLA:CPU copies each layer's weights out
@@ -134,13 +134,15 @@ def layer_list(layers: "LlamaLayers") -> list[dict]:
     (`LlamaModel.__call__(..., layers=)`), the matmuls read them in place: ~2.4x faster
     decoding on CPU. The matrices are kept transposed, [out, in] under `<name>_t` (the torch
     Linear layout): XLA:CPU's matrix-vector products stream that layout faster (see
-    docs/performance.md). Accelerators keep the scan (a second copy of a 13B model's weights
-    would not fit there).
+    docs/performance.md); `transpose=False` keeps the model's [in, out] (the baseline of
+    bench/decode_layout.py). Accelerators keep the scan (a second copy of a 13B model's
+    weights would not fit there).
     """
     stacked = stacked_values(layers)
     n = next(iter(stacked.values())).shape[0]
-    return [{(k + "_t" if k in MATRICES else k): (v[i].T if k in MATRICES else v[i])
-             for k, v in stacked.items()} for i in range(n)]
+    t = MATRICES if transpose else ()
+    return [{(k + "_t" if k in t else k): (v[i].T if k in t else v[i]) for k, v in stacked.items()}
+            for i in range(n)]
 
 
 class LlamaModel(nnx.Module):
