@@ -99,6 +99,8 @@ class TrainConfig:
 
     nan_policy: str = "stop"  # stop: error, keep the last good checkpoint | skip: drop the update
     peak_tflops: Optional[float] = None  # per-device peak for MFU (None = by device kind)
+    # [first, last]: trace host steps first..last (1-based, inclusive) of every stage with
+    # jax.profiler into <run>/<stage>/profile (TensorBoard's profile plugin, Perfetto); [] = off.
     profile_steps: list = field(default_factory=list)
 
 
@@ -346,6 +348,11 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError("tasks has 'train' but `stages:` is empty")
     if cfg.train.nan_policy not in ("stop", "skip"):
         raise ConfigError(f"train.nan_policy must be 'stop' or 'skip', got {cfg.train.nan_policy!r}")
+    ps = cfg.train.profile_steps
+    if ps and not (isinstance(ps, (list, tuple)) and len(ps) == 2
+                   and all(isinstance(x, int) and not isinstance(x, bool) for x in ps) and 1 <= ps[0] <= ps[1]):
+        raise ConfigError(f"train.profile_steps must be [] or [first, last] with 1 <= first <= last "
+                          f"(steps of each stage, 1-based), got {ps!r}")
     if cfg.distributed.enabled not in ("auto", "on", "off"):
         raise ConfigError("distributed.enabled must be auto, on or off")
     if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:

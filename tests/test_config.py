@@ -48,6 +48,9 @@ def test_base_and_overrides(tmp_path):
     ("mesh.data=-1", "at most one of"),
     ("stages.3.learning_rate=1", "not an index"),
     ("train.nan_policy=ignore", "nan_policy"),
+    ("train.profile_steps=[5,2]", "train.profile_steps must be"),
+    ("train.profile_steps=[0,2]", "train.profile_steps must be"),
+    ("train.profile_steps=[3]", "train.profile_steps must be"),
 ])
 def test_errors_name_the_key(tmp_path, override, fragment):
     path = _write(tmp_path, "c.yaml", BASE)

@@ -45,6 +45,21 @@ def curriculum(data_dir, tmp_path_factory):
     return raw, run, rows
 
 
+def test_profile_steps_write_a_trace(data_dir, tmp_path):
+    """train.profile_steps [2, 3] traces steps 2-3 of each stage into <run>/<stage>/profile;
+    the run itself is unchanged (every step logged and finite)."""
+    raw = H.base_config(data_dir, tmp_path / "runs", steps=(4, None), every_steps=100)
+    raw["train"] = {"profile_steps": [2, 3]}
+    p = H.run_main(H.write_config(tmp_path / "cfg.yaml", raw))
+    assert p.returncode == 0, p.stderr[-4000:]
+    run = tmp_path / "runs" / "run"
+    traces = list((run / "stage1" / "profile").rglob("*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 1000, traces
+    rows = H.read_metrics(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["finite"] for r in rows)
+    assert "profiling steps 2-3" in p.stderr
+
+
 def _config_copy(raw: dict, root: Path) -> Path:
     """The reference config writing to another run folder."""
     return H.write_config(root / "cfg.yaml", {**raw, "output_dir": str(root / "runs")})

@@ -324,6 +324,42 @@ def stage_total_steps(stage: StageConfig, loader, data_cfg) -> int:
     return max(1, int(stage.num_epochs * per_epoch))
 
 
+class StepProfiler:
+    """jax.profiler trace of host steps first..last (1-based, inclusive) into `log_dir`.
+
+    `before(step)` starts the trace before step `first` is dispatched; `after(step, out)`
+    waits for that step's outputs (so the trace holds the device work, not only the dispatch)
+    and stops after step `last`. `close()` stops a trace left open (a stage that ended or
+    was interrupted inside the window). Inert when `steps` is empty.
+    """
+
+    def __init__(self, steps, log_dir: str):
+        self.first, self.last = (int(steps[0]), int(steps[1])) if steps else (0, -1)
+        self.log_dir = log_dir
+        self.active = False
+        self.traced: list[int] = []
+
+    def before(self, step: int) -> None:
+        if step == self.first and not self.active:
+            os.makedirs(self.log_dir, exist_ok=True)
+            jax.profiler.start_trace(self.log_dir)
+            self.active = True
+            log.info("profiling steps %d-%d into %s", self.first, self.last, self.log_dir)
+
+    def after(self, step: int, outputs) -> None:
+        if not self.active:
+            return
+        self.traced.append(step)
+        if step >= self.last:
+            jax.block_until_ready(outputs)
+            self.close()
+
+    def close(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+
+
 def run_stage(cfg: RunConfig, stage: StageConfig, parts: ModelParts, params: dict, mesh, rules,
               *, tokenizer, progress=None) -> tuple[dict, StageResult]:
     """Train one stage from `params`; returns (the stage's final params, StageResult)."""
@@ -371,6 +407,7 @@ def run_stage(cfg: RunConfig, stage: StageConfig, parts: ModelParts, params: dic
         log.info("stage %s: resumed from step %d", stage.name, latest)
 
     writer = MetricsWriter(cfg.run_dir, cfg.logging, stage.name)
+    profiler = StepProfiler(cfg.train.profile_steps, os.path.join(stage_dir, "profile"))
     signals = _Signals(cfg.checkpoint.save_on_signal)
     kill_hook = kill_hook_from_env(stage.name)
     nan_steps = nan_steps_from_env(stage.name)
@@ -453,9 +490,11 @@ def run_stage(cfg: RunConfig, stage: StageConfig, parts: ModelParts, params: dic
                                              frozen_shardings=f_sh, batch_shardings=b_sh,
                                              packed=bool(data_cfg.packing))
             gb = to_global(micro, b_sh)
+            profiler.before(host_step + 1)
             with S.activation_sharding(mesh, rules):
                 state, metrics = step_fn(state, frozen, gb)
             host_step += 1
+            profiler.after(host_step, (state, metrics))
             steps_since += 1
             tokens_since += int(local["attention_mask"].sum()) * jax.process_count()
             B, T = local["input_ids"].shape
@@ -488,6 +527,7 @@ def run_stage(cfg: RunConfig, stage: StageConfig, parts: ModelParts, params: dic
             ckpt.save(host_step, state, loader.get_state(), force=True)
         ckpt.wait()
     finally:
+        profiler.close()
         signals.restore()
         writer.close()
         ckpt.close()
