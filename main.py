@@ -36,9 +36,10 @@ def main(argv=None) -> int:
         return 2
     from qilin_jax import tasks
 
-    tasks.run(cfg)
+    out = tasks.run(cfg)
     print(f"run folder: {os.path.abspath(cfg.run_dir)}")
-    return 0
+    # Interrupted training (SIGTERM/SIGINT, checkpoint saved): 128 + signal, not 0.
+    return tasks.interrupted_exit_code(out)
 
 
 if __name__ == "__main__":

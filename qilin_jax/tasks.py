@@ -40,8 +40,22 @@ def load_tokenizer(cfg: RunConfig):
     return AutoTokenizer.from_pretrained(cfg.model.tokenizer)
 
 
+def interrupted_exit_code(out: dict) -> int:
+    """The exit status of a run whose training was interrupted: 128 + the signal number, as a
+    shell reports a process killed by it (SIGTERM 143, SIGINT 130), so that schedulers and
+    `&&` chains see an unfinished job (Kubernetes restarts it, a job array does not mark it
+    done); 0 for a run that was not interrupted."""
+    info = out.get("interrupted")
+    if not info:
+        return 0
+    import signal
+    sig = getattr(signal, str(info.get("signal")), None)  # "signal on another process": SIGTERM
+    return 128 + int(sig if isinstance(sig, signal.Signals) else signal.SIGTERM)
+
+
 def run(cfg: RunConfig) -> dict:
-    """Run the config's tasks; returns what each produced."""
+    """Run the config's tasks; returns what each produced (`interrupted`: where training was
+    stopped by a signal, after which no further task runs)."""
     out: dict = {}
     os.makedirs(cfg.run_dir, exist_ok=True)
     for task in cfg.tasks:
@@ -57,6 +71,16 @@ def run(cfg: RunConfig) -> dict:
             if jax.process_index() == 0:  # one writer in multi-host runs
                 with open(os.path.join(cfg.run_dir, "train_summary.json"), "w") as f:
                     json.dump(summary, f, indent=2, default=str)
+            stopped = [r for r in results if r.interrupted]
+            if stopped:
+                # A preempted run stops here: the later tasks would evaluate, chat with or
+                # report on a half-trained model. main.py exits non-zero (interrupted_exit_code).
+                out["interrupted"] = {"stage": stopped[-1].name, "step": stopped[-1].steps,
+                                      "signal": stopped[-1].interrupted}
+                log.warning("training interrupted (%s) in stage %s at step %d; the checkpoint is "
+                            "saved: rerun the same command to resume; tasks after `train` skipped",
+                            stopped[-1].interrupted, stopped[-1].name, stopped[-1].steps)
+                return out
         elif task == "eval":
             from qilin_jax.infer.config import EvalConfig, section_from_dict
             from qilin_jax.infer.evaluate import run_eval

@@ -171,8 +171,10 @@ def test_two_processes_curriculum_preempted_on_one_host(tmp_path, tmp_path_facto
     2 steps, so both hosts agree to stop at step 2, save it and exit; the same two commands
     resume and finish. The result equals the uninterrupted one-process reference."""
     cfg = _config(tmp_path, tmp_path_factory, steps=(2, 4), buckets=(96, 128), every_steps=3)
-    _check_ok(_run_two_processes(cfg, "logging.every_steps=2",
-                                 env1={"QILIN_TEST_KILL_AT": "stage2:1:after_step:SIGTERM"}))
+    stopped = _run_two_processes(cfg, "logging.every_steps=2",
+                                 env1={"QILIN_TEST_KILL_AT": "stage2:1:after_step:SIGTERM"})
+    # Both exit 143 (128 + SIGTERM): process 0 never got the signal but stopped with process 1.
+    assert [rc for rc, _ in stopped] == [143, 143], [err[-2000:] for _, err in stopped]
     mp_run = tmp_path / "mp" / "run"
     assert H.checkpoint_entries(mp_run, "stage2") == ["2"]
     ck = mp_run / "stage2" / "checkpoints" / "2" / "data"
