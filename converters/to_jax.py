@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -158,7 +157,7 @@ def convert_tensor(info, path, layer, kind, writer, out_dt) -> int:
 def to_jax(src, dst, *, vision=None, projector=None, dtype: str = "float32",
            preset: str | None = None, seed: int = 0, overwrite: bool = False, log=print) -> dict:
     """Convert PyTorch checkpoint(s) into a qilin-jax checkpoint dir; returns a report dict."""
-    from qilin_jax.checkpoint import PARAMS_ITEM, write_config
+    from qilin_jax.checkpoint import PARAMS_ITEM, staged_dir, write_config
     from qilin_jax.models import model_preset
 
     from converters.orbax_io import ParamWriter
@@ -208,9 +207,7 @@ def to_jax(src, dst, *, vision=None, projector=None, dtype: str = "float32",
     for n in notices:
         log(f"notice: {n}")
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
+    with staged_dir(dst) as tmp:  # nothing is left at dst unless the whole write succeeds
         shapes = expected_shapes(cfg)
         writer = ParamWriter(tmp / PARAMS_ITEM)
         for path, shape in shapes.items():
@@ -243,12 +240,6 @@ def to_jax(src, dst, *, vision=None, projector=None, dtype: str = "float32",
             "seconds": round(time.time() - t0, 2),
         }
         (tmp / "conversion.json").write_text(json.dumps(report, indent=2) + "\n")
-        if dst.exists():
-            shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
-        tmp.rename(dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     v, t = cfg.vision, cfg.text
     log(f"wrote {dst}: params/ ({writer.bytes_written / 2**30:.2f} GiB {dtype}), config.json "
         f"(vision {v.num_hidden_layers}x{v.hidden_size} {v.image_size}px/{v.patch_size}, "

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -183,7 +182,7 @@ def to_torch(src, dst, *, format: str = "hf-llava", tokenizer=None, dtype: str |
              max_shard_size="5GB", bin: bool = False, include_vision: bool = True,
              overwrite: bool = False, log=print) -> dict:
     """Export a qilin-jax checkpoint dir to PyTorch files in `dst`; returns a report dict."""
-    from qilin_jax.checkpoint import find_params_item, read_config
+    from qilin_jax.checkpoint import find_params_item, read_config, staged_dir
 
     from converters.orbax_io import ParamReader
 
@@ -235,9 +234,7 @@ def to_torch(src, dst, *, format: str = "hf-llava", tokenizer=None, dtype: str |
         notices.append(f"vocab padded {V} -> {vocab} for HF llava: image token {cfg.image_token_id}, "
                        f"pad token {cfg.image_token_id + 1}; add '<image>' and '<pad>' to the tokenizer "
                        "(tokenizer.add_tokens) if it does not have them")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
+    with staged_dir(dst) as tmp:  # nothing is left at dst unless the whole write succeeds
         files = write_sharded(tmp, entries, produce, kind="bin" if bin else "safetensors",
                               max_shard_size=max_shard_size)
         conf = (hf_llava_config(cfg, vocab, dtype_name) if format == "hf-llava"
@@ -245,12 +242,6 @@ def to_torch(src, dst, *, format: str = "hf-llava", tokenizer=None, dtype: str |
         (tmp / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
         tok_src = Path(tokenizer) if tokenizer else (Path(src) / "tokenizer" if (Path(src) / "tokenizer").is_dir() else None)
         copied = _copy_tokenizer(tok_src, tmp)
-        if dst.exists():
-            shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
-        tmp.rename(dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for n in notices:
         log(f"notice: {n}")
     total = sum(int(np.prod(e[1], dtype=np.int64)) * np.dtype(e[2]).itemsize for e in entries)

@@ -14,6 +14,7 @@ in config.json / config.yaml next to it or one level up (see `find_params_item` 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -165,6 +166,32 @@ def write_config(config, dst) -> Path:
     return p
 
 
+@contextlib.contextmanager
+def staged_dir(dst, *, create: bool = True):
+    """Yield a new temporary folder next to `dst`; when the block succeeds it replaces `dst`
+    (an old `dst` is removed just before the rename), when it raises it is deleted and an old
+    `dst` stays as it was: a failed or killed write never leaves something that looks like
+    the finished folder. `create=False` (the non-writing processes of a multi-host save)
+    yields None and does nothing."""
+    dst = Path(dst)
+    tmp = None
+    if create:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        yield tmp
+        if tmp is not None:
+            if dst.is_dir() and not dst.is_symlink():
+                shutil.rmtree(dst)
+            elif dst.exists() or dst.is_symlink():
+                dst.unlink()
+            os.replace(tmp, dst)
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_pretrained(model_or_state, config, dst, *, overwrite: bool = False) -> Path:
     """Write a pretrained checkpoint (params/ + config.json) that load_pretrained reads."""
     import jax
@@ -176,23 +203,15 @@ def save_pretrained(model_or_state, config, dst, *, overwrite: bool = False) -> 
             raise CheckpointError(f"{dst} exists and is not empty; choose another path or pass "
                                   "overwrite=True")
     tree = _pure_params(model_or_state)
-    dst.parent.mkdir(parents=True, exist_ok=True)
     primary = jax.process_index() == 0
-    # Write next to dst, then rename: a failed save leaves nothing that looks like a checkpoint.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent)) if primary else None
-    try:
+    # Written next to dst, then renamed by the primary process (staged_dir): a failed save
+    # leaves nothing that looks like a checkpoint.
+    with staged_dir(dst, create=primary) as tmp:
         tmp_path = Path(_broadcast_path(str(tmp) if tmp else ""))
         ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
         ckptr.save(tmp_path / PARAMS_ITEM, args=ocp.args.PyTreeSave(tree))
         if primary:
             write_config(config, tmp_path)
-            if dst.exists():
-                shutil.rmtree(dst)
-            os.replace(tmp_path, dst)
-    except BaseException:
-        if tmp is not None and tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 

@@ -599,3 +599,30 @@ def test_cli_module_entry_point(files):
                           "--dst", "/nonexistent/x"], capture_output=True, text=True,
                          cwd=Path(__file__).parent.parent)
     assert bad.returncode == 2 and "--vision" in bad.stderr
+
+
+def test_staged_dir_replaces_only_on_success(tmp_path):
+    """The write-then-rename of save_pretrained and both converters: a failed block leaves the
+    old folder as it was and no temporary folder; a finished one replaces it whole."""
+    from qilin_jax.checkpoint import staged_dir
+
+    dst = tmp_path / "ckpt"
+    dst.mkdir()
+    (dst / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError, match="disk full"):
+        with staged_dir(dst) as tmp:
+            (tmp / "new.txt").write_text("half")
+            raise RuntimeError("disk full")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert sorted(p.name for p in dst.iterdir()) == ["old.txt"]
+    with staged_dir(dst) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".ckpt.tmp-")
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert sorted(p.name for p in dst.iterdir()) == ["new.txt"]
+    with staged_dir(tmp_path / "deeper" / "fresh") as tmp:  # parents made
+        (tmp / "a").write_text("a")
+    assert (tmp_path / "deeper" / "fresh" / "a").read_text() == "a"
+    with staged_dir(tmp_path / "other", create=False) as tmp:  # a non-writing process
+        assert tmp is None
+    assert not (tmp_path / "other").exists()
