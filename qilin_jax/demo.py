@@ -47,8 +47,14 @@ def prepare(cfg: RunConfig) -> dict:
         asked = {"seed": meta.get("seed"), "image_size": meta.get("image_size"),
                  "n_align": counts.get("alignment"), "n_instruct": counts.get("instruction"),
                  "n_heldout": counts.get("heldout")}
+        # Options the config leaves out mean generate()'s defaults: data made with other
+        # values (e.g. by an earlier run with demo.n_align=...) is not the data asked for.
+        import inspect
+        want = {k: p.default for k, p in inspect.signature(make_demo.generate).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+        want.update(opts)
         same = (meta.get("generator_version") == make_demo.GENERATOR_VERSION
-                and all(asked.get(k) == v for k, v in opts.items() if k in asked))
+                and all(asked[k] == want.get(k) for k in asked))
         if same:
             print(f"demo data: {out} (already there)")
         else:

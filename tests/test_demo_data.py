@@ -311,3 +311,36 @@ def test_tokenizer_matches_sentencepiece_and_script(tmp_path, tok):
     assert (tmp_path / "tokenizer.model").read_bytes() == (TOKENIZER_DIR / "tokenizer.model").read_bytes()
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         assert (tmp_path / name).read_text() == (TOKENIZER_DIR / name).read_text()
+
+
+def test_prepare_regenerates_data_made_with_other_options(tmp_path, monkeypatch, capsys):
+    """main.py's prepare_demo reuses the data folder only when it was made with the options
+    asked for; an option the config leaves out means generate()'s default, so data that an
+    earlier run made with another value (demo.n_align=...) is regenerated, not reused."""
+    from qilin_jax import demo as demo_task
+    from qilin_jax.config import RunConfig
+
+    small = dict(SMALL, n_csv=0)
+    real = make_demo.generate
+
+    def generate_small(out_dir, seed=0, n_align=small["n_align"], n_instruct=small["n_instruct"],
+                       n_heldout=small["n_heldout"], image_size=small["image_size"], n_csv=0):
+        return real(out_dir, seed=seed, n_align=n_align, n_instruct=n_instruct,
+                    n_heldout=n_heldout, image_size=image_size, n_csv=n_csv)
+
+    monkeypatch.setattr(make_demo, "generate", generate_small)
+    out = tmp_path / "gen"
+
+    def prepare(**demo_opts):
+        cfg = RunConfig(demo={"data_dir": str(out), **demo_opts})
+        meta = demo_task.prepare(cfg)
+        return meta["counts"]["alignment"], capsys.readouterr().out
+
+    n, said = prepare(n_align=12)
+    assert n == 12 and "generated" in said
+    n, said = prepare(n_align=12)
+    assert n == 12 and "already there" in said
+    n, said = prepare()  # the default (30 here), not the 12 on disk
+    assert n == small["n_align"] and "generated" in said
+    n, said = prepare()
+    assert "already there" in said
