@@ -313,6 +313,20 @@ def test_tokenizer_matches_sentencepiece_and_script(tmp_path, tok):
         assert (tmp_path / name).read_text() == (TOKENIZER_DIR / name).read_text()
 
 
+def test_size_grounding_is_size_questions_on_one_lesion_alignment_images(demo):
+    """Demo stage 0b's second file: one size question per single, one-lesion alignment image
+    (the images of grounding.json, in the same order), its reply the case's size class."""
+    grounding = _load(demo, "grounding.json")
+    sized = _load(demo, "grounding_size.json")
+    assert [g["image"] for g in sized] == [g["image"] for g in grounding] and sized
+    assert _load(demo, "meta.json")["counts"]["grounding_size"] == len(sized)
+    for g in sized:
+        human, gpt = g["conversations"]
+        assert human["value"].startswith("<image>\n") and human["value"][8:] in templates.QUESTIONS["size"]
+        assert gpt["value"] == g["case"]["size"] in templates.SIZES and g["qtype"] == "size"
+        assert g["case"]["count"] == 1
+
+
 def test_prepare_regenerates_data_made_with_other_options(tmp_path, monkeypatch, capsys):
     """main.py's prepare_demo reuses the data folder only when it was made with the options
     asked for; an option the config leaves out means generate()'s default, so data that an

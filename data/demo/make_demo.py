@@ -8,6 +8,7 @@ Writes into the output folder:
   instruction.json         stage 2: LLaVA rows with Chinese questions, short closed-set answers
   grounding.json           demo stage 0: location questions on the one-lesion alignment images
   count_size.json          demo stage 0b: the instruction rows that ask only count / size
+  grounding_size.json      demo stage 0b too: size questions on the images of grounding.json
   heldout.json             held-out cases (disjoint images), one question each, with "answer"
   pmc_vqa_style.csv        PMC-VQA-format multiple choice over held-out images
   meta.json                counts, seed, answer sets, chance levels
@@ -39,9 +40,10 @@ from data.demo.templates import (  # noqa: F401  (re-exported for evaluation cod
     normalize_answer,
 )
 
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 # Split ids keep the per-sample RNG streams of the splits independent.
-_SPLIT_ID = {"alignment": 1, "instruction": 2, "heldout": 3, "csv": 4, "grounding": 5}
+_SPLIT_ID = {"alignment": 1, "instruction": 2, "heldout": 3, "csv": 4, "grounding": 5,
+             "grounding_size": 6}
 # Lesion radius as a fraction of the shorter image side, per size class.
 SIZE_RADIUS = {"小": 0.05, "中": 0.08, "大": 0.115}
 # Quadrant centres (x, y) as fractions of width/height.
@@ -302,6 +304,24 @@ def make_grounding_sample(seed: int, idx: int, alignment: dict) -> dict | None:
             "qtype": "location", "case": case}
 
 
+def make_size_grounding_sample(seed: int, idx: int, alignment: dict) -> dict | None:
+    """Return a size question on an alignment image with exactly one lesion, else None.
+
+    Demo stage 0b's second file (next to count_size.json): once stage 0 has taught the ViT
+    where a lesion is, its size on one-lesion images is the next step of the curriculum. Asked
+    together with location in stage 0 instead, size crowded out location (which that stage
+    then never learned: "右下" to every location question after 500 steps).
+    """
+    case = alignment["case"]
+    if case["count"] != 1 or isinstance(alignment["image"], list):
+        return None
+    qa = T.question(case, "size", _rng(seed, "grounding_size", idx))
+    return {"id": f"ground_size_{idx:05d}", "image": alignment["image"],
+            "conversations": [{"from": "human", "value": "<image>\n" + qa["question"]},
+                              {"from": "gpt", "value": qa["reply"]}],
+            "qtype": "size", "case": case}
+
+
 def make_heldout_sample(seed: int, idx: int, image_size: int, img_dir: Path) -> dict:
     """Return one held-out single-image, single-question sample, balanced by index."""
     rng = _rng(seed, "heldout", idx)
@@ -383,6 +403,7 @@ def generate(out_dir: str | Path, seed: int = 0, n_align: int = 2000, n_instruct
     heldout = [make_heldout_sample(seed, i, image_size, img_dir) for i in range(n_heldout)]
     grounding = [g for i, a in enumerate(alignment) if (g := make_grounding_sample(seed, i, a))]
     count_size = [s for s in instruction if set(s["qtypes"]) <= {"count", "size"}]
+    grounding_size = [g for i, a in enumerate(alignment) if (g := make_size_grounding_sample(seed, i, a))]
     single = [h for h in heldout if isinstance(h["image"], str)]
     rows = [make_csv_row(seed, i, single[i]) for i in range(min(n_csv, len(single)))]
     _dump_json(alignment, out / "alignment.json")
@@ -390,6 +411,7 @@ def generate(out_dir: str | Path, seed: int = 0, n_align: int = 2000, n_instruct
     _dump_json(heldout, out / "heldout.json")
     _dump_json(grounding, out / "grounding.json")
     _dump_json(count_size, out / "count_size.json")
+    _dump_json(grounding_size, out / "grounding_size.json")
     with open(out / "pmc_vqa_style.csv", "w", encoding="utf-8", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, lineterminator="\n")
         w.writeheader()
@@ -410,6 +432,7 @@ def generate(out_dir: str | Path, seed: int = 0, n_align: int = 2000, n_instruct
         "image_dir": "images",
         "files": {"alignment": "alignment.json", "instruction": "instruction.json",
                   "heldout": "heldout.json", "grounding": "grounding.json", "count_size": "count_size.json",
+                  "grounding_size": "grounding_size.json",
                   "pmc_vqa_style": "pmc_vqa_style.csv"},
         "counts": {
             "alignment": len(alignment),
@@ -417,6 +440,7 @@ def generate(out_dir: str | Path, seed: int = 0, n_align: int = 2000, n_instruct
             "heldout": len(heldout),
             "grounding": len(grounding),
             "count_size": len(count_size),
+            "grounding_size": len(grounding_size),
             "pmc_vqa_style": len(rows),
             "images": n_files,
             "composite_alignment": sum(isinstance(s["image"], list) for s in alignment),
