@@ -337,7 +337,6 @@ class StepProfiler:
         self.first, self.last = (int(steps[0]), int(steps[1])) if steps else (0, -1)
         self.log_dir = log_dir
         self.active = False
-        self.traced: list[int] = []
 
     def before(self, step: int) -> None:
         if step == self.first and not self.active:
@@ -347,10 +346,7 @@ class StepProfiler:
             log.info("profiling steps %d-%d into %s", self.first, self.last, self.log_dir)
 
     def after(self, step: int, outputs) -> None:
-        if not self.active:
-            return
-        self.traced.append(step)
-        if step >= self.last:
+        if self.active and step >= self.last:
             jax.block_until_ready(outputs)
             self.close()
 
