@@ -286,40 +286,31 @@ def make_instruction_sample(seed: int, idx: int, image_size: int, img_dir: Path)
             "case": _public_case(case)}
 
 
-def make_grounding_sample(seed: int, idx: int, alignment: dict) -> dict | None:
-    """Return a location question on an alignment image with exactly one lesion, else None.
+# The one-lesion curriculum files: question type -> (RNG split, id prefix).
+GROUNDING = {"location": ("grounding", "ground"), "size": ("grounding_size", "ground_size")}
 
-    Demo stage 0's curriculum: localising one lesion is what a from-scratch ViT learns first
-    (in a mixed question set it does not get there in a CPU budget); the other questions build
-    on the lesion features it learns. No new images: the alignment images are reused.
+
+def make_grounding_sample(seed: int, idx: int, alignment: dict, qtype: str = "location") -> dict | None:
+    """Return a `qtype` question (location or size) on an alignment image with exactly one
+    lesion, else None. No new images: the alignment images are reused.
+
+    location (grounding.json) is demo stage 0's curriculum: localising one lesion is what a
+    from-scratch ViT learns first (in a mixed question set it does not get there in a CPU
+    budget); the other questions build on the lesion features it learns. size
+    (grounding_size.json, demo stage 0b beside count_size.json) is the next step once the ViT
+    knows where a lesion is. Asked together with location in stage 0 instead, size crowded
+    out location (which that stage then never learned: "右下" to every location question
+    after 500 steps).
     """
     case = alignment["case"]
     if case["count"] != 1 or isinstance(alignment["image"], list):
         return None
-    rng = _rng(seed, "grounding", idx)
-    qa = T.question(case, "location", rng)
-    return {"id": f"ground_{idx:05d}", "image": alignment["image"],
+    split, prefix = GROUNDING[qtype]
+    qa = T.question(case, qtype, _rng(seed, split, idx))
+    return {"id": f"{prefix}_{idx:05d}", "image": alignment["image"],
             "conversations": [{"from": "human", "value": "<image>\n" + qa["question"]},
                               {"from": "gpt", "value": qa["reply"]}],
-            "qtype": "location", "case": case}
-
-
-def make_size_grounding_sample(seed: int, idx: int, alignment: dict) -> dict | None:
-    """Return a size question on an alignment image with exactly one lesion, else None.
-
-    Demo stage 0b's second file (next to count_size.json): once stage 0 has taught the ViT
-    where a lesion is, its size on one-lesion images is the next step of the curriculum. Asked
-    together with location in stage 0 instead, size crowded out location (which that stage
-    then never learned: "右下" to every location question after 500 steps).
-    """
-    case = alignment["case"]
-    if case["count"] != 1 or isinstance(alignment["image"], list):
-        return None
-    qa = T.question(case, "size", _rng(seed, "grounding_size", idx))
-    return {"id": f"ground_size_{idx:05d}", "image": alignment["image"],
-            "conversations": [{"from": "human", "value": "<image>\n" + qa["question"]},
-                              {"from": "gpt", "value": qa["reply"]}],
-            "qtype": "size", "case": case}
+            "qtype": qtype, "case": case}
 
 
 def make_heldout_sample(seed: int, idx: int, image_size: int, img_dir: Path) -> dict:
@@ -403,7 +394,7 @@ def generate(out_dir: str | Path, seed: int = 0, n_align: int = 2000, n_instruct
     heldout = [make_heldout_sample(seed, i, image_size, img_dir) for i in range(n_heldout)]
     grounding = [g for i, a in enumerate(alignment) if (g := make_grounding_sample(seed, i, a))]
     count_size = [s for s in instruction if set(s["qtypes"]) <= {"count", "size"}]
-    grounding_size = [g for i, a in enumerate(alignment) if (g := make_size_grounding_sample(seed, i, a))]
+    grounding_size = [g for i, a in enumerate(alignment) if (g := make_grounding_sample(seed, i, a, "size"))]
     single = [h for h in heldout if isinstance(h["image"], str)]
     rows = [make_csv_row(seed, i, single[i]) for i in range(min(n_csv, len(single)))]
     _dump_json(alignment, out / "alignment.json")
