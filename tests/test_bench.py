@@ -162,3 +162,23 @@ def test_decode_layout_bench_tiny(capsys):
         r["out_in"]["decode_tokens_per_s"] / r["in_out"]["decode_tokens_per_s"], rel=1e-2)
     with pytest.raises(SystemExit, match="new-tokens"):
         D.main(["--models", "tiny", "--new-tokens", "1"])
+
+
+def test_shared_prefix_bench_tiny(tmp_path, capsys):
+    """bench/shared_prefix.py on the tiny two-stage training config: the plain-template stage
+    is skipped, the v1 stage compares whole rows with the 45-token preamble shared, and the
+    two first losses agree (the prefix path is exact)."""
+    from bench import shared_prefix as SP
+    from tests import train_helpers as H
+
+    data = H.make_data(tmp_path / "data", n_align=8, n_instruct=8)
+    cfg = H.write_config(tmp_path / "cfg.yaml", H.base_config(data, tmp_path / "runs", steps=(2, 2)))
+    out = _run(SP.main, ["--config", str(cfg), "--repeats", "1", "--steps", "1"], capsys)
+    assert "skipped" in out["stages"]["stage1"]
+    r = out["stages"]["stage2"]
+    assert r["prefix_tokens"] == 45 and r["rows_after_cut"] == r["row_tokens"] - 45
+    assert r["shared_step_s"] > 0 and r["whole_step_s"] > 0
+    assert r["shared_over_whole"] == pytest.approx(r["shared_step_s"] / r["whole_step_s"], rel=1e-2)
+    assert r["first_loss_shared"] == pytest.approx(r["first_loss_whole"], rel=1e-5)
+    with pytest.raises(SystemExit, match="unknown stage"):
+        SP.main(["--config", str(cfg), "--stages", "stage9"])

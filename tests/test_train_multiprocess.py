@@ -154,9 +154,14 @@ def _config(tmp_path, tmp_path_factory, steps, buckets, **kw):
 
 def test_two_processes_equal_one(tmp_path, tmp_path_factory, monkeypatch):
     """Stage 2 (LLM + adapter trainable, FSDP over both hosts' devices), 3 steps, a
-    checkpoint at step 2 holding both hosts' data positions, final weights saved by both."""
+    checkpoint at step 2 holding both hosts' data positions, final weights saved by both.
+    The two processes run with train.shared_prefix (the v1 preamble once per batch, one
+    replicated copy on every host, agreed on by both); the one-process reference runs whole
+    rows (the slow test below runs both without it)."""
     cfg = _config(tmp_path, tmp_path_factory, steps=(None, 3), buckets=(128,), every_steps=2)
-    _check_ok(_run_two_processes(cfg))
+    results = _run_two_processes(cfg, "train.shared_prefix=true")
+    _check_ok(results)
+    assert all("the 45-token 'v1' preamble runs once per batch" in err for _, err in results)
     mp_run = tmp_path / "mp" / "run"
     ck = mp_run / "stage2" / "checkpoints" / "2" / "data"
     assert sorted(p.name for p in ck.glob("process_*.json")) == ["process_0-of-2.json", "process_1-of-2.json"]

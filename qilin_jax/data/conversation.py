@@ -385,6 +385,35 @@ def tokenize_conversation(
     return np.asarray(ids, np.int32), np.asarray(labels, np.int32)
 
 
+# First questions of different kinds (image first, CJK, Latin, digit, punctuation, space): the
+# tokens all of their prompts share are the template's preamble.
+_PREAMBLE_PROBES = (IMAGE_TAG + "\n?", "?", "甲", "A", "a", "1", "(", "\n", " x", IMAGE_TAG)
+
+
+def template_preamble(tokenizer, template: str = "v1", image_tokens: int = 1,
+                      image_token_id: int | None = None) -> np.ndarray:
+    """Returns the int32 ids every tokenized conversation of `template` starts with: BOS, the
+    system prompt and the first role tag, as far as no first question can change them (the
+    longest common prefix of probe conversations; no image token, no label). Training shares
+    it between the rows of a batch (`train.shared_prefix`); "plain" has only BOS."""
+    prefix = None
+    for q in _PREAMBLE_PROBES:
+        ids, labels = tokenize_conversation([{"from": "human", "value": q}, {"from": "gpt", "value": "x"}],
+                                            tokenizer, template, image_tokens, image_token_id)
+        n = int(np.argmax(labels != IGNORE_INDEX))  # the first label: the answer
+        ids = ids[:n]
+        if prefix is None:
+            prefix = ids
+        else:
+            k = min(len(prefix), len(ids))
+            diff = np.nonzero(prefix[:k] != ids[:k])[0]
+            prefix = prefix[: diff[0] if diff.size else k]
+    if image_token_id is None:
+        image_token_id = default_image_token_id(tokenizer)
+    img = np.nonzero(prefix == image_token_id)[0]
+    return prefix[: img[0]] if img.size else prefix
+
+
 def build_prompt(
     conversations: Sequence[dict],
     tokenizer,

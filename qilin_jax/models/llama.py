@@ -92,9 +92,8 @@ def _proj(x, p, name: str, dtype):
     return dense_t(x, p[name + "_t"].astype(dtype))
 
 
-def _block(p, x, *, cfg: TextConfig, cos, sin, mask, segment_ids, lengths, impl, dtype,
-           cache_kv=None, cache_index=None):
-    """One decoder block on [batch, seq, embed]; returns (x, (k, v) for the cache or None)."""
+def _qkv(p, x, cfg: TextConfig, cos, sin, dtype):
+    """RMSNorm, then q [batch, seq, heads, hd] and k, v [batch, seq, kv_heads, hd], RoPE applied."""
     B, T, _ = x.shape
     H, KV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
@@ -102,7 +101,27 @@ def _block(p, x, *, cfg: TextConfig, cos, sin, mask, segment_ids, lengths, impl,
     k = _proj(h, p, "k_proj", dtype).reshape(B, T, KV, hd)
     v = _proj(h, p, "v_proj", dtype).reshape(B, T, KV, hd)
     q = constrain(q, ("batch", "act_seq", "act_heads", None))
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def _out_mlp(p, x, out, cfg: TextConfig, dtype):
+    """The residual after attention (output `out` [batch, seq, heads, hd]) and the SwiGLU MLP."""
+    B, T, _ = x.shape
+    out = constrain(out, ("batch", "act_seq", "act_heads", None))
+    x = x + _proj(out.reshape(B, T, -1), p, "o_proj", dtype)
+    x = constrain(x, ("batch", "act_seq", "act_embed"))
+    h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+    gate = _proj(h, p, "gate_proj", dtype)
+    up = _proj(h, p, "up_proj", dtype)
+    act = constrain(jax.nn.silu(gate) * up, ("batch", "act_seq", "act_mlp"))
+    x = x + _proj(act, p, "down_proj", dtype)
+    return constrain(x, ("batch", "act_seq", "act_embed"))
+
+
+def _block(p, x, *, cfg: TextConfig, cos, sin, mask, segment_ids, lengths, impl, dtype,
+           cache_kv=None, cache_index=None):
+    """One decoder block on [batch, seq, embed]; returns (x, (k, v) for the cache or None)."""
+    q, k, v = _qkv(p, x, cfg, cos, sin, dtype)
     new_kv = None
     if cache_kv is not None:
         ck, cv = cache_kv
@@ -113,16 +132,22 @@ def _block(p, x, *, cfg: TextConfig, cos, sin, mask, segment_ids, lengths, impl,
     # With a cache the mask carries causality (queries sit at cache.index onwards).
     out = attention(q, k, v, mask=mask, causal=cache_kv is None, segment_ids=segment_ids, lengths=lengths,
                     implementation=impl)
-    out = constrain(out, ("batch", "act_seq", "act_heads", None))
-    x = x + _proj(out.reshape(B, T, H * hd), p, "o_proj", dtype)
-    x = constrain(x, ("batch", "act_seq", "act_embed"))
-    h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
-    gate = _proj(h, p, "gate_proj", dtype)
-    up = _proj(h, p, "up_proj", dtype)
-    act = constrain(jax.nn.silu(gate) * up, ("batch", "act_seq", "act_mlp"))
-    x = x + _proj(act, p, "down_proj", dtype)
-    x = constrain(x, ("batch", "act_seq", "act_embed"))
-    return x, new_kv
+    return _out_mlp(p, x, out, cfg, dtype), new_kv
+
+
+def _prefix_block(p, xp, x, *, cfg: TextConfig, cos_p, sin_p, cos, sin, mask_p, mask, impl, dtype):
+    """One decoder block on a shared prefix xp [1, P, embed] and the rows x [batch, T, embed]
+    that continue it: the prefix attends causally to itself, each row to the whole prefix
+    and causally to itself. The prefix's k/v are broadcast to the rows, so autodiff sums
+    their gradients over the rows: exactly the block on the concatenated rows."""
+    qp, kp, vp = _qkv(p, xp, cfg, cos_p, sin_p, dtype)
+    q, k, v = _qkv(p, x, cfg, cos, sin, dtype)
+    out_p = attention(qp, kp, vp, mask=mask_p, causal=True, implementation=impl)
+    B = x.shape[0]
+    k = jnp.concatenate([jnp.broadcast_to(kp, (B,) + kp.shape[1:]), k], axis=1)
+    v = jnp.concatenate([jnp.broadcast_to(vp, (B,) + vp.shape[1:]), v], axis=1)
+    out = attention(q, k, v, mask=mask, causal=False, implementation=impl)
+    return _out_mlp(p, xp, out_p, cfg, dtype), _out_mlp(p, x, out, cfg, dtype)
 
 
 def layer_list(layers: "LlamaLayers", transpose: bool = True) -> list[dict]:
@@ -178,7 +203,8 @@ class LlamaModel(nnx.Module):
         return constrain(out, ("batch", "act_seq", "act_vocab"))
 
     def __call__(self, inputs_embeds, *, segment_ids=None, position_ids=None,
-                 cache: KVCache | None = None, packed: bool = False, layers: list[dict] | None = None):
+                 cache: KVCache | None = None, packed: bool = False, layers: list[dict] | None = None,
+                 prefix_embeds=None):
         """Final-norm hidden states [batch, seq, embed] and the updated cache (or None).
 
         segment_ids: [batch, seq], 1.. for tokens of each packed sample, 0 for padding
@@ -188,6 +214,12 @@ class LlamaModel(nnx.Module):
         layers (with a cache only): the decoder's parameters as one dict of arrays per layer
         (`layer_list`), run in a Python loop instead of the scan over the stacked arrays; the
         CPU inference path (see `layer_list`).
+        prefix_embeds (training, no cache, not packed): [1, P, embed], a prefix that every row
+        continues (e.g. BOS and the template's system prompt): it is computed once and each row
+        attends to it, instead of once per row; the rows then sit at positions P.. (the
+        default position_ids). Returns the rows' hidden states only. Equal to running the
+        concatenated rows; the attention of the rows is the XLA one (the flash kernels know
+        neither the shared keys nor their mask), so this pays off for short rows.
         """
         cfg = self.cfg
         dtype = DTYPES[self.dtype]
@@ -196,14 +228,34 @@ class LlamaModel(nnx.Module):
         if segment_ids is None:
             segment_ids = jnp.ones((B, T), jnp.int32)
         segment_ids = segment_ids.astype(jnp.int32)
+        P = 0 if prefix_embeds is None else prefix_embeds.shape[1]
         if position_ids is None:
-            position_ids = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+            position_ids = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)) + P
             if cache is not None:
                 position_ids = position_ids + cache.index
         cos, sin = rope_cos_sin(position_ids, cfg)
         params = stacked_values(self.layers)
 
-        if cache is None:
+        if prefix_embeds is not None:
+            if cache is not None or packed:
+                raise ValueError("prefix_embeds is for training on unpacked rows (no cache, not packed)")
+            impl = resolve_implementation(self.attention_impl, dtype, packed=False, decoding=False)
+            impl = impl if impl in ("xla", "xla_reference") else "xla"
+            xp = prefix_embeds.astype(dtype)
+            ones = jnp.ones((1, P), jnp.int32)
+            cos_p, sin_p = rope_cos_sin(jnp.arange(P, dtype=jnp.int32)[None], cfg)
+            mask_p = make_mask(ones, ones, causal=True)
+            mask = jnp.concatenate([jnp.ones((B, 1, T, P), bool),
+                                    make_mask(segment_ids, segment_ids, causal=True)], axis=-1)
+
+            def prefix_body(carry, p):
+                hp, h = carry
+                return _prefix_block(p, hp, h, cfg=cfg, cos_p=cos_p, sin_p=sin_p, cos=cos, sin=sin,
+                                     mask_p=mask_p, mask=mask, impl=impl, dtype=dtype), None
+
+            (_, x), _ = scan_layers(prefix_body, (xp, x), params, remat=self.remat)
+            new_cache = None
+        elif cache is None:
             impl = resolve_implementation(self.attention_impl, dtype, packed=packed, decoding=False)
             mask = (make_mask(segment_ids, segment_ids, causal=True)
                     if impl in ("xla", "xla_reference") else None)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qilin_jax.models.adapter import Adapter
-from qilin_jax.models.common import DTYPES, dense, scan_unroll
+from qilin_jax.models.common import dense, scan_unroll
 from qilin_jax.models.configs import QilinConfig
 from qilin_jax.models.llama import KVCache, LlamaModel
 from qilin_jax.models.vit import VisionTransformer
@@ -159,12 +159,19 @@ class QilinMedVL(nnx.Module):
 
     def __call__(self, input_ids, pixel_values=None, attention_mask=None, *, labels=None,
                  position_ids=None, segment_ids=None, cache: KVCache | None = None,
-                 packed: bool = False, return_logits: bool = True) -> QilinOutput:
+                 packed: bool = False, return_logits: bool = True, prefix_ids=None) -> QilinOutput:
         """Logits (and loss when labels are given) for token ids [batch, seq] and images.
 
         attention_mask: 1 for real tokens, 0 for padding (None = all ones). segment_ids
         (packed rows) takes precedence over attention_mask. position_ids default to
         0..n-1 over the real tokens of each row.
+
+        prefix_ids (training): [P] text ids (no image token) that every row starts with but
+        that were cut from input_ids, labels and the masks (`train.shared_prefix`): the
+        decoder computes them once for the whole batch and the rows attend to them; positions
+        then start at P. The prefix has no labels, and the label of the rows' first token
+        must be -100 too (the prefix's last position would predict it). Loss, logits and
+        gradients equal those of the full rows.
         """
         input_ids = jnp.asarray(input_ids)
         if pixel_values is not None:
@@ -172,11 +179,13 @@ class QilinMedVL(nnx.Module):
         if segment_ids is None:
             segment_ids = (jnp.ones_like(input_ids) if attention_mask is None
                            else jnp.asarray(attention_mask)).astype(jnp.int32)
+        P = 0 if prefix_ids is None else math.prod(jnp.shape(prefix_ids))
         if position_ids is None and cache is None:
-            position_ids = jnp.maximum(jnp.cumsum(segment_ids != 0, axis=1) - 1, 0).astype(jnp.int32)
+            position_ids = jnp.maximum(jnp.cumsum(segment_ids != 0, axis=1) - 1, 0).astype(jnp.int32) + P
         emb = self.embed_inputs(input_ids, pixel_values)
+        prefix_embeds = None if prefix_ids is None else self.llm.embed(jnp.reshape(prefix_ids, (1, P)))
         hidden, new_cache = self.llm(emb, segment_ids=segment_ids, position_ids=position_ids,
-                                     cache=cache, packed=packed)
+                                     cache=cache, packed=packed, prefix_embeds=prefix_embeds)
         loss = n = None
         if labels is not None:
             total, n = cross_entropy(hidden, self.llm.head_kernel(), shift_labels(jnp.asarray(labels)),

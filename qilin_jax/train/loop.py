@@ -177,17 +177,80 @@ def init_params(parts: ModelParts, seed: int, checkpoint: str | None, mesh, rule
 
 # --- batches --------------------------------------------------------------------------------
 
+SEQ_KEYS = ("input_ids", "labels", "attention_mask", "segment_ids", "position_ids")
+# Below this many tokens a shared preamble is not worth the prefix path ("plain" has only BOS).
+MIN_SHARED_PREFIX = 8
+
+
+def split_shared_prefix(local: dict, prefix: np.ndarray) -> dict | None:
+    """The host batch with `prefix` cut from the front of every row and added once as
+    `prefix_ids` (train.shared_prefix), or None if the batch does not allow it: a row that
+    does not start with it, padding or a position other than 0.. inside it, or a label on
+    it or on the first token after it (the prefix's last position would predict that one).
+    The model then computes the prefix once for the batch (QilinMedVL `prefix_ids`)."""
+    P = len(prefix)
+    ids = local["input_ids"]
+    if P == 0 or ids.ndim != 2 or ids.shape[1] <= P or not np.array_equal(
+            ids[:, :P], np.broadcast_to(prefix, (ids.shape[0], P))):
+        return None
+    if np.any(local["labels"][:, :P + 1] != IGNORE_INDEX):
+        return None
+    for k in ("attention_mask", "segment_ids"):
+        if k in local and np.any(local[k][:, :P] != 1):
+            return None
+    if "position_ids" in local and np.any(local["position_ids"][:, :P] != np.arange(P)):
+        return None
+    out = {k: (v[:, P:] if k in SEQ_KEYS else v) for k, v in local.items()}
+    out["prefix_ids"] = np.asarray(prefix, np.int32)
+    return out
+
+
+def stage_shared_prefix(cfg: RunConfig, data_cfg, tokenizer, model_cfg) -> np.ndarray | None:
+    """The preamble the rows of this stage's batches share (train.shared_prefix), or None:
+    off, packed rows (several samples per row), or a template whose preamble is too short."""
+    if not cfg.train.shared_prefix:
+        return None
+    if data_cfg.packing:
+        log.info("train.shared_prefix: off for packed rows")
+        return None
+    from qilin_jax.data.conversation import template_preamble
+
+    prefix = template_preamble(tokenizer, data_cfg.template, image_token_id=model_cfg.image_token_id)
+    if len(prefix) < MIN_SHARED_PREFIX:
+        log.info("train.shared_prefix: the %r template's preamble has %d token(s); not shared",
+                 data_cfg.template, len(prefix))
+        return None
+    log.info("train.shared_prefix: the %d-token %r preamble runs once per batch",
+             len(prefix), data_cfg.template)
+    return prefix
+
+
+def all_processes_agree(flag: bool) -> bool:
+    """Whether `flag` holds on every process (one small all-gather when there are several:
+    all of them must compile and run the same step)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.array([flag], np.int32))))
+
+
 def batch_shardings(mesh, rules, example: dict) -> dict:
-    """Shardings of a micro-stacked global batch: dim 1 (rows) over the batch axes."""
+    """Shardings of a micro-stacked global batch: dim 1 (rows) over the batch axes; the
+    shared prefix (one copy for all rows) replicated."""
     out = {}
     for k, v in example.items():
+        if k == "prefix_ids":
+            out[k] = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+            continue
         spec = S.spec_for((None, "batch") + (None,) * (v.ndim - 2), v.shape, mesh, rules)
         out[k] = jax.sharding.NamedSharding(mesh, spec)
     return out
 
 
 def to_global(local: dict, shardings: dict) -> dict:
-    """Global jax arrays from this process's batch (multi-host: each host gives its rows)."""
+    """Global jax arrays from this process's batch (multi-host: each host gives its rows;
+    the replicated shared prefix is the same on every host)."""
     out = {}
     for k, v in local.items():
         sh = shardings[k]
@@ -225,7 +288,8 @@ def pad_to_common_length(local: dict) -> dict:
 def global_shape_example(local: dict) -> dict:
     """ShapeDtypeStructs of the global batch (rows of all processes)."""
     n = jax.process_count()
-    return {k: jax.ShapeDtypeStruct((v.shape[0], v.shape[1] * n) + v.shape[2:], v.dtype)
+    return {k: jax.ShapeDtypeStruct(v.shape if k == "prefix_ids" else
+                                    (v.shape[0], v.shape[1] * n) + v.shape[2:], v.dtype)
             for k, v in local.items()}
 
 
@@ -309,6 +373,8 @@ class StageResult:
     skipped_nonfinite: int = 0
     data_stats: dict = field(default_factory=dict)
     seconds: float = 0.0
+    shared_prefix_tokens: int = 0  # train.shared_prefix: the preamble's length (0 = off)
+    unshared_batches: int = 0  # batches it did not fit, run whole
 
 
 def stage_total_steps(stage: StageConfig, loader, data_cfg) -> int:
@@ -402,6 +468,8 @@ def run_stage(cfg: RunConfig, stage: StageConfig, parts: ModelParts, params: dic
         start = latest
         log.info("stage %s: resumed from step %d", stage.name, latest)
 
+    prefix = stage_shared_prefix(cfg, data_cfg, tokenizer, parts.config)
+    unshared = 0  # batches the shared prefix did not fit (run whole)
     writer = MetricsWriter(cfg.run_dir, cfg.logging, stage.name)
     profiler = StepProfiler(cfg.train.profile_steps, os.path.join(stage_dir, "profile"))
     signals = _Signals(cfg.checkpoint.save_on_signal)
@@ -410,7 +478,7 @@ def run_stage(cfg: RunConfig, stage: StageConfig, parts: ModelParts, params: dic
     result = StageResult(stage.name, final_dir, start)
     n_dev = jax.device_count()
     peak = cfg.train.peak_tflops or device_peak_tflops(jax.devices()[0])
-    step_fn = None
+    step_fns: dict = {}  # with / without a shared prefix: (jitted step, batch shardings)
     pending: list = []
     host_step = start
     t_last = time.time()
@@ -477,14 +545,26 @@ def run_stage(cfg: RunConfig, stage: StageConfig, parts: ModelParts, params: dic
                 log.warning("stage %s: data ended after %d of %d steps", stage.name, host_step, total)
                 break
             local = pad_to_common_length(local)
-            micro = stack_micro(local, accum)
+            shared = None if prefix is None else split_shared_prefix(local, prefix)
+            if prefix is not None and not all_processes_agree(shared is not None):
+                shared = None
+                unshared += 1
+                if unshared == 1:
+                    log.warning("stage %s: step %d: a batch does not start with the shared prefix "
+                                "in every row; such batches run whole (counted in the summary)",
+                                stage.name, host_step + 1)
+            micro = stack_micro(shared or local, accum)
+            if shared is not None:
+                micro["prefix_ids"] = np.broadcast_to(prefix, (accum, len(prefix))).astype(np.int32)
             if host_step + 1 in nan_steps:  # test hook: poison this batch
                 micro = {**micro, "pixel_values": np.full_like(micro["pixel_values"], np.nan)}
-            if step_fn is None:
+            key = shared is not None
+            if key not in step_fns:
                 b_sh = batch_shardings(mesh, rules, global_shape_example(micro))
-                step_fn = compile_train_step(parts.graphdef, tx, schedule, state_shardings=state_sh,
-                                             frozen_shardings=f_sh, batch_shardings=b_sh,
-                                             packed=bool(data_cfg.packing))
+                step_fns[key] = (compile_train_step(
+                    parts.graphdef, tx, schedule, state_shardings=state_sh, frozen_shardings=f_sh,
+                    batch_shardings=b_sh, packed=bool(data_cfg.packing)), b_sh)
+            step_fn, b_sh = step_fns[key]
             gb = to_global(micro, b_sh)
             profiler.before(host_step + 1)
             with S.activation_sharding(mesh, rules):
@@ -493,11 +573,15 @@ def run_stage(cfg: RunConfig, stage: StageConfig, parts: ModelParts, params: dic
             profiler.after(host_step, (state, metrics))
             steps_since += 1
             tokens_since += int(local["attention_mask"].sum()) * jax.process_count()
-            B, T = local["input_ids"].shape
+            B, T = (shared or local)["input_ids"].shape
+            llm_trainable = any(p.startswith("llm") for p in stage.trainable)
             flops_since += step_flops(parts.config, B * jax.process_count(), T,
                                       int(local["image_valid"].sum()) * jax.process_count(),
-                                      llm_trainable=any(p.startswith("llm") for p in stage.trainable),
+                                      llm_trainable=llm_trainable,
                                       head_tokens=head_tokens(parts.config, local, jax.process_count()))
+            if shared is not None:  # the prefix, once per micro-batch (its attention to the rows' keys aside)
+                flops_since += accum * step_flops(parts.config, 1, len(prefix), 0,
+                                                  llm_trainable=llm_trainable, head_tokens=0)
             pending.append((host_step, metrics))
             if bar is not None:
                 bar.update(1)
@@ -530,6 +614,8 @@ def run_stage(cfg: RunConfig, stage: StageConfig, parts: ModelParts, params: dic
         if bar is not None:
             bar.close()
         result.data_stats = loader.stats()
+        result.shared_prefix_tokens = 0 if prefix is None else len(prefix)
+        result.unshared_batches = unshared
         loader.close()
     result.steps = host_step
     final = combine(state.trainable, frozen)

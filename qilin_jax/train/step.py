@@ -43,7 +43,7 @@ def loss_terms(graphdef, trainable, frozen, micro, *, packed: bool):
     model = nnx.merge(graphdef, combine(trainable, frozen))
     out = model(micro["input_ids"], micro.get("pixel_values"), labels=micro["labels"],
                 segment_ids=micro["segment_ids"], position_ids=micro.get("position_ids"),
-                packed=packed, return_logits=False)
+                packed=packed, return_logits=False, prefix_ids=micro.get("prefix_ids"))
     n = out.num_tokens.astype(jnp.float32)
     return out.loss * n, n
 
