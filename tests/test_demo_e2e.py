@@ -16,7 +16,7 @@ def test_short_demo_learns(tmp_path):  # ~8 min on 2 cores
         f"demo.data_dir={data}", "demo.n_align=800", "demo.n_instruct=600", "demo.n_heldout=100",
         f"data.paths=[{data}/alignment.json]", f"data.image_folder={data}/images",
         f"stages.0.data.paths=[{data}/grounding.json]",
-        f"stages.1.data.paths=[{data}/count_size.json,{data}/grounding_size.json]",
+        f"stages.1.data.paths=[{data}/count_size.json,{data}/grounding_size.json,{data}/grounding.json]",
         f"stages.3.data.paths=[{data}/instruction.json]",
         "stages.0.max_steps=400", "stages.1.max_steps=100", "stages.2.max_steps=5", "stages.3.max_steps=200",
         f"eval.json={data}/heldout.json", f"eval.image_folder={data}/images",
