@@ -240,21 +240,13 @@ def test_grad_accum_step_sees_batch_size_times_accum_rows(curriculum, tmp_path):
     """data.batch_size=2 with grad_accum_steps=2 trains on the same 4 rows per optimizer step
     as the reference's batch_size=4 without accumulation (the loader batch is one step, split
     into micro-batches): same token counts, losses and final parameters (<= 1e-5)."""
-    raw, ref_run, ref_rows = curriculum
+    raw, ref_run, _ = curriculum
     cfg = _config_copy(raw, tmp_path)
     run = tmp_path / "runs" / "run"
     p = H.run_main(cfg, "data.batch_size=2", "stages.0.grad_accum_steps=2",
                    "stages.1.grad_accum_steps=2")
     assert p.returncode == 0, p.stderr[-4000:]
-    got, want = H.by_step(H.read_metrics(run)), H.by_step(ref_rows)
-    assert got.keys() == want.keys()
-    for key in want:
-        assert got[key]["tokens"] == want[key]["tokens"], key
-        for k in ("loss", "grad_norm"):
-            np.testing.assert_allclose(got[key][k], want[key][k], rtol=1e-5, err_msg=f"{key} {k}")
-    a, b = H.final_params(run, "stage2"), H.final_params(ref_run, "stage2")
-    for k in b:
-        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    H.assert_same_training(run, ref_run)
 
 
 def test_shared_prefix_run_equals_whole_rows(curriculum, tmp_path):
@@ -262,7 +254,7 @@ def test_shared_prefix_run_equals_whole_rows(curriculum, tmp_path):
     v1 stage runs its 45-token preamble once per micro-batch and matches the reference run
     (whole rows, no accumulation) in tokens, losses, gradient norms and final parameters; the
     plain-template stage (preamble = BOS only) is left as it is."""
-    raw, ref_run, ref_rows = curriculum
+    raw, ref_run, _ = curriculum
     cfg = _config_copy(raw, tmp_path)
     run = tmp_path / "runs" / "run"
     p = H.run_main(cfg, "train.shared_prefix=true", "data.batch_size=2",
@@ -272,12 +264,4 @@ def test_shared_prefix_run_equals_whole_rows(curriculum, tmp_path):
     assert summary["stage1"]["shared_prefix_tokens"] == 0
     assert summary["stage2"]["shared_prefix_tokens"] == 45
     assert summary["stage2"]["unshared_batches"] == 0
-    got, want = H.by_step(H.read_metrics(run)), H.by_step(ref_rows)
-    assert got.keys() == want.keys()
-    for key in want:
-        assert got[key]["tokens"] == want[key]["tokens"], key
-        for k in ("loss", "grad_norm"):
-            np.testing.assert_allclose(got[key][k], want[key][k], rtol=1e-5, err_msg=f"{key} {k}")
-    a, b = H.final_params(run, "stage2"), H.final_params(ref_run, "stage2")
-    for k in b:
-        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    H.assert_same_training(run, ref_run)

@@ -188,3 +188,22 @@ def final_params(run_dir: Path, stage: str) -> dict:
     model = qilin_jax.load_pretrained(str(Path(run_dir) / stage / "final"))
     flat = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param).to_pure_dict())[0]
     return {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}
+
+
+def assert_same_training(run: Path, ref_run: Path, stage: str = "stage2") -> None:
+    """Two runs trained the same rows to the same result: every logged step with the same
+    token count and learning rate, losses and gradient norms within 1e-5, and the final
+    parameters of `stage` within 1e-5 (float summation order may differ between them)."""
+    import numpy as np
+
+    got, want = by_step(read_metrics(run)), by_step(read_metrics(ref_run))
+    assert got.keys() == want.keys(), (sorted(got), sorted(want))
+    for key in want:
+        assert got[key]["tokens"] == want[key]["tokens"], key  # the same rows
+        assert got[key]["lr"] == want[key]["lr"], key
+        for k in ("loss", "grad_norm"):
+            np.testing.assert_allclose(got[key][k], want[key][k], rtol=1e-5, err_msg=f"{key} {k}")
+    a, b = final_params(run, stage), final_params(ref_run, stage)
+    assert a.keys() == b.keys()
+    for k in b:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
