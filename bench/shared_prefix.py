@@ -26,7 +26,6 @@ sys.path.insert(0, str(ROOT))
 
 def measure_stage(cfg, stage, tokenizer, mesh, rules, parts, params, repeats: int, steps: int) -> dict:
     import jax
-    import numpy as np
 
     from qilin_jax import sharding as S
     from qilin_jax.data.pipeline import make_loader
@@ -51,8 +50,6 @@ def measure_stage(cfg, stage, tokenizer, mesh, rules, parts, params, repeats: in
     built = {}
     for name, batch in (("whole", local), ("shared", shared)):
         micro = stack_micro(batch, 1)
-        if name == "shared":
-            micro["prefix_ids"] = np.asarray(prefix, np.int32)[None]
         state, frozen, state_sh, f_sh = L.init_stage_state(parts, params, stage.trainable, tx, mesh)
         b_sh = L.batch_shardings(mesh, rules, L.global_shape_example(micro))
         fn = compile_train_step(parts.graphdef, tx, schedule, state_shardings=state_sh,

@@ -70,6 +70,12 @@ def test_split_shared_prefix_cuts_every_sequence_key():
     for k in ("input_ids", "labels", "attention_mask", "segment_ids", "position_ids"):
         np.testing.assert_array_equal(out[k], local[k][:, 10:], err_msg=k)
     assert out["pixel_values"] is local["pixel_values"] and out["image_valid"] is local["image_valid"]
+    # micro-batches (gradient accumulation): rows split, the one prefix given to each
+    from qilin_jax.train.step import stack_micro
+
+    micro = stack_micro(out, 3)
+    assert micro["input_ids"].shape == (3, 1, out["input_ids"].shape[1])
+    np.testing.assert_array_equal(micro["prefix_ids"], np.stack([prefix] * 3))
 
 
 @pytest.mark.parametrize("break_it", ["other_token", "label_after_prefix", "label_in_prefix",

@@ -554,8 +554,6 @@ def run_stage(cfg: RunConfig, stage: StageConfig, parts: ModelParts, params: dic
                                 "in every row; such batches run whole (counted in the summary)",
                                 stage.name, host_step + 1)
             micro = stack_micro(shared or local, accum)
-            if shared is not None:
-                micro["prefix_ids"] = np.broadcast_to(prefix, (accum, len(prefix))).astype(np.int32)
             if host_step + 1 in nan_steps:  # test hook: poison this batch
                 micro = {**micro, "pixel_values": np.full_like(micro["pixel_values"], np.nan)}
             key = shared is not None

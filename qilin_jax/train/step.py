@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -90,10 +91,14 @@ def compile_train_step(graphdef, tx, schedule, *, state_shardings=None, frozen_s
 
 
 def stack_micro(batch: dict, accum: int) -> dict:
-    """Reshape [accum*B, ...] host arrays to [accum, B, ...] (only the model's keys)."""
+    """Reshape [accum*B, ...] host arrays to [accum, B, ...] (only the model's keys); a shared
+    prefix (`prefix_ids` [P], train.shared_prefix) is the same for every micro-batch: [accum, P]."""
     out = {}
     for k in BATCH_KEYS:
         if k in batch:
             v = batch[k]
             out[k] = v.reshape((accum, v.shape[0] // accum) + v.shape[1:])
+    if "prefix_ids" in batch:
+        p = np.asarray(batch["prefix_ids"], np.int32)
+        out["prefix_ids"] = np.broadcast_to(p, (accum,) + p.shape).copy()
     return out
