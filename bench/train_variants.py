@@ -38,10 +38,13 @@ VARIANTS = {
     "loss_every_position": {"loss_supervised_only": False},
     # jax.nn.dot_product_attention instead of our XLA attention (custom VJP, causal blocks)
     "attention_reference": {"attention": "xla_reference"},
+    # the plain optax chain (clip_by_global_norm -> adamw) with the step's keep-selects after
+    # it, instead of GuardedAdamW (the same numbers; train/optim.py says why it is faster)
+    "optimizer_reference": {"_optimizer": "reference"},
 }
 
 
-def build(cfg, batch, stage: str, donate: bool):
+def build(cfg, batch, stage: str, donate: bool, optimizer: str = "guarded"):
     """(compiled step, state, frozen, global batch) for one variant."""
     import jax
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -62,6 +65,8 @@ def build(cfg, batch, stage: str, donate: bool):
     gbatch = L.to_global(micro, b_sh)
     st = StageConfig(name=stage, trainable=STAGES[stage], learning_rate=1e-5, warmup_ratio=0.0)
     tx, schedule = make_optimizer(st, 1000)
+    if optimizer == "reference":
+        tx = tx.reference
     state, frozen, state_sh, f_sh = L.init_stage_state(parts, params, st.trainable, tx, mesh)
     repl = NamedSharding(mesh, P())
     import functools
@@ -94,11 +99,12 @@ def main(argv=None) -> None:
         change = dict(VARIANTS[name])
         donate = change.pop("_donate", True)
         unroll = change.pop("_unroll", False)
+        optimizer = change.pop("_optimizer", "guarded")
         cfg = dataclasses.replace(base, **change)
         from qilin_jax.models.common import unrolled_scans
 
         with unrolled_scans() if unroll else contextlib.nullcontext():
-            compiled, state, frozen, gb = build(cfg, batch, args.stage, donate)
+            compiled, state, frozen, gb = build(cfg, batch, args.stage, donate, optimizer)
         m = compiled.memory_analysis()
         mem[name] = {"temp_mb": round(m.temp_size_in_bytes / 2**20, 1),
                      "argument_mb": round(m.argument_size_in_bytes / 2**20, 1),

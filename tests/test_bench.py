@@ -182,3 +182,17 @@ def test_shared_prefix_bench_tiny(tmp_path, capsys):
     assert r["first_loss_shared"] == pytest.approx(r["first_loss_whole"], rel=1e-5)
     with pytest.raises(SystemExit, match="unknown stage"):
         SP.main(["--config", str(cfg), "--stages", "stage9"])
+
+
+def test_optimizer_bench_tiny(tiny_bench, capsys):
+    """bench/optimizer.py on the tiny config: both updates run, give the same parameters bit for
+    bit, and the guarded one makes no whole-array copies of the optimizer state."""
+    from bench import optimizer as O
+
+    out = _run(O.main, ["--config", tiny_bench, "--repeats", "1"], capsys)
+    assert out["same_result"] is True
+    assert out["trainable_params"] > 0 and out["guarded_s"] > 0 and out["reference_s"] > 0
+    assert out["guarded_over_reference"] == pytest.approx(out["guarded_s"] / out["reference_s"], rel=1e-2)
+    assert out["memory"]["guarded"]["copies"] == 0
+    out1 = _run(O.main, ["--config", tiny_bench, "--repeats", "1", "--stage", "stage1"], capsys)
+    assert 0 < out1["trainable_params"] < out["trainable_params"]

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from qilin_jax.train.optim import combine
+from qilin_jax.train.optim import GuardedAdamW, combine
 
 BATCH_KEYS = ("input_ids", "labels", "attention_mask", "segment_ids", "position_ids",
               "pixel_values", "image_valid")
@@ -66,11 +66,15 @@ def train_step(graphdef, tx, schedule, state: TrainState, frozen, batch, *, pack
     loss = lsum / n
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt = tx.update(grads, state.opt_state, state.trainable)
-    new_params = optax.apply_updates(state.trainable, updates)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    if isinstance(tx, GuardedAdamW):  # it keeps its old state itself where not finite
+        updates, new_opt = tx.update(grads, state.opt_state, state.trainable, finite=finite)
+    else:
+        updates, new_opt = tx.update(grads, state.opt_state, state.trainable)
+        new_opt = keep(new_opt, state.opt_state)
+    new_params = optax.apply_updates(state.trainable, updates)
     new_state = TrainState(jnp.where(finite, state.step + 1, state.step),
-                           keep(new_params, state.trainable), keep(new_opt, state.opt_state),
+                           keep(new_params, state.trainable), new_opt,
                            jax.random.fold_in(state.rng, state.step))
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
                "tokens": n, "finite": finite}
