@@ -1,14 +1,15 @@
 """The Grain loader: batch format, buckets, shuffling/epochs, sharding, packing, resume."""
 
+import dataclasses
 import json
-from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from qilin_jax.data import DataConfig, make_loader
 from qilin_jax.data.images import load_and_preprocess
-from qilin_jax.data.pipeline import bucket_for, plan_rows
+from qilin_jax.data.pipeline import bucket_for, estimate_packed_rows, plan_rows
 from tests.data_fixtures import (  # noqa: F401  (tokenizer is a fixture)
     answers_in_batch,
     make_llava_dataset,
@@ -142,6 +143,46 @@ def test_packing(dataset, tokenizer):
                 assert np.array_equal(b["pixel_values"][r, j], ref)  # k-th run <-> slot k
     assert sorted(numbers) == list(range(N))
     assert loader.stats()["padding_fraction"] < unpacked[0].stats()["padding_fraction"]
+
+
+def test_estimate_packed_rows_matches_the_loader(dataset, tokenizer):
+    """With one packing window over the whole (small) source, the estimate is exact: the rows
+    the loader packs from one epoch. Tokenization only: no image is decoded."""
+    cfg = cfg_for(dataset, packing=True, pack_length=192, batch_size=2, pack_buffer=16, num_epochs=1)
+    est = estimate_packed_rows(cfg, tokenizer, _source(cfg))
+    assert est["whole_source"] and est["sampled"] == N and est["skipped"] == 0
+    loader, _ = run(cfg, tokenizer)
+    rows = loader.stats()["rows"]
+    assert est["rows_per_sample"] * N == pytest.approx(rows)
+    assert est["samples_per_row"] == pytest.approx(N / rows)
+    assert 1 < est["samples_per_row"] <= cfg.image_slots()
+
+
+def test_estimate_packed_rows_counts_skips_and_samples(tmp_path, tokenizer):
+    """A sample whose image is missing makes no row but counts as a source sample; a source
+    bigger than the sample size is estimated from a seeded subset (the same on every call)."""
+    from tests.data_fixtures import make_llava_dataset as make
+
+    path, img = make(tmp_path / "d", n=12)
+    (Path(img) / "PMC0003_Fig1_3.jpg").unlink()
+    cfg = cfg_for((path, img), packing=True, pack_length=192, batch_size=2, pack_buffer=4)
+    est = estimate_packed_rows(cfg, tokenizer, _source(cfg))
+    assert est["skipped"] == 1 and est["sampled"] == 12
+    loader, _ = run(dataclasses.replace(cfg, pack_buffer=16, num_epochs=1), tokenizer)
+    assert loader.skip_summary()["skipped"] == {"missing_image": 1}
+    # At least four packing windows are sampled (4 x 4 > 12 here: the whole source).
+    assert estimate_packed_rows(cfg, tokenizer, _source(cfg), max_samples=5) == est
+    small = dataclasses.replace(cfg, pack_buffer=1)
+    a = estimate_packed_rows(small, tokenizer, _source(small), max_samples=6)
+    b = estimate_packed_rows(small, tokenizer, _source(small), max_samples=6)
+    assert a == b and a["sampled"] == 6 and not a["whole_source"]
+    assert a["rows_per_sample"] * 6 == 6 - a["skipped"]  # one sample per window: one row each
+
+
+def _source(cfg):
+    from qilin_jax.data.sources import open_source
+
+    return open_source(cfg.format, cfg.paths, cfg.image_folder, cfg.split)
 
 
 def test_plan_rows_best_fit():

@@ -265,3 +265,28 @@ def test_shared_prefix_run_equals_whole_rows(curriculum, tmp_path):
     assert summary["stage2"]["shared_prefix_tokens"] == 45
     assert summary["stage2"]["unshared_batches"] == 0
     H.assert_same_training(run, ref_run)
+
+
+def test_packed_stage_counts_packed_rows(data_dir, tmp_path):
+    """A packed stage without max_steps: the step count is one epoch of packed rows (the
+    estimate from the source, here all of it), not of samples, and the stage runs exactly that
+    many steps, with the schedule made for that count, without running out of data."""
+    raw = H.base_config(data_dir, tmp_path / "runs", steps=(6, None))
+    raw["stages"][0].pop("max_steps")
+    raw["stages"][0]["num_epochs"] = 1
+    raw["data"].update({"packing": True, "pack_length": 256, "pack_buffer": 64})
+    p = H.run_main(H.write_config(tmp_path / "cfg.yaml", raw))
+    assert p.returncode == 0, p.stderr[-4000:]
+    run = tmp_path / "runs" / "run"
+    est = json.loads((run / "train_summary.json").read_text())[0]["packing_estimate"]
+    assert est["whole_source"] and est["sampled"] == 48 and est["samples_per_row"] > 1.5
+    steps = int(48 * est["rows_per_sample"]) // 4  # rows per epoch // batch_size
+    assert 1 <= steps < 48 // 4  # fewer steps than one epoch of unpacked samples (12)
+    rows = H.read_metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    assert "data ended" not in p.stderr
+    assert f"-> {steps} steps for 1" in p.stderr
+    from qilin_jax.train.optim import warmup_cosine
+
+    schedule = warmup_cosine(1.0e-3, steps, 0.03)
+    assert [r["lr"] for r in rows] == pytest.approx([float(schedule(i)) for i in range(steps)], rel=1e-6)

@@ -26,7 +26,7 @@ import logging
 import os
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Optional
 
 import grain
 import numpy as np
@@ -498,6 +498,43 @@ class Batches(grain.IterDataset):
 # Packing and collation
 
 
+# Source samples `estimate_packed_rows` tokenizes (at least 4 packing windows' worth).
+PACK_ESTIMATE_SAMPLES = 2048
+
+
+def estimate_packed_rows(cfg: "DataConfig", tokenizer, source, max_samples: int = PACK_ESTIMATE_SAMPLES) -> dict:
+    """How many packed rows the loader makes per source sample, for step counting.
+
+    Runs a seeded random sample of the source (all of it when it is small) through the loader's
+    own per-sample code without decoding images (tokenization, templates, the checks that skip
+    bad rows) and packs it with `plan_rows` in windows of `pack_buffer` samples, as the loader
+    does. The sample is drawn from the whole source with `cfg.seed`, so every process of a
+    multi-host run gets the same figure. Returns {"rows_per_sample", "samples_per_row",
+    "sampled", "skipped", "whole_source"}; rows_per_sample counts skipped samples as samples
+    (they make no row), so rows per epoch ~ source samples x rows_per_sample.
+    """
+    n = len(source)
+    k = min(n, max(max_samples, 4 * cfg.pack_buffer))
+    rng = np.random.default_rng(cfg.seed)
+    order = np.arange(n) if k == n else np.sort(rng.choice(n, size=k, replace=False))
+    order = rng.permutation(order)  # windows of a shuffled order, like the loader's
+    proc = SampleProcessor(cfg, tokenizer, source, n, decode_images=False)
+    lengths, images, skipped = [], [], 0
+    for i in order:
+        try:
+            out = proc.process(int(i))
+        except DataError:
+            skipped += 1
+            continue
+        lengths.append(len(out["input_ids"]))
+        images.append(out["pixel_values"].shape[0])
+    rows, buf = 0, int(cfg.pack_buffer)
+    for j in range(0, len(lengths), buf):
+        rows += len(plan_rows(lengths[j:j + buf], images[j:j + buf], cfg.row_length(), cfg.image_slots()))
+    return {"rows_per_sample": rows / k, "samples_per_row": (len(lengths) / rows) if rows else 0.0,
+            "sampled": int(k), "skipped": skipped, "whole_source": k == n}
+
+
 def plan_rows(lengths, n_images, capacity: int, image_slots: int) -> list[list[int]]:
     """Returns rows as lists of sample indices: best-fit decreasing on tokens within image slots.
 
@@ -588,8 +625,9 @@ class Loader:
     STATE_VERSION = 1
 
     def __init__(self, dataset, cfg: DataConfig, filter_ds, batches_ds, process_index, process_count,
-                 num_samples):
+                 num_samples, source=None, tokenizer=None):
         self.cfg = cfg
+        self.source, self.tokenizer = source, tokenizer  # for estimate_packed_rows
         self.dataset = dataset  # the grain IterDataset
         self._filter_ds = filter_ds
         self._batches_ds = batches_ds
@@ -720,4 +758,5 @@ def make_loader(
     collate = Collate(cfg.batch_size, cfg.seq_buckets, slots, cfg.image_size,
                       fixed_length=cfg.pack_length if cfg.packing else None)
     batches = Batches(rows, collate, cfg.batch_size, cfg.drop_remainder)
-    return Loader(batches, cfg, filt, batches, process_index, process_count, per_process)
+    return Loader(batches, cfg, filt, batches, process_index, process_count, per_process,
+                  source=source, tokenizer=tokenizer)

@@ -375,17 +375,26 @@ class StageResult:
     seconds: float = 0.0
     shared_prefix_tokens: int = 0  # train.shared_prefix: the preamble's length (0 = off)
     unshared_batches: int = 0  # batches it did not fit, run whole
+    packing_estimate: dict | None = None  # packed stages without max_steps: what set the step count
 
 
-def stage_total_steps(stage: StageConfig, loader, data_cfg) -> int:
-    """Optimizer updates of a stage: max_steps, or epochs x batches per epoch (estimated for
-    packed rows from the mean sample length)."""
+def stage_total_steps(stage: StageConfig, loader, data_cfg, packing_estimate: dict | None = None) -> int:
+    """Optimizer updates of a stage: max_steps, or epochs x batches per epoch. Unpacked, a batch
+    is batch_size samples; packed, batch_size rows of several samples each, so the rows per
+    epoch come from `packing_estimate` (`pipeline.estimate_packed_rows`: source samples x rows
+    per sample). Packed stages repeat their data (run_stage), so this count, not the end of
+    the data, ends the stage and its schedule."""
     if stage.max_steps is not None:
         return int(stage.max_steps)
     per_batch = data_cfg.batch_size  # run_stage made it batch_size x grad_accum_steps
-    per_epoch = loader.num_samples // per_batch
+    rows = loader.num_samples
+    what = "samples"
+    if packing_estimate is not None:
+        rows = int(loader.num_samples * packing_estimate["rows_per_sample"])
+        what = f"samples (~{rows} packed rows)"
+    per_epoch = rows // per_batch
     if per_epoch < 1:
-        raise TrainingError(f"stage {stage.name}: {loader.num_samples} samples per process make no "
+        raise TrainingError(f"stage {stage.name}: {loader.num_samples} {what} per process make no "
                             f"batch of {per_batch} (batch_size x grad_accum_steps)")
     return max(1, int(stage.num_epochs * per_epoch))
 
@@ -438,12 +447,23 @@ def run_stage(cfg: RunConfig, stage: StageConfig, parts: ModelParts, params: dic
     # One loader batch is one optimizer step: data.batch_size rows per micro-batch times
     # grad_accum_steps (stack_micro splits it), so a step sees batch_size x accum rows.
     data_cfg.batch_size *= accum
-    if stage.max_steps is not None:
-        data_cfg.num_epochs = None  # repeat: the step count decides
+    if stage.max_steps is not None or data_cfg.packing:
+        # Repeat: the step count decides. Packed rows per epoch are estimated, and they differ
+        # between processes at an epoch's end: the data must not end before the schedule does.
+        data_cfg.num_epochs = None
     elif data_cfg.num_epochs is not None:
         data_cfg.num_epochs = int(math.ceil(stage.num_epochs))
     loader = make_loader(data_cfg, tokenizer)
-    total = stage_total_steps(stage, loader, data_cfg)
+    packing_estimate = None
+    if data_cfg.packing and stage.max_steps is None:
+        from qilin_jax.data.pipeline import estimate_packed_rows
+
+        packing_estimate = estimate_packed_rows(data_cfg, loader.tokenizer, loader.source)
+    total = stage_total_steps(stage, loader, data_cfg, packing_estimate)
+    if packing_estimate is not None:
+        log.info("stage %s: packing ~%.2f samples per row (from %d samples%s) -> %d steps for %s "
+                 "epoch(s)", stage.name, packing_estimate["samples_per_row"], packing_estimate["sampled"],
+                 ", the whole source" if packing_estimate["whole_source"] else "", total, stage.num_epochs)
 
     check_patterns(params, stage.trainable, f"stages.{stage.name}.trainable")
     tx, schedule = make_optimizer(stage, total)
@@ -476,6 +496,7 @@ def run_stage(cfg: RunConfig, stage: StageConfig, parts: ModelParts, params: dic
     kill_hook = kill_hook_from_env(stage.name)
     nan_steps = nan_steps_from_env(stage.name)
     result = StageResult(stage.name, final_dir, start)
+    result.packing_estimate = packing_estimate
     n_dev = jax.device_count()
     peak = cfg.train.peak_tflops or device_peak_tflops(jax.devices()[0])
     step_fns: dict = {}  # with / without a shared prefix: (jitted step, batch shardings)
