@@ -290,3 +290,23 @@ def test_packed_stage_counts_packed_rows(data_dir, tmp_path):
 
     schedule = warmup_cosine(1.0e-3, steps, 0.03)
     assert [r["lr"] for r in rows] == pytest.approx([float(schedule(i)) for i in range(steps)], rel=1e-6)
+
+
+def test_epoch_stage_with_skipped_samples_runs_its_schedule(tmp_path):
+    """A stage of one epoch whose data has bad samples: they are skipped and counted, and the
+    next epoch's first samples make up for them, so the stage runs all its planned steps (48
+    samples / batch 4 = 12) instead of stopping when the epoch's data ends."""
+    data = H.make_data(tmp_path / "data", n_align=48, n_instruct=8)
+    rows = json.loads((data / "alignment.json").read_text())
+    for r in rows[:2]:  # two samples whose image is missing
+        (data / "images" / r["image"]).unlink()
+    raw = H.base_config(data, tmp_path / "runs", steps=(6, None))
+    raw["stages"][0].pop("max_steps")
+    raw["stages"][0]["num_epochs"] = 1
+    p = H.run_main(H.write_config(tmp_path / "cfg.yaml", raw))
+    assert p.returncode == 0, p.stderr[-4000:]
+    run = tmp_path / "runs" / "run"
+    assert [r["step"] for r in H.read_metrics(run)] == list(range(1, 13))
+    assert "data ended" not in p.stderr
+    summary = json.loads((run / "train_summary.json").read_text())[0]
+    assert summary["data_stats"]["skipped"] == {"missing_image": 2}

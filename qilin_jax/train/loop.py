@@ -382,8 +382,8 @@ def stage_total_steps(stage: StageConfig, loader, data_cfg, packing_estimate: di
     """Optimizer updates of a stage: max_steps, or epochs x batches per epoch. Unpacked, a batch
     is batch_size samples; packed, batch_size rows of several samples each, so the rows per
     epoch come from `packing_estimate` (`pipeline.estimate_packed_rows`: source samples x rows
-    per sample). Packed stages repeat their data (run_stage), so this count, not the end of
-    the data, ends the stage and its schedule."""
+    per sample). The data repeats (run_stage), so this count, not the end of the data, ends
+    the stage and its schedule."""
     if stage.max_steps is not None:
         return int(stage.max_steps)
     per_batch = data_cfg.batch_size  # run_stage made it batch_size x grad_accum_steps
@@ -447,12 +447,13 @@ def run_stage(cfg: RunConfig, stage: StageConfig, parts: ModelParts, params: dic
     # One loader batch is one optimizer step: data.batch_size rows per micro-batch times
     # grad_accum_steps (stack_micro splits it), so a step sees batch_size x accum rows.
     data_cfg.batch_size *= accum
-    if stage.max_steps is not None or data_cfg.packing:
-        # Repeat: the step count decides. Packed rows per epoch are estimated, and they differ
-        # between processes at an epoch's end: the data must not end before the schedule does.
-        data_cfg.num_epochs = None
-    elif data_cfg.num_epochs is not None:
-        data_cfg.num_epochs = int(math.ceil(stage.num_epochs))
+    # The data repeats and the step count (max_steps, or epochs of the data) ends the stage and
+    # its schedule. An epoch's batches are not known exactly in advance: skipped samples and
+    # packing make them fewer, and differ between processes. Had the data ended there, the
+    # stage would stop before its schedule did, and in a multi-host run one process would
+    # leave the others waiting in the step's collectives. Here the next epoch's first
+    # samples make up for the skipped ones.
+    data_cfg.num_epochs = None
     loader = make_loader(data_cfg, tokenizer)
     packing_estimate = None
     if data_cfg.packing and stage.max_steps is None:
