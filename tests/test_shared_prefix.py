@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from qilin_jax.data.conversation import IGNORE_INDEX, template_preamble, tokenize_conversation
-from qilin_jax.train.loop import split_shared_prefix
+from qilin_jax.train.loop import common_batch, split_shared_prefix
 from tests.infer_fixtures import random_model, tiny_config, tokenizer  # noqa: F401, F811 (fixture)
 
 CONVERSATIONS = [
@@ -96,6 +96,42 @@ def test_split_shared_prefix_refuses_batches_it_does_not_fit(break_it):
     elif break_it == "positions":
         local["position_ids"] = local["position_ids"] + 1
     assert split_shared_prefix(local, prefix) is None
+
+
+@pytest.mark.parametrize("other_t,other_fits", [(12, True), (30, True), (30, False), (10, False)])
+def test_common_batch_one_all_gather_for_length_and_prefix(monkeypatch, other_t, other_fits):
+    """common_batch with a second process (simulated: process_count 2, and an all-gather that
+    adds the other process's [bucket length, prefix fits]): one all-gather per step, the
+    batch padded to the longest bucket as the collator pads, and the prefix cut only when
+    every process's batch allows it."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    prefix = np.arange(100, 110, dtype=np.int32)
+    local = _batch(prefix)  # 10 + 12 = 22 columns
+    calls = []
+
+    def allgather(x):
+        calls.append(np.asarray(x).tolist())
+        return np.stack([np.asarray(x), np.array([other_t, other_fits], np.int32)])
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+    padded, shared = common_batch(local, prefix)
+    assert calls == [[22, 1]]
+    T = max(22, other_t)
+    assert padded["input_ids"].shape == (3, T)
+    np.testing.assert_array_equal(padded["input_ids"][:, :22], local["input_ids"])
+    assert (padded["input_ids"][:, 22:] == 0).all() and (padded["labels"][:, 22:] == IGNORE_INDEX).all()
+    assert (padded["attention_mask"][:, 22:] == 0).all() and (padded["position_ids"][:, 22:] == 0).all()
+    if other_fits:
+        assert shared is not None and shared["input_ids"].shape == (3, T - 10)
+        np.testing.assert_array_equal(shared["prefix_ids"], prefix)
+    else:
+        assert shared is None
+    calls.clear()
+    padded, shared = common_batch(local, None)  # no shared prefix: the length only
+    assert calls == [[22, 0]] and shared is None and padded["input_ids"].shape == (3, T)
 
 
 @pytest.mark.parametrize("supervised_only", [False, True])

@@ -225,16 +225,6 @@ def stage_shared_prefix(cfg: RunConfig, data_cfg, tokenizer, model_cfg) -> np.nd
     return prefix
 
 
-def all_processes_agree(flag: bool) -> bool:
-    """Whether `flag` holds on every process (one small all-gather when there are several:
-    all of them must compile and run the same step)."""
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils
-
-    return bool(np.all(multihost_utils.process_allgather(np.array([flag], np.int32))))
-
-
 def batch_shardings(mesh, rules, example: dict) -> dict:
     """Shardings of a micro-stacked global batch: dim 1 (rows) over the batch axes; the
     shared prefix (one copy for all rows) replicated."""
@@ -261,28 +251,36 @@ def to_global(local: dict, shardings: dict) -> dict:
     return out
 
 
-def pad_to_common_length(local: dict) -> dict:
-    """Pad this process's batch to the longest sequence bucket of all processes.
+def common_batch(local: dict, prefix: np.ndarray | None) -> tuple[dict, dict | None]:
+    """(this process's batch padded to the longest sequence bucket of all processes, and that
+    batch with the shared prefix cut (`split_shared_prefix`), or None when `prefix` is None or
+    some process's batch does not allow it).
 
     Each host's loader picks the bucket of its own rows, but a global array needs the same
-    shape everywhere; padding (id 0, label -100, mask/segment/position 0) is what the
-    collator itself appends, so the loss does not change."""
+    shape everywhere, and all processes must compile and run the same step (with or without
+    the prefix). With several processes this is one small all-gather per step for both.
+    Padding (id 0, label -100, mask/segment/position 0) is what the collator itself appends,
+    so the loss does not change; it only adds columns at the end, so it does not change
+    whether the prefix fits."""
+    shared = None if prefix is None else split_shared_prefix(local, prefix)
     if jax.process_count() == 1:
-        return local
+        return local, shared
     from jax.experimental import multihost_utils
 
     t = local["input_ids"].shape[1]
-    t_max = int(np.max(multihost_utils.process_allgather(np.array([t], np.int32))))
-    if t_max == t:
-        return local
-    fill = {"labels": IGNORE_INDEX}
-    out = dict(local)
-    for k in ("input_ids", "labels", "attention_mask", "segment_ids", "position_ids"):
-        if k in local:
-            v = local[k]
-            pad = np.full((v.shape[0], t_max - t) + v.shape[2:], fill.get(k, 0), v.dtype)
-            out[k] = np.concatenate([v, pad], axis=1)
-    return out
+    got = multihost_utils.process_allgather(np.array([t, shared is not None], np.int32)).reshape(-1, 2)
+    t_max, fits = int(np.max(got[:, 0])), bool(np.all(got[:, 1]))
+    if t_max != t:
+        fill = {"labels": IGNORE_INDEX}
+        local = dict(local)
+        for k in ("input_ids", "labels", "attention_mask", "segment_ids", "position_ids"):
+            if k in local:
+                v = local[k]
+                pad = np.full((v.shape[0], t_max - t) + v.shape[2:], fill.get(k, 0), v.dtype)
+                local[k] = np.concatenate([v, pad], axis=1)
+        if shared is not None:
+            shared = split_shared_prefix(local, prefix)
+    return local, (shared if fits else None)
 
 
 def global_shape_example(local: dict) -> dict:
@@ -566,10 +564,8 @@ def run_stage(cfg: RunConfig, stage: StageConfig, parts: ModelParts, params: dic
             except StopIteration:
                 log.warning("stage %s: data ended after %d of %d steps", stage.name, host_step, total)
                 break
-            local = pad_to_common_length(local)
-            shared = None if prefix is None else split_shared_prefix(local, prefix)
-            if prefix is not None and not all_processes_agree(shared is not None):
-                shared = None
+            local, shared = common_batch(local, prefix)
+            if prefix is not None and shared is None:
                 unshared += 1
                 if unshared == 1:
                     log.warning("stage %s: step %d: a batch does not start with the shared prefix "
