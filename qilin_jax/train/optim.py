@@ -46,13 +46,26 @@ class GuardedAdamW(NamedTuple):
       computed from them. Without that, XLA:CPU (which has no multi-output sibling fusion) fuses
       the moment update into each consumer: three passes recompute the moments from the old
       ones, and the buffers updated in place need whole copies of mu and nu first, ~18 reads and
-      writes of every parameter-sized array per step instead of ~10 (measured: the optimizer
-      part of a 92 M-parameter step 458 -> 278 ms; docs/performance.md).
+      writes of every parameter-sized array per step instead of ~10 (`bench/optimizer.py`: the
+      optimizer half of a 92 M-parameter step 485 -> 294 ms, 32 -> 0 whole-array copies;
+      docs/performance.md).
     """
 
     init: Callable
     update: Callable
     reference: optax.GradientTransformation
+
+
+def _optax_tree(name: str):
+    """optax's tree helper `name` (`optax.tree.<name>`; `optax.tree_utils.tree_<name>` in older
+    optax releases, e.g. on images with their own optax)."""
+    tree = getattr(optax, "tree", None)
+    if tree is not None and hasattr(tree, name):
+        return getattr(tree, name)
+    return getattr(optax.tree_utils, "tree_" + name)
+
+
+_safe_increment = getattr(optax, "safe_increment", None) or optax.safe_int32_increment
 
 
 def guarded_adamw(schedule, *, b1: float, b2: float, eps: float, weight_decay: float,
@@ -73,12 +86,12 @@ def guarded_adamw(schedule, *, b1: float, b2: float, eps: float, weight_decay: f
             return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
 
         # The same expressions as optax.scale_by_adam / add_decayed_weights / scale_by_schedule.
-        mu = keep(optax.tree.update_moment(grads, adam.mu, b1, 1), adam.mu)
-        nu = keep(optax.tree.update_moment_per_elem_norm(grads, adam.nu, b2, 2), adam.nu)
+        mu = keep(_optax_tree("update_moment")(grads, adam.mu, b1, 1), adam.mu)
+        nu = keep(_optax_tree("update_moment_per_elem_norm")(grads, adam.nu, b2, 2), adam.nu)
         mu, nu = jax.lax.optimization_barrier((mu, nu))
-        count_inc = optax.safe_increment(adam.count)
-        mu_hat = optax.tree.bias_correction(mu, b1, count_inc)
-        nu_hat = optax.tree.bias_correction(nu, b2, count_inc)
+        count_inc = _safe_increment(adam.count)
+        mu_hat = _optax_tree("bias_correction")(mu, b1, count_inc)
+        nu_hat = _optax_tree("bias_correction")(nu, b2, count_inc)
         updates = jax.tree.map(lambda m, v: m / (jnp.sqrt(v + eps_root) + eps), mu_hat, nu_hat)
         if weight_decay:
             updates = jax.tree.map(lambda g, p: g + weight_decay * p, updates, params)
@@ -87,7 +100,7 @@ def guarded_adamw(schedule, *, b1: float, b2: float, eps: float, weight_decay: f
             lambda g: jnp.where(finite, jnp.array(step_size, dtype=g.dtype) * g, jnp.zeros_like(g)),
             updates)
         adam = adam._replace(count=jnp.where(finite, count_inc, adam.count), mu=mu, nu=nu)
-        sched = sched._replace(count=jnp.where(finite, optax.safe_increment(sched.count), sched.count))
+        sched = sched._replace(count=jnp.where(finite, _safe_increment(sched.count), sched.count))
         inner = (adam, wd_state, sched)
         return updates, ((clip_state, inner) if clip is not None else (inner,))
 
