@@ -4,8 +4,9 @@ Speed is never asserted here (benchmarks measure it); these tests keep the scrip
 bench/train_step.py on CPU with the CPU settings and with the GPU code path (bf16 compute,
 torch autocast, full remat; attention forced to XLA, as cuDNN needs a GPU), its per-platform
 settings for every bench config, and bench/generate.py's figures, greedy-token agreement with
-torch and its roofline fields, bench/loop_overheads.py (checkpoint and host-sync costs) and
-bench/decode_layout.py (the two decode weight layouts give the same tokens).
+torch and its roofline fields, bench/loop_overheads.py (checkpoint and host-sync costs),
+bench/decode_layout.py (the two decode weight layouts give the same tokens), bench/shared_prefix.py
+and bench/optimizer.py (GuardedAdamW and the optax chain give the same parameters).
 """
 import json
 import math
