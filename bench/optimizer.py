@@ -3,8 +3,8 @@ plain optax chain with the step's keep-selects after it, side by side in one pro
 
     python bench/optimizer.py [--config configs/bench/cpu.yaml] [--stage stage2] [--repeats 9]
 
-Both run what `train_step` runs after the gradients: the division by the supervised-token
-count, the global norm, the non-finite verdict, clipping, AdamW with the warmup-cosine
+Both run what `train_step` runs after the gradients (`train.step.apply_gradients` after the
+division by the supervised-token count): the global norm, the non-finite verdict, clipping, AdamW with the warmup-cosine
 schedule, and keeping the old state where the step is not finite; over the stage's trainable
 parameters of the bench config's model, jitted with the state donated as in the loop.
 Reported: time per update (median of interleaved repeats), its ratio, the compiled programs'
@@ -28,22 +28,19 @@ WHOLE_ARRAY_COPY = re.compile(r"= \w+\[[^\]]+\]\S* copy\(")
 
 
 def make_update(tx, guarded: bool):
-    """The optimizer half of train.step.train_step, for `tx` (a GuardedAdamW)."""
+    """The optimizer half of train.step.train_step (`apply_gradients` after the division by the
+    token count), with `tx` (a GuardedAdamW) or its plain optax chain, state donated."""
     import jax
     import jax.numpy as jnp
-    import optax
+
+    from qilin_jax.train.step import apply_gradients
 
     def update(state, grads_sum, n):
         params, opt = state
         grads = jax.tree.map(lambda g: g / n, grads_sum)
-        finite = jnp.isfinite(optax.global_norm(grads))
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-        if guarded:
-            updates, new_opt = tx.update(grads, opt, params, finite=finite)
-        else:
-            updates, new_opt = tx.reference.update(grads, opt, params)
-            new_opt = keep(new_opt, opt)
-        return keep(optax.apply_updates(params, updates), params), new_opt
+        new_params, new_opt, _, _ = apply_gradients(tx if guarded else tx.reference, params, opt,
+                                                    grads, jnp.float32(0.0))
+        return new_params, new_opt
 
     return jax.jit(update, donate_argnums=(0,))
 

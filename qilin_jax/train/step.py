@@ -49,6 +49,23 @@ def loss_terms(graphdef, trainable, frozen, micro, *, packed: bool):
     return out.loss * n, n
 
 
+def apply_gradients(tx, params, opt_state, grads, loss):
+    """The optimizer half of a step: (new params, new optimizer state, gradient norm, finite).
+
+    A non-finite loss or gradient norm leaves parameters and optimizer state as they were.
+    `tx` is a `GuardedAdamW` (make_optimizer), which keeps its old state itself, or any optax
+    transformation, whose state is kept here (bench/optimizer.py measures the two)."""
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    if isinstance(tx, GuardedAdamW):
+        updates, new_opt = tx.update(grads, opt_state, params, finite=finite)
+    else:
+        updates, new_opt = tx.update(grads, opt_state, params)
+        new_opt = keep(new_opt, opt_state)
+    return keep(optax.apply_updates(params, updates), params), new_opt, grad_norm, finite
+
+
 def train_step(graphdef, tx, schedule, state: TrainState, frozen, batch, *, packed: bool = False):
     """One optimizer update over a batch with a leading micro-batch axis [accum, batch, ...]."""
     grad_fn = jax.value_and_grad(functools.partial(loss_terms, graphdef, packed=packed), has_aux=True)
@@ -64,17 +81,9 @@ def train_step(graphdef, tx, schedule, state: TrainState, frozen, batch, *, pack
     n = jnp.maximum(n, 1.0)
     grads = jax.tree.map(lambda g: g / n, grads)
     loss = lsum / n
-    grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-    if isinstance(tx, GuardedAdamW):  # it keeps its old state itself where not finite
-        updates, new_opt = tx.update(grads, state.opt_state, state.trainable, finite=finite)
-    else:
-        updates, new_opt = tx.update(grads, state.opt_state, state.trainable)
-        new_opt = keep(new_opt, state.opt_state)
-    new_params = optax.apply_updates(state.trainable, updates)
-    new_state = TrainState(jnp.where(finite, state.step + 1, state.step),
-                           keep(new_params, state.trainable), new_opt,
+    new_params, new_opt, grad_norm, finite = apply_gradients(tx, state.trainable, state.opt_state,
+                                                             grads, loss)
+    new_state = TrainState(jnp.where(finite, state.step + 1, state.step), new_params, new_opt,
                            jax.random.fold_in(state.rng, state.step))
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
                "tokens": n, "finite": finite}
