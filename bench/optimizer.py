@@ -97,7 +97,8 @@ def main(argv=None) -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     n_params = sum(int(np.prod(x.shape)) for x in leaves)
     config = Path(args.config).resolve()
-    out = {"config": str(config.relative_to(ROOT)) if config.is_relative_to(ROOT) else args.config, "platform": jax.default_backend(), "stage": args.stage,
+    out = {"config": str(config.relative_to(ROOT)) if config.is_relative_to(ROOT) else args.config,
+           "platform": jax.default_backend(), "stage": args.stage,
            "trainable_params": n_params, "repeats": args.repeats,
            "guarded_s": round(med["guarded"], 6), "reference_s": round(med["reference"], 6),
            "guarded_over_reference": round(med["guarded"] / med["reference"], 3),

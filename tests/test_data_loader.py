@@ -161,9 +161,7 @@ def test_estimate_packed_rows_matches_the_loader(dataset, tokenizer):
 def test_estimate_packed_rows_counts_skips_and_samples(tmp_path, tokenizer):
     """A sample whose image is missing makes no row but counts as a source sample; a source
     bigger than the sample size is estimated from a seeded subset (the same on every call)."""
-    from tests.data_fixtures import make_llava_dataset as make
-
-    path, img = make(tmp_path / "d", n=12)
+    path, img = make_llava_dataset(tmp_path / "d", n=12)
     (Path(img) / "PMC0003_Fig1_3.jpg").unlink()
     cfg = cfg_for((path, img), packing=True, pack_length=192, batch_size=2, pack_buffer=4)
     est = estimate_packed_rows(cfg, tokenizer, _source(cfg))

@@ -267,13 +267,19 @@ def test_shared_prefix_run_equals_whole_rows(curriculum, tmp_path):
     H.assert_same_training(run, ref_run)
 
 
+def _one_epoch_stage(data_dir, tmp_path) -> dict:
+    """The tiny config with stage 1 only, one epoch long (num_epochs 1, no max_steps)."""
+    raw = H.base_config(data_dir, tmp_path / "runs", steps=(6, None))
+    raw["stages"][0].pop("max_steps")
+    raw["stages"][0]["num_epochs"] = 1
+    return raw
+
+
 def test_packed_stage_counts_packed_rows(data_dir, tmp_path):
     """A packed stage without max_steps: the step count is one epoch of packed rows (the
     estimate from the source, here all of it), not of samples, and the stage runs exactly that
     many steps, with the schedule made for that count, without running out of data."""
-    raw = H.base_config(data_dir, tmp_path / "runs", steps=(6, None))
-    raw["stages"][0].pop("max_steps")
-    raw["stages"][0]["num_epochs"] = 1
+    raw = _one_epoch_stage(data_dir, tmp_path)
     raw["data"].update({"packing": True, "pack_length": 256, "pack_buffer": 64})
     p = H.run_main(H.write_config(tmp_path / "cfg.yaml", raw))
     assert p.returncode == 0, p.stderr[-4000:]
@@ -300,9 +306,7 @@ def test_epoch_stage_with_skipped_samples_runs_its_schedule(tmp_path):
     rows = json.loads((data / "alignment.json").read_text())
     for r in rows[:2]:  # two samples whose image is missing
         (data / "images" / r["image"]).unlink()
-    raw = H.base_config(data, tmp_path / "runs", steps=(6, None))
-    raw["stages"][0].pop("max_steps")
-    raw["stages"][0]["num_epochs"] = 1
+    raw = _one_epoch_stage(data, tmp_path)
     p = H.run_main(H.write_config(tmp_path / "cfg.yaml", raw))
     assert p.returncode == 0, p.stderr[-4000:]
     run = tmp_path / "runs" / "run"

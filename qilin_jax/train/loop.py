@@ -494,8 +494,7 @@ def run_stage(cfg: RunConfig, stage: StageConfig, parts: ModelParts, params: dic
     signals = _Signals(cfg.checkpoint.save_on_signal)
     kill_hook = kill_hook_from_env(stage.name)
     nan_steps = nan_steps_from_env(stage.name)
-    result = StageResult(stage.name, final_dir, start)
-    result.packing_estimate = packing_estimate
+    result = StageResult(stage.name, final_dir, start, packing_estimate=packing_estimate)
     n_dev = jax.device_count()
     peak = cfg.train.peak_tflops or device_peak_tflops(jax.devices()[0])
     step_fns: dict = {}  # with / without a shared prefix: (jitted step, batch shardings)

@@ -56,6 +56,12 @@ class GuardedAdamW(NamedTuple):
     reference: optax.GradientTransformation
 
 
+def keep_where(finite, new, old):
+    """`new` where `finite` (a scalar bool) holds, else `old`, leaf by leaf: a step's update is
+    kept only when its loss and gradients were finite."""
+    return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+
 def _optax_tree(name: str):
     """optax's tree helper `name` (`optax.tree.<name>`; `optax.tree_utils.tree_<name>` in older
     optax releases, e.g. on images with their own optax)."""
@@ -81,13 +87,9 @@ def guarded_adamw(schedule, *, b1: float, b2: float, eps: float, weight_decay: f
             grads, _ = clip.update(grads, clip_state)
         adam, wd_state, sched = adamw_state
         finite = jnp.asarray(finite)
-
-        def keep(new, old):
-            return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-
         # The same expressions as optax.scale_by_adam / add_decayed_weights / scale_by_schedule.
-        mu = keep(_optax_tree("update_moment")(grads, adam.mu, b1, 1), adam.mu)
-        nu = keep(_optax_tree("update_moment_per_elem_norm")(grads, adam.nu, b2, 2), adam.nu)
+        mu = keep_where(finite, _optax_tree("update_moment")(grads, adam.mu, b1, 1), adam.mu)
+        nu = keep_where(finite, _optax_tree("update_moment_per_elem_norm")(grads, adam.nu, b2, 2), adam.nu)
         mu, nu = jax.lax.optimization_barrier((mu, nu))
         count_inc = _safe_increment(adam.count)
         mu_hat = _optax_tree("bias_correction")(mu, b1, count_inc)

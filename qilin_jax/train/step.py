@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from qilin_jax.train.optim import GuardedAdamW, combine
+from qilin_jax.train.optim import GuardedAdamW, combine, keep_where
 
 BATCH_KEYS = ("input_ids", "labels", "attention_mask", "segment_ids", "position_ids",
               "pixel_values", "image_valid")
@@ -57,13 +57,12 @@ def apply_gradients(tx, params, opt_state, grads, loss):
     transformation, whose state is kept here (bench/optimizer.py measures the two)."""
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     if isinstance(tx, GuardedAdamW):
         updates, new_opt = tx.update(grads, opt_state, params, finite=finite)
     else:
         updates, new_opt = tx.update(grads, opt_state, params)
-        new_opt = keep(new_opt, opt_state)
-    return keep(optax.apply_updates(params, updates), params), new_opt, grad_norm, finite
+        new_opt = keep_where(finite, new_opt, opt_state)
+    return keep_where(finite, optax.apply_updates(params, updates), params), new_opt, grad_norm, finite
 
 
 def train_step(graphdef, tx, schedule, state: TrainState, frozen, batch, *, packed: bool = False):
