@@ -1,7 +1,6 @@
 """Shared helpers for the data tests: a tiny LLaMA-like tokenizer, images and sample files.
 
-Import the fixtures into a test module (`from data_fixtures import tokenizer`); pytest then
-uses them there. The tokenizer is the project's demo tokenizer (data/tokenizer) when it
+The `tokenizer` fixture (tests/conftest.py) is `load_tokenizer()`: the tokenizer is the project's demo tokenizer (data/tokenizer) when it
 exists, else a SentencePiece BPE model trained here with LLaMA's settings (byte fallback,
 split digits, identity normalisation, unk=0 bos=1 eos=2, no pad), wrapped as a transformers
 LlamaTokenizer with legacy=True (the release's behaviour).
@@ -16,7 +15,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,12 +100,6 @@ def load_tokenizer():
 
         _CACHE["tok"] = AutoTokenizer.from_pretrained(tokenizer_dir())
     return _CACHE["tok"]
-
-
-@pytest.fixture(scope="session")
-def tokenizer():
-    """The tiny LLaMA-like tokenizer."""
-    return load_tokenizer()
 
 
 def random_image(w: int, h: int, seed: int = 0, mode: str = "RGB") -> Image.Image:

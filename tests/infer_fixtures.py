@@ -1,11 +1,9 @@
-"""Shared helpers for the inference tests: the demo tokenizer, a tiny random model that fits it,
-a small generated demo data set (PNG images, heldout.json, PMC-VQA-style CSV)."""
+"""Shared helpers for the inference tests: the tiny model config that fits the demo tokenizer and
+a random model of it (the fixtures built from them are in tests/conftest.py)."""
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,25 +42,3 @@ def random_model(cfg, seed: int = 0):
         return jnp.asarray(value, jnp.float32)
 
     return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, state))
-
-
-@pytest.fixture(scope="session")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(REPO / "data" / "tokenizer"))
-
-
-@pytest.fixture(scope="session")
-def tiny_model():
-    return random_model(tiny_config(), seed=0)
-
-
-@pytest.fixture(scope="session")
-def demo_dir(tmp_path_factory):
-    """A small demo data set: 10 held-out samples (2 per question type), 6 CSV rows."""
-    from data.demo.make_demo import generate
-
-    out = tmp_path_factory.mktemp("demo")
-    generate(out, seed=0, n_align=0, n_instruct=0, n_heldout=10, n_csv=6)
-    return out

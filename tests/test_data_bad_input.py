@@ -6,13 +6,12 @@ from pathlib import Path
 import pytest
 
 from qilin_jax.data import DataConfig, DataError, make_loader
-from tests.data_fixtures import (  # noqa: F401  (tokenizer is a fixture)
+from tests.data_fixtures import (
     answers_in_batch,
     conv,
     jpeg_bytes,
     sample_number,
     save_image,
-    tokenizer,
 )
 
 GOOD = 6

@@ -13,7 +13,7 @@ from qilin_jax.data import (
     tokenize_conversation,
 )
 from qilin_jax.data import prompts as P
-from tests.data_fixtures import conv, tokenizer  # noqa: F401  (fixture)
+from tests.data_fixtures import conv
 
 IGN = -100
 K = 5  # image tokens in these tests (576 in the real model)

@@ -15,7 +15,7 @@ from qilin_jax.data.sources import (
     pmc_vqa_conversation,
     row_to_sample,
 )
-from tests.data_fixtures import make_llava_dataset, save_image, tokenizer  # noqa: F401
+from tests.data_fixtures import make_llava_dataset, save_image
 
 PMC_ROWS = [
     {"Figure_path": "PMC1_F1.jpg", "Question": "Which organ is shown?", "Answer": "Liver",

@@ -1,15 +1,22 @@
 """A shortened demo end to end through main.py: data -> stages 0/1/2 -> eval -> chat on a
-DICOM CT slice -> report; the held-out accuracy must rise well above chance."""
+DICOM CT slice -> report; the held-out accuracy must rise well above chance.
+
+Marked `demo` (about 8 minutes on 2 CPU cores): the default run, and so CI, includes it;
+`pytest -m "not slow and not demo"` leaves it out of a quick local run."""
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.demo
 
-def test_short_demo_learns(tmp_path):  # ~8 min on 2 cores
+
+def test_short_demo_learns(tmp_path):
     data = tmp_path / "demo_data"
     overrides = [
         f"output_dir={tmp_path}", "name=short",

@@ -8,7 +8,6 @@ import pytest
 from qilin_jax.data.errors import DataError
 from qilin_jax.infer.batch import read_done, run_batch
 from qilin_jax.infer.config import BatchConfig
-from tests.infer_fixtures import demo_dir, tiny_model, tokenizer  # noqa: F401  (fixtures)
 
 
 def _rows(demo_dir):

@@ -12,7 +12,6 @@ from qilin_jax.infer.chat import ChatSession, run_chat
 from qilin_jax.infer.common import load_pixels, prompt_ids
 from qilin_jax.infer.config import ChatConfig
 from qilin_jax.infer.generate import generate
-from tests.infer_fixtures import tiny_model, tokenizer  # noqa: F401  (fixtures)
 
 CT = pydicom.data.get_testdata_file("CT_small.dcm")
 

@@ -7,7 +7,6 @@ import pytest
 
 from qilin_jax.infer import evaluate as E
 from qilin_jax.infer.config import EvalConfig
-from tests.infer_fixtures import demo_dir, tiny_model, tokenizer  # noqa: F401  (fixtures)
 
 
 def _lines(path):

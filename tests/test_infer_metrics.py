@@ -5,7 +5,6 @@ import pytest
 from qilin_jax.infer.metrics import (bleu, char_tokens, choice_accuracy, exact_match,
                                      most_similar_option, open_scores, option_text, parse_choice,
                                      rouge_l)
-from tests.infer_fixtures import tokenizer  # noqa: F401  (fixture)
 
 ZH = {"A": "CT", "B": "X线", "C": "磁共振", "D": "超声"}
 EN = ["A: Nodule in the left lung", "B: Pleural effusion", "C: 3 cm mass", "D: Normal chest"]
