@@ -38,7 +38,11 @@ from PIL import Image  # noqa: E402
 
 import grain  # noqa: E402
 
-from qilin_jax.data import pipeline as P  # noqa: E402
+from qilin_jax.data.config import DataConfig  # noqa: E402
+from qilin_jax.data.grain_ops import Batches, FilterSkips, Rows  # noqa: E402
+from qilin_jax.data.packing import Collate  # noqa: E402
+from qilin_jax.data.pipeline import make_loader  # noqa: E402
+from qilin_jax.data.processor import SampleProcessor  # noqa: E402
 from qilin_jax.data.prompts import ALIGNMENT_PROMPTS_ZH, INSTRUCTION_PROMPTS_ZH  # noqa: E402
 
 POOL = (
@@ -109,10 +113,10 @@ def make_dataset(root: Path, n: int, tok, seed: int = 0):
 
 def throughput(path, img_dir, tok, workers: int, epochs: int = 2):
     """Returns (samples/s per core, seconds, samples) for the full loader path."""
-    cfg = P.DataConfig(paths=[path], image_folder=img_dir, template="v1", image_mode="pad",
+    cfg = DataConfig(paths=[path], image_folder=img_dir, template="v1", image_mode="pad",
                        batch_size=8, num_epochs=epochs, worker_count=workers, read_threads=0,
                        prefetch_buffer=0, drop_remainder=False)
-    loader = P.make_loader(cfg, tok, process_index=0, process_count=1)
+    loader = make_loader(cfg, tok, process_index=0, process_count=1)
     next(loader)  # warm-up: first batch (worker start-up, caches) not timed
     done0 = loader.stats()["samples"]
     t0 = time.perf_counter()
@@ -126,12 +130,12 @@ def throughput(path, img_dir, tok, workers: int, epochs: int = 2):
 
 def per_sample_ms(path, img_dir, tok, classes, draft=None):
     """Returns mean ms per sample for SampleProcessor alone, by image size class."""
-    cfg = P.DataConfig(paths=[path], image_folder=img_dir, template="v1", image_mode="pad",
+    cfg = DataConfig(paths=[path], image_folder=img_dir, template="v1", image_mode="pad",
                        jpeg_draft_size=draft)
     from qilin_jax.data.sources import open_source
 
     src = open_source("llava_json", [path], img_dir)
-    proc = P.SampleProcessor(cfg, tok, src, len(src))
+    proc = SampleProcessor(cfg, tok, src, len(src))
     times: dict[str, list[float]] = {}
     for i in range(len(src)):
         t = time.perf_counter()
@@ -140,7 +144,7 @@ def per_sample_ms(path, img_dir, tok, classes, draft=None):
     return {k: 1000 * float(np.mean(v)) for k, v in times.items()}
 
 
-def padding(lengths, cfg: P.DataConfig) -> float:
+def padding(lengths, cfg: DataConfig) -> float:
     """Returns the loader's padding fraction for these sample lengths (1 image each)."""
     elements = [
         {"input_ids": np.zeros(int(n), np.int32), "labels": np.zeros(int(n), np.int32),
@@ -149,10 +153,10 @@ def padding(lengths, cfg: P.DataConfig) -> float:
     ]
     slots = cfg.image_slots()
     it = grain.MapDataset.source(elements).to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-    rows = P.Rows(P.FilterSkips(it), cfg.packing, cfg.row_length(), slots, cfg.pack_buffer)
-    collate = P.Collate(cfg.batch_size, cfg.seq_buckets, slots, 1,
+    rows = Rows(FilterSkips(it), cfg.packing, cfg.row_length(), slots, cfg.pack_buffer)
+    collate = Collate(cfg.batch_size, cfg.seq_buckets, slots, 1,
                         fixed_length=cfg.pack_length if cfg.packing else None)
-    batches = P.Batches(rows, collate, cfg.batch_size, True)
+    batches = Batches(rows, collate, cfg.batch_size, True)
     for _ in batches:
         pass
     s = batches.last_iterator.stats
@@ -188,8 +192,8 @@ def main(argv=None):
     stage1 = 2 + 576 + lognormal(rng, 75, 47, 132, n, 1551)  # BOS, image, caption, "\n"
     cap = 2048 + 575  # release: 2048 text tokens with the image counted once
     stage2, stage1 = np.minimum(stage2, cap), np.minimum(stage1, cap)
-    base = P.DataConfig()
-    packed = P.DataConfig(packing=True)
+    base = DataConfig()
+    packed = DataConfig(packing=True)
     result = {
         "samples_per_s_per_core": round(rate, 1),
         "padding_fraction": round(padding(stage2, base), 4),

@@ -103,7 +103,7 @@ class TrainConfig:
     # jax.profiler into <run>/<stage>/profile (TensorBoard's profile plugin, Perfetto); [] = off.
     profile_steps: list = field(default_factory=list)
     # Compute the template's preamble (BOS, system prompt, first role tag: 45 tokens of Vicuna
-    # v1) once per batch instead of once per row; exact (train.loop.split_shared_prefix).
+    # v1) once per batch instead of once per row; exact (train.shared_prefix.split_shared_prefix).
     # Pays off for short rows on CPU; the rows' attention is then the XLA one, not flash.
     shared_prefix: bool = False
 
@@ -129,7 +129,7 @@ class RunConfig:
     # What main.py does, in order: prepare_demo, train, eval, chat, batch, report.
     tasks: list = field(default_factory=lambda: ["train"])
     model: ModelSection = field(default_factory=ModelSection)
-    data: dict = field(default_factory=dict)  # qilin_jax.data.pipeline.DataConfig fields
+    data: dict = field(default_factory=dict)  # qilin_jax.data.config.DataConfig fields
     stages: list = field(default_factory=list)  # list[StageConfig]
     mesh: MeshConfig = field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -151,7 +151,7 @@ class RunConfig:
 
     def stage_data(self, stage: StageConfig):
         """The DataConfig of a stage: top-level `data:` merged with the stage's `data:`."""
-        from qilin_jax.data.pipeline import DataConfig
+        from qilin_jax.data.config import DataConfig
 
         merged = deep_merge(copy.deepcopy(self.data), stage.data)
         # The model is the one source of truth for image geometry and the image token.

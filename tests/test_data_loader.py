@@ -9,12 +9,11 @@ import pytest
 
 from qilin_jax.data import DataConfig, make_loader
 from qilin_jax.data.images import load_and_preprocess
-from qilin_jax.data.pipeline import bucket_for, estimate_packed_rows, plan_rows
-from tests.data_fixtures import (  # noqa: F401  (tokenizer is a fixture)
+from qilin_jax.data.packing import bucket_for, estimate_packed_rows, plan_rows
+from tests.data_fixtures import (
     answers_in_batch,
     make_llava_dataset,
     sample_number,
-    tokenizer,
 )
 
 N = 10

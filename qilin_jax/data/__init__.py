@@ -34,10 +34,10 @@ from qilin_jax.data.prompts import (
 )
 
 _LAZY = {
-    "DataConfig": "qilin_jax.data.pipeline",
+    "DataConfig": "qilin_jax.data.config",
     "Loader": "qilin_jax.data.pipeline",
     "make_loader": "qilin_jax.data.pipeline",
-    "SampleProcessor": "qilin_jax.data.pipeline",
+    "SampleProcessor": "qilin_jax.data.processor",
     "open_source": "qilin_jax.data.sources",
     "pmc_vqa_conversation": "qilin_jax.data.sources",
 }

@@ -31,6 +31,3 @@ class DataError(ValueError):
         super().__init__(message)
         self.reason = reason
 
-    def with_context(self, context: str) -> "DataError":
-        """Returns a copy whose message is prefixed with `context` (file, sample id, index)."""
-        return DataError(self.reason, f"{context}: {self}")

@@ -17,7 +17,8 @@ import json
 import numpy as np
 
 from qilin_jax.data.errors import DataError
-from qilin_jax.data.pipeline import DataConfig, SampleProcessor
+from qilin_jax.data.config import DataConfig
+from qilin_jax.data.processor import SampleProcessor
 from qilin_jax.data.sources import open_source
 
 
