@@ -22,7 +22,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
+def main(argv=None, *, train_hooks=None) -> int:
+    """Run the config's tasks; returns the exit status. `train_hooks`: a
+    `qilin_jax.train.loop.TrainHooks` for the training loop (tests inject faults with it)."""
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
@@ -36,7 +38,7 @@ def main(argv=None) -> int:
         return 2
     from qilin_jax import tasks
 
-    out = tasks.run(cfg)
+    out = tasks.run(cfg, train_hooks=train_hooks)
     print(f"run folder: {os.path.abspath(cfg.run_dir)}")
     # Interrupted training (SIGTERM/SIGINT, checkpoint saved): 128 + signal, not 0.
     return tasks.interrupted_exit_code(out)

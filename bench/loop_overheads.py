@@ -52,7 +52,7 @@ def main(argv=None) -> None:
 
     from bench.train_step import JaxSide, load_bench_config, make_batch
     from qilin_jax.train.checkpointing import TrainCheckpointer
-    from qilin_jax.train.loop import to_global
+    from qilin_jax.train.distributed import to_global
 
     variants = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(variants) - set(VARIANTS))

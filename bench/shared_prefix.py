@@ -29,13 +29,15 @@ def measure_stage(cfg, stage, tokenizer, mesh, rules, parts, params, repeats: in
 
     from qilin_jax import sharding as S
     from qilin_jax.data.pipeline import make_loader
-    from qilin_jax.train import loop as L
+    from qilin_jax.train.distributed import batch_shardings, global_shape_example, to_global
+    from qilin_jax.train.shared_prefix import split_shared_prefix, stage_shared_prefix
+    from qilin_jax.train.state import init_stage_state
     from qilin_jax.train.optim import make_optimizer
     from qilin_jax.train.step import compile_train_step, stack_micro
 
     data_cfg = cfg.stage_data(stage)
     data_cfg.num_epochs = None
-    prefix = L.stage_shared_prefix(cfg, data_cfg, tokenizer, parts.config)
+    prefix = stage_shared_prefix(cfg, data_cfg, tokenizer, parts.config)
     if prefix is None:
         return {"skipped": f"no shared preamble (template {data_cfg.template!r}, packing {data_cfg.packing})"}
     loader = make_loader(data_cfg, tokenizer)
@@ -43,18 +45,18 @@ def measure_stage(cfg, stage, tokenizer, mesh, rules, parts, params, repeats: in
         local = next(loader)
     finally:
         loader.close()
-    shared = L.split_shared_prefix(local, prefix)
+    shared = split_shared_prefix(local, prefix)
     if shared is None:
         return {"skipped": "the first batch does not start with the preamble in every row"}
     tx, schedule = make_optimizer(stage, 1000)
     built = {}
     for name, batch in (("whole", local), ("shared", shared)):
         micro = stack_micro(batch, 1)
-        state, frozen, state_sh, f_sh = L.init_stage_state(parts, params, stage.trainable, tx, mesh)
-        b_sh = L.batch_shardings(mesh, rules, L.global_shape_example(micro))
+        state, frozen, state_sh, f_sh = init_stage_state(parts, params, stage.trainable, tx, mesh)
+        b_sh = batch_shardings(mesh, rules, global_shape_example(micro))
         fn = compile_train_step(parts.graphdef, tx, schedule, state_shardings=state_sh,
                                 frozen_shardings=f_sh, batch_shardings=b_sh)
-        gb = L.to_global(micro, b_sh)
+        gb = to_global(micro, b_sh)
         with S.activation_sharding(mesh, rules):
             state, m = fn(state, frozen, gb)  # compile + first step: its loss is compared
         built[name] = [fn, state, frozen, gb, float(m["loss"])]
@@ -89,8 +91,9 @@ def main(argv=None) -> None:
     import jax
 
     from qilin_jax.config import load_config
-    from qilin_jax.tasks import load_tokenizer
-    from qilin_jax.train import loop as L
+    from qilin_jax.runtime import load_tokenizer
+    from qilin_jax.train.distributed import build_mesh
+    from qilin_jax.train.state import init_params, model_parts, resolve_model_config
 
     cfg = load_config(args.config, ["train.shared_prefix=true", *args.override])
     names = [s.name for s in cfg.stages]
@@ -99,9 +102,9 @@ def main(argv=None) -> None:
     if unknown:
         raise SystemExit(f"unknown stage(s) {unknown}; the config has {names}")
     tokenizer = load_tokenizer(cfg)
-    mesh, rules = L.build_mesh(cfg)
-    parts = L.model_parts(L.resolve_model_config(cfg), mesh, rules)
-    params = L.init_params(parts, cfg.seed, None, mesh, rules)
+    mesh, rules = build_mesh(cfg)
+    parts = model_parts(resolve_model_config(cfg), mesh, rules)
+    params = init_params(parts, cfg.seed, None, mesh, rules)
     stages = {}
     for stage in cfg.stages:
         if stage.name in wanted:

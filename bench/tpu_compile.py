@@ -138,23 +138,24 @@ def lower_train(cfg, mesh, stage: str, *, rows: int, accum: int, seq: int):
 
     from qilin_jax import sharding as S
     from qilin_jax.config import StageConfig
-    from qilin_jax.train import loop as L
+    from qilin_jax.train.distributed import batch_shardings
+    from qilin_jax.train.state import model_parts, train_state_shardings
     from qilin_jax.train.optim import make_optimizer, partition, trainable_mask
     from qilin_jax.train.step import compile_train_step, init_state
 
     rules = S.DEFAULT_RULES
-    parts = L.model_parts(cfg, mesh, rules)
+    parts = model_parts(cfg, mesh, rules)
     mask = trainable_mask(parts.abstract, STAGE_PATTERNS[stage])
     t_abs, f_abs = partition(parts.abstract, mask)
     t_sh, f_sh = partition(parts.shardings, mask)
     tx, schedule = make_optimizer(StageConfig(name=stage, trainable=STAGE_PATTERNS[stage]), 1000)
     state_abs = jax.eval_shape(lambda t: init_state(t, tx), t_abs)
-    state_sh = L.train_state_shardings(state_abs.opt_state, t_sh, mesh)
+    state_sh = train_state_shardings(state_abs.opt_state, t_sh, mesh)
     S_ = cfg.vision.image_size
     i32 = lambda: jax.ShapeDtypeStruct((accum, rows, seq), jnp.int32)
     batch = {"input_ids": i32(), "labels": i32(), "segment_ids": i32(), "position_ids": i32(),
              "pixel_values": jax.ShapeDtypeStruct((accum, rows, 1, 3, S_, S_), jnp.float32)}
-    b_sh = L.batch_shardings(mesh, rules, batch)
+    b_sh = batch_shardings(mesh, rules, batch)
     step = compile_train_step(parts.graphdef, tx, schedule, state_shardings=state_sh,
                               frozen_shardings=f_sh, batch_shardings=b_sh, packed=True)
     with S.activation_sharding(mesh, rules):
@@ -274,7 +275,7 @@ def compile_decode(target: str, *, batch: int = 32, slots: int = 2560) -> dict:
     from qilin_jax import sharding as S
     from qilin_jax.infer.sharded import INFERENCE_RULES
     from qilin_jax.models.llama import KVCache
-    from qilin_jax.train import loop as L
+    from qilin_jax.train.state import model_parts
 
     topo, chips, _ = TARGETS[target]
     devices = topology_devices(topo)
@@ -285,7 +286,7 @@ def compile_decode(target: str, *, batch: int = 32, slots: int = 2560) -> dict:
     tensor = max(d for d in range(1, min(n, 8) + 1) if n % d == 0 and heads % d == 0)
     mesh = S.make_mesh(n // tensor, 1, tensor, devices=devices)
     rules = INFERENCE_RULES
-    parts = L.model_parts(cfg, mesh, rules)
+    parts = model_parts(cfg, mesh, rules)
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), parts.abstract)
     t = cfg.text
     kv_shape = (t.num_hidden_layers, batch, slots, t.num_key_value_heads, t.head_dim)

@@ -111,18 +111,19 @@ class JaxSide:
 
         from qilin_jax import sharding as S
         from qilin_jax.config import StageConfig
-        from qilin_jax.train import loop as L
+        from qilin_jax.train.distributed import batch_shardings, to_global
+        from qilin_jax.train.state import init_params, model_parts, train_state_shardings
         from qilin_jax.train.optim import make_optimizer, partition, trainable_mask
         from qilin_jax.train.step import compile_train_step, init_state
 
         self.jax = jax
         mesh = S.make_mesh(1, 1, 1, devices=jax.devices()[:1])
         self.mesh, self.rules = mesh, S.DEFAULT_RULES
-        parts = L.model_parts(cfg, mesh, self.rules)
-        params = L.init_params(parts, 0, None, mesh, self.rules)
+        parts = model_parts(cfg, mesh, self.rules)
+        params = init_params(parts, 0, None, mesh, self.rules)
         micro = {k: v[None] for k, v in batch.items()}  # one micro-batch
-        b_sh = L.batch_shardings(mesh, self.rules, micro)
-        self.batch = L.to_global(micro, b_sh)
+        b_sh = batch_shardings(mesh, self.rules, micro)
+        self.batch = to_global(micro, b_sh)
         self.steps, self.states, self.frozen, self.compile_s = {}, {}, {}, {}
         for name in stages:
             stage = StageConfig(name=name, trainable=STAGES[name], learning_rate=1e-5, warmup_ratio=0.0)
@@ -132,7 +133,7 @@ class JaxSide:
             tx, schedule = make_optimizer(stage, 1000)
             # Copy: the state is donated, and the parameters are shared by both stages.
             state = jax.jit(lambda t: init_state(jax.tree.map(lambda x: x + 0, t), tx))(trainable)
-            state_sh = L.train_state_shardings(state.opt_state, t_sh, mesh)
+            state_sh = train_state_shardings(state.opt_state, t_sh, mesh)
             state = jax.device_put(state, state_sh)
             step = compile_train_step(parts.graphdef, tx, schedule, state_shardings=state_sh,
                                       frozen_shardings=f_sh, batch_shardings=b_sh)
@@ -299,7 +300,7 @@ def main(argv=None) -> None:
 
     from qilin_jax.models.qilin import IGNORE_INDEX, param_count
     from qilin_jax.train.flops import device_peak_tflops, step_flops
-    from qilin_jax.train.loop import head_tokens
+    from qilin_jax.train.metrics import head_tokens
 
     med = {k: statistics.median(v) for k, v in times.items() if v}
     peak = {who: statistics.median(v) for who, v in peaks.items()}

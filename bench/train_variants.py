@@ -51,23 +51,24 @@ def build(cfg, batch, stage: str, donate: bool, optimizer: str = "guarded"):
 
     from qilin_jax import sharding as S
     from qilin_jax.config import StageConfig
-    from qilin_jax.train import loop as L
+    from qilin_jax.train.distributed import batch_shardings, to_global
+    from qilin_jax.train.state import init_params, init_stage_state, model_parts
     from qilin_jax.train.optim import make_optimizer
     from qilin_jax.train.step import train_step
     from bench.train_step import STAGES
 
     mesh = S.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     rules = S.DEFAULT_RULES
-    parts = L.model_parts(cfg, mesh, rules)
-    params = L.init_params(parts, 0, None, mesh, rules)
+    parts = model_parts(cfg, mesh, rules)
+    params = init_params(parts, 0, None, mesh, rules)
     micro = {k: v[None] for k, v in batch.items()}
-    b_sh = L.batch_shardings(mesh, rules, micro)
-    gbatch = L.to_global(micro, b_sh)
+    b_sh = batch_shardings(mesh, rules, micro)
+    gbatch = to_global(micro, b_sh)
     st = StageConfig(name=stage, trainable=STAGES[stage], learning_rate=1e-5, warmup_ratio=0.0)
     tx, schedule = make_optimizer(st, 1000)
     if optimizer == "reference":
         tx = tx.reference
-    state, frozen, state_sh, f_sh = L.init_stage_state(parts, params, st.trainable, tx, mesh)
+    state, frozen, state_sh, f_sh = init_stage_state(parts, params, st.trainable, tx, mesh)
     repl = NamedSharding(mesh, P())
     import functools
     fn = functools.partial(train_step, parts.graphdef, tx, schedule)

@@ -76,7 +76,7 @@ def _evaluate_initial(cfg: RunConfig) -> dict:
     """Held-out accuracy of the initial (untrained) weights, for the before/after table."""
     from qilin_jax.infer.config import EvalConfig
     from qilin_jax.infer.evaluate import run_eval
-    from qilin_jax.tasks import load_tokenizer
+    from qilin_jax.runtime import load_tokenizer
     from flax import nnx
     from qilin_jax.models import QilinMedVL
 

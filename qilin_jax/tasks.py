@@ -6,38 +6,9 @@ import logging
 import os
 
 from qilin_jax.config import RunConfig
+from qilin_jax.runtime import load_model, load_tokenizer
 
 log = logging.getLogger("qilin_jax")
-
-
-def trained_checkpoint(cfg: RunConfig) -> str | None:
-    """The newest finished stage's final checkpoint of this run, else model.checkpoint."""
-    for stage in reversed(cfg.stages):
-        d = os.path.join(cfg.run_dir, stage.name, "final")
-        if os.path.exists(os.path.join(d, "config.json")):
-            return d
-    return cfg.model.checkpoint
-
-
-def load_model(cfg: RunConfig, checkpoint: str | None = None, *, tensor_parallel: int = 1):
-    """The model to evaluate/chat with: a checkpoint (in the config's compute dtype, straight onto
-    the inference mesh, never whole in float32 on one device), or the config's random init."""
-    from flax import nnx
-    from qilin_jax.infer.sharded import load_for_inference
-    from qilin_jax.models import QilinMedVL
-
-    ckpt = checkpoint or trained_checkpoint(cfg)
-    if ckpt:
-        dtype = cfg.model.overrides.get("dtype", "float32")
-        return load_for_inference(ckpt, dtype=dtype, tensor_parallel=tensor_parallel)
-    log.warning("no checkpoint: using randomly initialised weights")
-    return QilinMedVL(cfg.model_config(), rngs=nnx.Rngs(cfg.seed))
-
-
-def load_tokenizer(cfg: RunConfig):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(cfg.model.tokenizer)
 
 
 def interrupted_exit_code(out: dict) -> int:
@@ -53,9 +24,10 @@ def interrupted_exit_code(out: dict) -> int:
     return 128 + int(sig if isinstance(sig, signal.Signals) else signal.SIGTERM)
 
 
-def run(cfg: RunConfig) -> dict:
+def run(cfg: RunConfig, *, train_hooks=None) -> dict:
     """Run the config's tasks; returns what each produced (`interrupted`: where training was
-    stopped by a signal, after which no further task runs)."""
+    stopped by a signal, after which no further task runs). `train_hooks`: see
+    `qilin_jax.train.loop.TrainHooks`."""
     out: dict = {}
     os.makedirs(cfg.run_dir, exist_ok=True)
     for task in cfg.tasks:
@@ -64,7 +36,7 @@ def run(cfg: RunConfig) -> dict:
             out[task] = demo.prepare(cfg)
         elif task == "train":
             from qilin_jax.train.loop import run_training
-            results = run_training(cfg)
+            results = run_training(cfg, hooks=train_hooks)
             out[task] = [r.__dict__ for r in results]
             summary = [{k: v for k, v in r.__dict__.items() if k != "losses"} for r in results]
             import jax

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from qilin_jax.data.conversation import IGNORE_INDEX, template_preamble, tokenize_conversation
-from qilin_jax.train.loop import common_batch, split_shared_prefix
-from tests.infer_fixtures import random_model, tiny_config, tokenizer  # noqa: F401, F811 (fixture)
+from qilin_jax.train.distributed import common_batch
+from qilin_jax.train.shared_prefix import split_shared_prefix
+from tests.infer_fixtures import random_model, tiny_config
 
 CONVERSATIONS = [
     [{"from": "human", "value": "<image>\n病灶位于图像的哪个位置？"}, {"from": "gpt", "value": "左上"}],

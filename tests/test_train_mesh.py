@@ -6,8 +6,10 @@ import pytest
 from qilin_jax import sharding as S
 from qilin_jax.config import StageConfig
 from qilin_jax.models import model_preset
-from qilin_jax.train import loop as L
+from qilin_jax.train.distributed import batch_shardings, to_global
+from qilin_jax.train.metrics import head_tokens
 from qilin_jax.train.optim import combine, make_optimizer
+from qilin_jax.train.state import init_params, init_stage_state, model_parts
 from qilin_jax.train.step import compile_train_step
 
 
@@ -39,17 +41,17 @@ def _run(mesh_shape, cfg, stage, batches):
     devices = jax.devices()[: int(np.prod(mesh_shape))]
     mesh = S.make_mesh(*mesh_shape, devices=devices)
     rules = S.DEFAULT_RULES
-    parts = L.model_parts(cfg, mesh, rules)
-    params = L.init_params(parts, 0, None, mesh, rules)
+    parts = model_parts(cfg, mesh, rules)
+    params = init_params(parts, 0, None, mesh, rules)
     tx, schedule = make_optimizer(stage, 10)
-    state, frozen, state_sh, f_sh = L.init_stage_state(parts, params, stage.trainable, tx, mesh)
-    b_sh = L.batch_shardings(mesh, rules, batches[0])
+    state, frozen, state_sh, f_sh = init_stage_state(parts, params, stage.trainable, tx, mesh)
+    b_sh = batch_shardings(mesh, rules, batches[0])
     step = compile_train_step(parts.graphdef, tx, schedule, state_shardings=state_sh,
                               frozen_shardings=f_sh, batch_shardings=b_sh)
     losses = []
     for b in batches:
         with S.activation_sharding(mesh, rules):
-            state, m = step(state, frozen, L.to_global(b, b_sh))
+            state, m = step(state, frozen, to_global(b, b_sh))
         losses.append(float(m["loss"]))
     # Parameters really are distributed as the rules say.
     q = state.trainable["llm"]["layers"]["q_proj"] if "llm" in state.trainable else None
@@ -101,5 +103,5 @@ def test_supervised_only_loss_on_a_mesh_equals_every_position(mesh_shape):
         got = dict(jax.tree_util.tree_leaves_with_path(params))[path]
         assert np.linalg.norm(got - want) <= 1e-5 * max(np.linalg.norm(want), 1e-12), path
     supervised = (batches[0]["labels"][0][:, 1:] != -100).sum()
-    assert L.head_tokens(cfg, {"labels": batches[0]["labels"][0]}, 2) == 2 * supervised
-    assert L.head_tokens(CFG, {"labels": batches[0]["labels"][0]}) is None
+    assert head_tokens(cfg, {"labels": batches[0]["labels"][0]}, 2) == 2 * supervised
+    assert head_tokens(CFG, {"labels": batches[0]["labels"][0]}) is None

@@ -200,7 +200,7 @@ def test_distributed_initialize_arguments(monkeypatch, env, dist, expect):
     import jax
 
     from qilin_jax.config import DistributedConfig
-    from qilin_jax.train import loop
+    from qilin_jax.train import distributed
 
     for k in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS",
               "JAX_COORDINATOR_ADDRESS"):
@@ -210,5 +210,5 @@ def test_distributed_initialize_arguments(monkeypatch, env, dist, expect):
     calls = []
     monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
     monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
-    loop.maybe_initialize_distributed(DistributedConfig(**dist))
+    distributed.maybe_initialize_distributed(DistributedConfig(**dist))
     assert calls == ([] if expect is None else [expect])

@@ -1,13 +1,14 @@
 """Robustness of training runs: SIGKILL mid-training and mid-checkpoint-write, SIGTERM
 (preemption), the NaN policy and restoring a checkpoint onto a different mesh.
 
-Every run is `python main.py --config ...` in a subprocess (the real entry point, the real
-signal delivery), on a tiny model and a small generated demo data set, logging every step to
-metrics.jsonl. Interruptions happen at precise points through the loop's test hooks
-(QILIN_TEST_KILL_AT / QILIN_TEST_NAN_AT, see qilin_jax/train/loop.py), which are inert unless
-set. The interrupted-and-resumed runs are compared with one uninterrupted run of the same
-config: subprocesses share the environment and a persistent compilation cache, so the
-comparison is exact (bit-identical losses, gradient norms and final parameters).
+Every run is `python main.py --config ...` (through tests/train_launcher.py) in a subprocess
+(the real entry point, the real signal delivery), on a tiny model and a small generated demo
+data set, logging every step to metrics.jsonl. Interruptions happen at precise points through
+fault-injection hooks of the training loop (`TrainHooks`), which tests/train_launcher.py
+installs from QILIN_TEST_KILL_AT / QILIN_TEST_NAN_AT. The interrupted-and-resumed runs are
+compared with one uninterrupted run of the same config: subprocesses share the environment and
+a persistent compilation cache, so the comparison is exact (bit-identical losses, gradient
+norms and final parameters).
 """
 from __future__ import annotations
 

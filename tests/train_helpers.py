@@ -3,7 +3,7 @@
 `make_data(dir)` generates a small demo data set; `write_config(tmp_path, ...)` writes a tiny
 two-stage run config (toy model, every step logged, a checkpoint every 3 steps, async saves)
 into tmp_path; `run_main(...)` runs `python main.py --config ...` in a subprocess with a
-chosen CPU device count and test hooks; `read_metrics(run_dir)` reads metrics.jsonl.
+chosen CPU device count and the fault-injection hooks of tests/train_launcher.py; `read_metrics(run_dir)` reads metrics.jsonl.
 
 Subprocess runs are compared with each other only (same environment, same device count),
 so their losses are bit-identical when the code is deterministic.
@@ -110,7 +110,7 @@ def compile_cache_dir() -> str:
 
 def subprocess_env(devices: int, **extra: str) -> dict:
     """The environment of a training subprocess: CPU only, `devices` host devices, the shared
-    compilation cache, test hooks from `extra`."""
+    compilation cache, the launcher's hook variables from `extra`."""
     env = dict(os.environ)
     for k in ("QILIN_TEST_KILL_AT", "QILIN_TEST_NAN_AT"):
         env.pop(k, None)
@@ -125,7 +125,9 @@ def subprocess_env(devices: int, **extra: str) -> dict:
 
 
 def main_cmd(config: Path, *overrides: str) -> list[str]:
-    return [sys.executable, str(REPO / "main.py"), "--config", str(config), *overrides]
+    """main.py's command line, through tests/train_launcher.py (main.py plus the hooks that
+    QILIN_TEST_KILL_AT / QILIN_TEST_NAN_AT in the subprocess's environment ask for)."""
+    return [sys.executable, "-m", "tests.train_launcher", "--config", str(config), *overrides]
 
 
 def run_main(config: Path, *overrides: str, devices: int = 1, timeout: float = 300,

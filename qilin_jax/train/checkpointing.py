@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -26,12 +25,8 @@ class DataStateHandler(ocp.CheckpointHandler):
         i, n = jax.process_index(), jax.process_count()
         text = json.dumps(args.state)
         path = directory / f"process_{i}-of-{n}.json"
-        if args.test_kill is not None:  # test hook (loop.py QILIN_TEST_KILL_AT ...:during_save)
-            with open(path, "w") as f:  # a half-written item inside the temporary step dir
-                f.write(text[: len(text) // 2])
-                f.flush()
-                os.fsync(f.fileno())
-            os.kill(os.getpid(), args.test_kill)
+        if args.write is not None:
+            args.write(path, text)
             return
         path.write_text(text)
 
@@ -61,7 +56,7 @@ class DataStateHandler(ocp.CheckpointHandler):
 @dataclasses.dataclass
 class DataStateSave(ocp.args.CheckpointArgs):
     state: Any
-    test_kill: Any = None  # a signal to send to this process mid-write (tests only)
+    write: Callable | None = None  # (path, text) -> None in place of path.write_text(text)
 
 
 @ocp.args.register_with_handler(DataStateHandler, for_restore=True)
@@ -79,9 +74,9 @@ class TrainCheckpointer:
                                             enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=opts,
                                              item_names=("state", "data"))
-        # (step, signal): the save of that step kills the process mid-write. Set only by the
-        # QILIN_TEST_KILL_AT test hook of the training loop.
-        self.test_kill_during_save = None
+        # (path, text) -> None: writes the data item of the next save instead of
+        # path.write_text (fault-injection tests cut a save short through it).
+        self.data_writer: Callable | None = None
         self._last_started = None
 
     def latest_step(self) -> int | None:
@@ -98,8 +93,7 @@ class TrainCheckpointer:
         self._last_started = step
         args = {"state": ocp.args.StandardSave(state)}
         if data_state is not None:
-            kill = self.test_kill_during_save
-            args["data"] = DataStateSave(data_state, kill[1] if kill and kill[0] == step else None)
+            args["data"] = DataStateSave(data_state, self.data_writer)
         return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
 
     def restore(self, step: int, abstract_state, *, with_data: bool = True):
