@@ -6,7 +6,7 @@ parameters on the host, never two copies.
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 
@@ -207,26 +207,6 @@ def convert_state(tensors: Iterable[tuple[str, np.ndarray]], config, fmt: str, *
         del tensor, x
     chk.finish(strict)
     return out
-
-
-def export_state(flat: dict[str, np.ndarray], config, fmt: str, *,
-                 dtype=None) -> Iterator[tuple[str, np.ndarray]]:
-    """(key, torch-layout array) for every parameter in `flat`, in format `fmt`."""
-    rows = K.compile_table(fmt, config.adapter, config.text.tie_word_embeddings)
-    by_path = {path: kind for _, path, kind, _ in rows}
-    for path, arr in flat.items():
-        if path not in by_path:
-            continue
-        kind = by_path[path]
-        if kind == "tied":
-            continue
-        n = _layer_count(path, config)
-        for layer in (range(n) if n is not None else [None]):
-            x = arr[layer] if layer is not None else arr
-            x = np.ascontiguousarray(untransform(np.asarray(x), kind))
-            if dtype is not None:
-                x = x.astype(dtype)
-            yield K.torch_key(path, layer, fmt, config.adapter), x
 
 
 def flat_to_nested(flat: dict[str, np.ndarray]) -> dict:

@@ -21,7 +21,7 @@ import pickle
 import struct
 import zipfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import ml_dtypes
 import numpy as np
@@ -439,7 +439,3 @@ def checkpoint_infos(src) -> list[TensorInfo]:
     return infos
 
 
-def iter_tensors(infos) -> Iterator[tuple[str, np.ndarray]]:
-    """(key, array) pairs, one tensor in memory at a time."""
-    for info in infos:
-        yield info.key, info.read()

@@ -170,10 +170,3 @@ def rules_with_overrides(overrides: dict | None) -> tuple:
     for k, v in (overrides or {}).items():
         table[k] = tuple(v) if isinstance(v, list) else v
     return tuple(table.items())
-
-
-def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES, *, leading: int = 0) -> NamedSharding:
-    """Sharding of a batch array: dim `leading` over the batch axes, the rest replicated."""
-    spec = [None] * ndim
-    spec[leading] = logical_to_spec(("batch",), rules, mesh)[0]
-    return NamedSharding(mesh, P(*spec))

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import unicodedata
 from typing import Sequence
 
 import numpy as np
@@ -79,18 +78,6 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     return text[:cut], cut < len(text)
 
 
-def tokens_to_text(tokenizer, tokens: Sequence[int], eos_id: int, stops: Sequence[str] = ()) -> str:
-    """The answer text of generated tokens: up to `</s>`, cut at the first stop string, stripped."""
-    toks = []
-    for t in tokens:
-        t = int(t)
-        if t == eos_id:
-            break
-        toks.append(t)
-    text = tokenizer.decode(toks, skip_special_tokens=True)
-    return cut_at_stop(text, stops)[0].strip()
-
-
 class IncrementalDecoder:
     """Turns a token stream into printable text pieces (byte-fallback pieces and stop strings held back).
 
@@ -151,12 +138,6 @@ class IncrementalDecoder:
         """The answer so far, stop strings removed."""
         t, _ = cut_at_stop(self._text(), self.stops)
         return t.strip()
-
-
-def normalize_text(text: str) -> str:
-    """NFKC (full-width to ASCII), `</s>` removed, whitespace collapsed, stripped."""
-    t = unicodedata.normalize("NFKC", str(text)).replace("</s>", "")
-    return " ".join(t.split())
 
 
 def sampling_kwargs(cfg) -> dict:

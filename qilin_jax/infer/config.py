@@ -10,9 +10,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from qilin_jax.data.images import IMAGE_MODES
+
 TASKS = ("pmc_vqa", "demo", "open")
 LANGUAGES = ("en", "zh")
-IMAGE_MODES = ("pad", "square")
 
 
 @dataclass

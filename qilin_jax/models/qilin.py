@@ -8,13 +8,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from qilin_jax.data.conversation import IGNORE_INDEX
 from qilin_jax.models.adapter import Adapter
 from qilin_jax.models.common import dense, scan_unroll
 from qilin_jax.models.configs import QilinConfig
 from qilin_jax.models.llama import KVCache, LlamaModel
 from qilin_jax.models.vit import VisionTransformer
-
-IGNORE_INDEX = -100
 
 
 class QilinOutput(NamedTuple):
