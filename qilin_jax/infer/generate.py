@@ -125,16 +125,35 @@ def _step(model, tok, cache, pos, layers=None):
     return model.llm.logits(hidden)[:, -1], cache
 
 
-def _unstack_decode(state) -> bool:
-    """Whether inference runs unstacked layers (`llama.layer_list`): when the parameters live on CPU."""
+def _on_cpu(state) -> bool:
+    """Whether the parameters live on CPU (where decoding runs unstacked layers)."""
     leaf = jax.tree.leaves(state)[0]
     return all(d.platform == "cpu" for d in leaf.devices())
+
+
+def decode_layers(model, graphdef, state, max_new_tokens: int | None) -> tuple[list[dict] | None, bool]:
+    """The decode layout switch: (unstacked decoder layers to pass in, or None; whether the
+    compiled generate call should unstack them itself).
+
+    Accelerators: (None, False), the scan over the stacked layers. CPU (`llama.layer_list`):
+    the per-model copy of `cached_layers` when the layers fit LAYER_CACHE_MAX_BYTES; else,
+    for one compiled call that decodes `max_new_tokens` (generate), unstacking inside it when
+    that pays off (>= UNSTACK_MIN_NEW_TOKENS); for step-by-step calls (stream:
+    `max_new_tokens` None), one copy made now."""
+    if not _on_cpu(state):
+        return None, False
+    layers = cached_layers(model, graphdef, state)
+    if layers is not None:
+        return layers, False
+    if max_new_tokens is None:
+        return _layer_list_jit(graphdef, state), False
+    return None, max_new_tokens >= UNSTACK_MIN_NEW_TOKENS
 
 
 def cached_layers(model, graphdef, state) -> list[dict] | None:
     """The model's unstacked decoder layers for CPU inference from the per-model cache (made
     now if missing or stale), or None: not on CPU, or over LAYER_CACHE_MAX_BYTES."""
-    if not _unstack_decode(state):
+    if not _on_cpu(state):
         return None
     stacked = tuple(jax.tree.leaves(stacked_values(model.llm.layers)))
     if sum(x.nbytes for x in stacked) > LAYER_CACHE_MAX_BYTES:
@@ -211,13 +230,11 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, *, max_ne
     ids, mask, slots = _prepare(model, input_ids, attention_mask, max_new_tokens, prompt_bucket)
     graphdef, state = nnx.split(model)
     px = None if pixel_values is None else jnp.asarray(pixel_values, jnp.float32)
-    layers = cached_layers(model, graphdef, state)
+    layers, unstack = decode_layers(model, graphdef, state, max_new_tokens)
     out = _generate_jit(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), px,
                         jnp.int32(max_new_tokens), jnp.int32(eos), jnp.int32(pad),
                         jax.random.PRNGKey(seed), layers, slots=slots, max_tokens=bucket(max_new_tokens),
-                        sampling=SamplingConfig(do_sample, temperature, top_k, top_p),
-                        unstack=(layers is None and _unstack_decode(state)
-                                 and max_new_tokens >= UNSTACK_MIN_NEW_TOKENS))
+                        sampling=SamplingConfig(do_sample, temperature, top_k, top_p), unstack=unstack)
     return np.asarray(out)[:, :max_new_tokens]
 
 
@@ -249,9 +266,7 @@ def stream(model, input_ids, pixel_values=None, attention_mask=None, *, max_new_
     ids, mask, slots = _prepare(model, input_ids, attention_mask, max_new_tokens, None)
     graphdef, state = nnx.split(model)
     px = None if pixel_values is None else jnp.asarray(pixel_values, jnp.float32)
-    layers = cached_layers(model, graphdef, state)
-    if layers is None and _unstack_decode(state):
-        layers = _layer_list_jit(graphdef, state)
+    layers, _ = decode_layers(model, graphdef, state, None)
     logits, cache, pos = _prefill_jit(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), px, layers,
                                       slots=slots)
     sampling = SamplingConfig(do_sample, temperature, top_k, top_p)

@@ -120,19 +120,23 @@ def _out_mlp(p, x, out, cfg: TextConfig, dtype):
 
 def _block(p, x, *, cfg: TextConfig, cos, sin, mask, segment_ids, lengths, impl, dtype,
            cache_kv=None, cache_index=None):
-    """One decoder block on [batch, seq, embed]; returns (x, (k, v) for the cache or None)."""
-    q, k, v = _qkv(p, x, cfg, cos, sin, dtype)
-    new_kv = None
-    if cache_kv is not None:
-        ck, cv = cache_kv
-        ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
-        cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
-        new_kv = (ck, cv)
-        k, v = ck.astype(dtype), cv.astype(dtype)
-    # With a cache the mask carries causality (queries sit at cache.index onwards).
-    out = attention(q, k, v, mask=mask, causal=cache_kv is None, segment_ids=segment_ids, lengths=lengths,
-                    implementation=impl)
-    return _out_mlp(p, x, out, cfg, dtype), new_kv
+    """One decoder block on [batch, seq, embed]; returns (x, (k, v) for the cache or None).
+    Profiles show it as `attention` (norm, q/k/v, RoPE, cache write, attention) and `mlp`
+    (output projection and residual, norm, SwiGLU)."""
+    with jax.named_scope("attention"):
+        q, k, v = _qkv(p, x, cfg, cos, sin, dtype)
+        new_kv = None
+        if cache_kv is not None:
+            ck, cv = cache_kv
+            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
+            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
+            new_kv = (ck, cv)
+            k, v = ck.astype(dtype), cv.astype(dtype)
+        # With a cache the mask carries causality (queries sit at cache.index onwards).
+        out = attention(q, k, v, mask=mask, causal=cache_kv is None, segment_ids=segment_ids,
+                        lengths=lengths, implementation=impl)
+    with jax.named_scope("mlp"):
+        return _out_mlp(p, x, out, cfg, dtype), new_kv
 
 
 def _prefix_block(p, xp, x, *, cfg: TextConfig, cos_p, sin_p, cos, sin, mask_p, mask, impl, dtype):
@@ -140,14 +144,16 @@ def _prefix_block(p, xp, x, *, cfg: TextConfig, cos_p, sin_p, cos, sin, mask_p, 
     that continue it: the prefix attends causally to itself, each row to the whole prefix
     and causally to itself. The prefix's k/v are broadcast to the rows, so autodiff sums
     their gradients over the rows: exactly the block on the concatenated rows."""
-    qp, kp, vp = _qkv(p, xp, cfg, cos_p, sin_p, dtype)
-    q, k, v = _qkv(p, x, cfg, cos, sin, dtype)
-    out_p = attention(qp, kp, vp, mask=mask_p, causal=True, implementation=impl)
-    B = x.shape[0]
-    k = jnp.concatenate([jnp.broadcast_to(kp, (B,) + kp.shape[1:]), k], axis=1)
-    v = jnp.concatenate([jnp.broadcast_to(vp, (B,) + vp.shape[1:]), v], axis=1)
-    out = attention(q, k, v, mask=mask, causal=False, implementation=impl)
-    return _out_mlp(p, xp, out_p, cfg, dtype), _out_mlp(p, x, out, cfg, dtype)
+    with jax.named_scope("attention"):
+        qp, kp, vp = _qkv(p, xp, cfg, cos_p, sin_p, dtype)
+        q, k, v = _qkv(p, x, cfg, cos, sin, dtype)
+        out_p = attention(qp, kp, vp, mask=mask_p, causal=True, implementation=impl)
+        B = x.shape[0]
+        k = jnp.concatenate([jnp.broadcast_to(kp, (B,) + kp.shape[1:]), k], axis=1)
+        v = jnp.concatenate([jnp.broadcast_to(vp, (B,) + vp.shape[1:]), v], axis=1)
+        out = attention(q, k, v, mask=mask, causal=False, implementation=impl)
+    with jax.named_scope("mlp"):
+        return _out_mlp(p, xp, out_p, cfg, dtype), _out_mlp(p, x, out, cfg, dtype)
 
 
 def layer_list(layers: "LlamaLayers", transpose: bool = True) -> list[dict]:
@@ -205,7 +211,9 @@ class LlamaModel(nnx.Module):
     def __call__(self, inputs_embeds, *, segment_ids=None, position_ids=None,
                  cache: KVCache | None = None, packed: bool = False, layers: list[dict] | None = None,
                  prefix_embeds=None):
-        """Final-norm hidden states [batch, seq, embed] and the updated cache (or None).
+        """Final-norm hidden states [batch, seq, embed] and the updated cache (or None): the
+        training / scoring forward (`_forward`), its shared-prefix form (`_forward_prefix`) or
+        the cached prefill / decode step (`_decode`).
 
         segment_ids: [batch, seq], 1.. for tokens of each packed sample, 0 for padding
         (an attention mask is segment ids with a single segment); `packed` (static) says rows
@@ -234,79 +242,100 @@ class LlamaModel(nnx.Module):
             if cache is not None:
                 position_ids = position_ids + cache.index
         cos, sin = rope_cos_sin(position_ids, cfg)
-        params = stacked_values(self.layers)
-
+        new_cache = None
         if prefix_embeds is not None:
             if cache is not None or packed:
                 raise ValueError("prefix_embeds is for training on unpacked rows (no cache, not packed)")
-            impl = resolve_implementation(self.attention_impl, dtype, packed=False, decoding=False)
-            impl = impl if impl in ("xla", "xla_reference") else "xla"
-            xp = prefix_embeds.astype(dtype)
-            ones = jnp.ones((1, P), jnp.int32)
-            cos_p, sin_p = rope_cos_sin(jnp.arange(P, dtype=jnp.int32)[None], cfg)
-            mask_p = make_mask(ones, ones, causal=True)
-            mask = jnp.concatenate([jnp.ones((B, 1, T, P), bool),
-                                    make_mask(segment_ids, segment_ids, causal=True)], axis=-1)
-
-            def prefix_body(carry, p):
-                hp, h = carry
-                return _prefix_block(p, hp, h, cfg=cfg, cos_p=cos_p, sin_p=sin_p, cos=cos, sin=sin,
-                                     mask_p=mask_p, mask=mask, impl=impl, dtype=dtype), None
-
-            (_, x), _ = scan_layers(prefix_body, (xp, x), params, remat=self.remat)
-            new_cache = None
+            x = self._forward_prefix(prefix_embeds.astype(dtype), x, segment_ids, cos, sin)
         elif cache is None:
-            impl = resolve_implementation(self.attention_impl, dtype, packed=packed, decoding=False)
-            mask = (make_mask(segment_ids, segment_ids, causal=True)
-                    if impl in ("xla", "xla_reference") else None)
-            lengths = jnp.sum(segment_ids != 0, axis=1) if impl == "cudnn" else None
-
-            def body(h, p):
-                h, _ = _block(p, h, cfg=cfg, cos=cos, sin=sin, mask=mask, segment_ids=segment_ids,
-                              lengths=lengths, impl=impl, dtype=dtype)
-                return h, None
-
-            x, _ = scan_layers(body, x, params, remat=self.remat)
-            new_cache = None
+            x = self._forward(x, segment_ids, cos, sin, packed)
         else:
-            S = cache.k.shape[2]
-            slots = jnp.arange(S, dtype=jnp.int32)
-            q_slots = cache.index + jnp.arange(T, dtype=jnp.int32)
-            written = (slots[None, :] >= cache.index) & (slots[None, :] < cache.index + T)
-            new_mask = jnp.where(written, jax.lax.dynamic_update_slice(
-                jnp.zeros((B, S), jnp.int32), (segment_ids != 0).astype(jnp.int32), (0, cache.index)),
-                cache.mask)
-            mask = make_mask(jnp.ones((B, T), jnp.int32), new_mask, causal=True,
-                             q_positions=jnp.broadcast_to(q_slots, (B, T)),
-                             kv_positions=jnp.broadcast_to(slots, (B, S)))
-
-            # The cache rides in the scan carry and each layer's slice is written back in
-            # place: as scanned inputs/outputs the whole cache would be copied every step (a
-            # second cache in temporaries: 67 GB for 13B, batch 32, 2560 slots).
-            def cached_block(p, h, ck, cv):
-                return _block(p, h, cfg=cfg, cos=cos, sin=sin, mask=mask, segment_ids=None,
-                              lengths=None, impl="xla", dtype=dtype, cache_kv=(ck, cv),
-                              cache_index=cache.index)
-
-            def body(carry, xs):
-                h, ks, vs = carry
-                p, i = xs
-                h, (ck, cv) = cached_block(p, h, jax.lax.dynamic_index_in_dim(ks, i, keepdims=False),
-                                           jax.lax.dynamic_index_in_dim(vs, i, keepdims=False))
-                ks = jax.lax.dynamic_update_index_in_dim(ks, ck, i, 0)
-                vs = jax.lax.dynamic_update_index_in_dim(vs, cv, i, 0)
-                return (h, ks, vs), None
-
-            if layers is not None:
-                ks, vs = [], []
-                for i, p in enumerate(layers):
-                    x, (ck, cv) = cached_block(p, x, cache.k[i], cache.v[i])
-                    ks.append(ck)
-                    vs.append(cv)
-                ks, vs = jnp.stack(ks), jnp.stack(vs)
-            else:
-                layer_ids = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
-                (x, ks, vs), _ = scan_layers(body, (x, cache.k, cache.v), (params, layer_ids))
-            new_cache = KVCache(ks, vs, new_mask, cache.index + T)
+            x, new_cache = self._decode(x, segment_ids, cos, sin, cache, layers)
         x = rms_norm(x, self.norm.get_value(), cfg.rms_norm_eps)
         return x, new_cache
+
+    def _forward(self, x, segment_ids, cos, sin, packed: bool):
+        """Training / scoring: every position of x [batch, seq, embed], causal within each
+        segment, through the scan over the stacked layers (no final norm)."""
+        cfg, dtype = self.cfg, x.dtype
+        impl = resolve_implementation(self.attention_impl, dtype, packed=packed, decoding=False)
+        mask = (make_mask(segment_ids, segment_ids, causal=True)
+                if impl in ("xla", "xla_reference") else None)
+        lengths = jnp.sum(segment_ids != 0, axis=1) if impl == "cudnn" else None
+
+        def body(h, p):
+            h, _ = _block(p, h, cfg=cfg, cos=cos, sin=sin, mask=mask, segment_ids=segment_ids,
+                          lengths=lengths, impl=impl, dtype=dtype)
+            return h, None
+
+        x, _ = scan_layers(body, x, stacked_values(self.layers), remat=self.remat)
+        return x
+
+    def _forward_prefix(self, xp, x, segment_ids, cos, sin):
+        """Training with a shared prefix xp [1, P, embed] that every row of x [batch, T, embed]
+        continues (see `__call__`): the rows' hidden states (no final norm)."""
+        cfg, dtype = self.cfg, x.dtype
+        B, T, _ = x.shape
+        P = xp.shape[1]
+        impl = resolve_implementation(self.attention_impl, dtype, packed=False, decoding=False)
+        impl = impl if impl in ("xla", "xla_reference") else "xla"
+        ones = jnp.ones((1, P), jnp.int32)
+        cos_p, sin_p = rope_cos_sin(jnp.arange(P, dtype=jnp.int32)[None], cfg)
+        mask_p = make_mask(ones, ones, causal=True)
+        mask = jnp.concatenate([jnp.ones((B, 1, T, P), bool),
+                                make_mask(segment_ids, segment_ids, causal=True)], axis=-1)
+
+        def prefix_body(carry, p):
+            hp, h = carry
+            return _prefix_block(p, hp, h, cfg=cfg, cos_p=cos_p, sin_p=sin_p, cos=cos, sin=sin,
+                                 mask_p=mask_p, mask=mask, impl=impl, dtype=dtype), None
+
+        (_, x), _ = scan_layers(prefix_body, (xp, x), stacked_values(self.layers), remat=self.remat)
+        return x
+
+    def _decode(self, x, segment_ids, cos, sin, cache: KVCache, layers: list[dict] | None):
+        """Prefill or decode step with a KV cache: x [batch, T, embed] is written at
+        cache.index and attends to every valid slot before it. Returns (hidden states without
+        the final norm, the updated cache)."""
+        cfg, dtype = self.cfg, x.dtype
+        B, T, _ = x.shape
+        S = cache.k.shape[2]
+        slots = jnp.arange(S, dtype=jnp.int32)
+        q_slots = cache.index + jnp.arange(T, dtype=jnp.int32)
+        written = (slots[None, :] >= cache.index) & (slots[None, :] < cache.index + T)
+        new_mask = jnp.where(written, jax.lax.dynamic_update_slice(
+            jnp.zeros((B, S), jnp.int32), (segment_ids != 0).astype(jnp.int32), (0, cache.index)),
+            cache.mask)
+        mask = make_mask(jnp.ones((B, T), jnp.int32), new_mask, causal=True,
+                         q_positions=jnp.broadcast_to(q_slots, (B, T)),
+                         kv_positions=jnp.broadcast_to(slots, (B, S)))
+
+        # The cache rides in the scan carry and each layer's slice is written back in
+        # place: as scanned inputs/outputs the whole cache would be copied every step (a
+        # second cache in temporaries: 67 GB for 13B, batch 32, 2560 slots).
+        def cached_block(p, h, ck, cv):
+            return _block(p, h, cfg=cfg, cos=cos, sin=sin, mask=mask, segment_ids=None,
+                          lengths=None, impl="xla", dtype=dtype, cache_kv=(ck, cv),
+                          cache_index=cache.index)
+
+        def body(carry, xs):
+            h, ks, vs = carry
+            p, i = xs
+            h, (ck, cv) = cached_block(p, h, jax.lax.dynamic_index_in_dim(ks, i, keepdims=False),
+                                       jax.lax.dynamic_index_in_dim(vs, i, keepdims=False))
+            ks = jax.lax.dynamic_update_index_in_dim(ks, ck, i, 0)
+            vs = jax.lax.dynamic_update_index_in_dim(vs, cv, i, 0)
+            return (h, ks, vs), None
+
+        if layers is not None:
+            ks, vs = [], []
+            for i, p in enumerate(layers):
+                x, (ck, cv) = cached_block(p, x, cache.k[i], cache.v[i])
+                ks.append(ck)
+                vs.append(cv)
+            ks, vs = jnp.stack(ks), jnp.stack(vs)
+        else:
+            layer_ids = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
+            (x, ks, vs), _ = scan_layers(body, (x, cache.k, cache.v),
+                                         (stacked_values(self.layers), layer_ids))
+        return x, KVCache(ks, vs, new_mask, cache.index + T)
