@@ -90,11 +90,11 @@ CHOICE_STEMS = {
     "kind": ("图中病灶的表现是？", "下列哪项最符合图中所见？"),
 }
 CHOICE_TOPICS = ("modality", "location", "count", "size", "kind")
-# The reply is the chosen option's text, PMC-VQA's `Answer` column, scored as PMC-VQA scores a
-# generative model: the reply is matched to its option (qilin_jax.infer.metrics.parse_choice).
+# The reply is the chosen option's text, PMC-VQA's `Answer` column, scored by PMC-VQA's own rule
+# (qilin_jax.infer.score_choice, "official": the most similar choice string must be the gold's).
 # A letter-only reply ("请直接回答选项字母。" -> "B") stayed at chance in every demo run: the
 # tiny model does not learn to look up the letter of an option within the CPU budget (see
-# configs/demo.yaml); LLaVA-Med-7B is at 24.7% on PMC-VQA with that prompt too.
+# docs/experiments.md); LLaVA-Med-7B is at 24.7% on PMC-VQA with that prompt too.
 CHOICE_SUFFIX = "请从以上选项中选出正确答案。"
 NO_LESION = "未见病灶"
 CHOICE_EXTRA = {"size": NO_LESION}  # the 4th option where the closed set has only 3

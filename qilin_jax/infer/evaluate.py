@@ -6,10 +6,11 @@
     report.json         the scores (the returned dict)
 
 PMC-VQA: the prompt is the question, the four options ("A:...") and the answer-with-letter
-instruction (en/zh), greedy. The letter is parsed from the answer (`metrics.parse_choice`);
-when there is none, the answer is matched to the most similar option, as the benchmark's own
-evaluation does. Accuracy overall and by gold letter. Samples whose image is missing are
-reported (`skipped`) and not scored.
+instruction (en/zh), greedy. Each answer is scored by both rules of `metrics.score_choice`:
+`accuracy` is the benchmark's own rule ("official", the number to compare with published
+PMC-VQA results), `accuracy_letter` the letter-parsing rule; both overall and by gold letter,
+and each prediction row keeps both decisions and the option each rule picked. Samples whose
+image is missing are reported (`skipped`) and not scored.
 """
 from __future__ import annotations
 
@@ -23,8 +24,17 @@ from typing import Sequence
 from qilin_jax.data.errors import DataError
 from qilin_jax.infer.batch import Request, answer_requests, request
 from qilin_jax.infer.config import EvalConfig
-from qilin_jax.infer.metrics import (LETTERS, choice_accuracy, exact_match, open_scores, option_text,
-                                     parse_choice, rouge_l)
+from qilin_jax.infer.metrics import (
+    LETTERS,
+    choice_accuracy,
+    exact_match,
+    official_choice,
+    open_scores,
+    option_text,
+    parse_choice,
+    rouge_l,
+    score_choice,
+)
 
 GENERATIONS = "generations.jsonl"
 PREDICTIONS = "predictions.jsonl"
@@ -91,7 +101,9 @@ def pmc_vqa_requests(csv_path: str, image_folder: str = "", language: str = "en"
             options = {x: option_text(row.get(f"Choice {x}") or "", x) for x in LETTERS}
             req = request(rid, q, [name], image_folder=image_folder, origin=origin,
                           echo={"image": name})
+            # "choices": the CSV's strings untouched, which the official rule compares with.
             gold = {"label": conv[1]["value"], "options": options,
+                    "choices": [row.get(f"Choice {x}") or "" for x in LETTERS],
                     "question": (row.get("Question") or "").strip()}
         except DataError as e:
             req = Request(rid, [], origin=origin, error=str(e), reason=e.reason)
@@ -100,8 +112,25 @@ def pmc_vqa_requests(csv_path: str, image_folder: str = "", language: str = "en"
     return out
 
 
+SCORING_NOTE = {
+    "official": "PMC-VQA's own rule: the choice string (as in the CSV) with the strictly highest "
+                "difflib.SequenceMatcher(None, choice, answer).ratio() (first on ties, none when all "
+                "are 0) must be the one the gold choice string picks",
+    "letter": "letter parsing (a letter, 'answer is B', an option's text in the answer), then the "
+              "most similar option",
+}
+
+
+def score_row(answer: str, choices: list[str], label: str) -> dict:
+    """Both rules' decisions on one multiple-choice answer: pred/correct (official), *_letter, method."""
+    letter, method = parse_choice(answer, choices)
+    return {"pred": official_choice(answer, choices),
+            "correct": score_choice(answer, choices, label, "official"),
+            "pred_letter": letter, "method": method, "correct_letter": letter == label}
+
+
 def evaluate_pmc_vqa(model, tokenizer, cfg: EvalConfig, *, mesh=None) -> dict:
-    """PMC-VQA multiple-choice accuracy (overall, by gold letter); writes predictions and report."""
+    """PMC-VQA accuracy by the benchmark's rule and by letter parsing, overall and by gold letter; writes predictions and report."""
     pairs = pmc_vqa_requests(cfg.csv, cfg.image_folder, cfg.language, cfg.limit)
     t0 = time.time()
     res = _generate(model, tokenizer, [r for r, _ in pairs], cfg, cfg.output_dir, mesh, "pmc-vqa")
@@ -110,12 +139,13 @@ def evaluate_pmc_vqa(model, tokenizer, cfg: EvalConfig, *, mesh=None) -> dict:
         rec = res["records"].get(req.id)
         if rec is None or not gold:
             continue
-        letter, method = parse_choice(rec["answer"], gold["options"])
         preds.append({"id": req.id, "image": rec.get("image"), "question": gold["question"],
-                      "options": gold["options"], "label": gold["label"], "answer": rec["answer"],
-                      "pred": letter, "method": method, "correct": letter == gold["label"]})
+                      "options": gold["options"], "choices": gold["choices"], "label": gold["label"],
+                      "answer": rec["answer"],
+                      **score_row(rec["answer"], gold["choices"], gold["label"])})
     scores = choice_accuracy(preds)
-    report = {"task": "pmc_vqa", "csv": cfg.csv, "language": cfg.language, **scores,
+    report = {"task": "pmc_vqa", "csv": cfg.csv, "language": cfg.language,
+              "scoring": "official", "scoring_rules": SCORING_NOTE, **scores,
               "chance": 0.25, "skipped": len(res["errors"]), "skipped_rows": res["errors"][:50],
               "seconds": round(time.time() - t0, 2), "settings": _settings(cfg)}
     if cfg.output_dir:
@@ -144,9 +174,11 @@ def evaluate_demo(model, tokenizer, heldout_json: str, image_folder: str = "", *
     """Held-out accuracy of the demo task overall and per question type, chance beside it.
 
     Returns {"heldout_accuracy", "heldout_accuracy_by_type": {qtype: acc}, "chance_by_type",
-    "n_by_type", ...}. Closed-set answers are compared after the demo's `normalize_answer`;
-    multiple-choice rows with `parse_choice` against their options. image_folder defaults to
-    <dir of heldout.json>/images.
+    "n_by_type", "choice_scoring", "choice_accuracy_by_rule", ...}. Closed-set answers are
+    compared after the demo's `normalize_answer`; multiple-choice rows by PMC-VQA's official
+    rule (`score_choice`, named in "choice_scoring"; that is the "choice" entry and what
+    heldout_accuracy counts), with the letter rule's accuracy beside it in
+    "choice_accuracy_by_rule". image_folder defaults to <dir of heldout.json>/images.
     """
     demo = _demo_helpers()
     if cfg is None:
@@ -167,6 +199,8 @@ def evaluate_demo(model, tokenizer, heldout_json: str, image_folder: str = "", *
         try:
             q = next(t["value"] for t in row["conversations"] if t.get("from") == "human")
             ims = row["image"] if isinstance(row["image"], list) else [row["image"]]
+            if row["qtype"] == "choice" and not row.get("choices"):
+                raise KeyError("choices")  # the options both scoring rules compare with
             reqs.append(request(rid, q, ims, image_folder=image_folder, origin=origin,
                                 echo={"image": row["image"], "qtype": row["qtype"]}))
             golds[rid] = row
@@ -181,13 +215,15 @@ def evaluate_demo(model, tokenizer, heldout_json: str, image_folder: str = "", *
         if rec is None:
             continue
         qtype = row["qtype"]
+        gold = demo.normalize_answer(row["answer"], qtype)
+        p = {"id": rid, "qtype": qtype, "question": row["conversations"][0]["value"],
+             "answer": rec["answer"], "gold": gold}
         if qtype == "choice":
-            pred, _ = parse_choice(rec["answer"], row.get("choices"))
+            p.update(choices=row["choices"], **score_row(rec["answer"], row["choices"], gold))
         else:
             pred = demo.normalize_answer(rec["answer"], qtype)
-        gold = demo.normalize_answer(row["answer"], qtype)
-        preds.append({"id": rid, "qtype": qtype, "question": row["conversations"][0]["value"],
-                      "answer": rec["answer"], "pred": pred, "gold": gold, "correct": pred == gold})
+            p.update(pred=pred, correct=pred == gold)
+        preds.append(p)
     by_type, n_by_type = {}, {}
     for q in demo.QTYPES:
         rs = [p for p in preds if p["qtype"] == q]
@@ -195,9 +231,14 @@ def evaluate_demo(model, tokenizer, heldout_json: str, image_folder: str = "", *
             n_by_type[q] = len(rs)
             by_type[q] = sum(p["correct"] for p in rs) / len(rs)
     n = len(preds)
+    choice_rows = [p for p in preds if p["qtype"] == "choice"]
+    by_rule = {rule: sum(p[key] for p in choice_rows) / len(choice_rows)
+               for rule, key in (("official", "correct"), ("letter", "correct_letter"))} if choice_rows else {}
     report = {"task": "demo", "heldout_accuracy": sum(p["correct"] for p in preds) / n if n else 0.0,
               "heldout_accuracy_by_type": by_type,
               "chance_by_type": {q: demo.CHANCE[q] for q in by_type},
+              "choice_scoring": "official", "choice_accuracy_by_rule": by_rule,
+              "scoring_rules": SCORING_NOTE,
               "n": n, "n_by_type": n_by_type, "skipped": len(res["errors"]),
               "seconds": round(time.time() - t0, 2), "settings": _settings(cfg)}
     if cfg.output_dir:
@@ -289,13 +330,17 @@ def run_eval(model, tokenizer, eval_cfg: EvalConfig, *, mesh=None) -> dict:
     eval_cfg.validate("eval")
     if eval_cfg.task == "pmc_vqa":
         report = evaluate_pmc_vqa(model, tokenizer, eval_cfg, mesh=mesh)
-        headline = f"PMC-VQA accuracy {report['accuracy']:.4f} on {report['n']} samples (chance 0.25)"
+        headline = (f"PMC-VQA accuracy {report['accuracy']:.4f} (the benchmark's rule; letter parsing "
+                    f"{report['accuracy_letter']:.4f}) on {report['n']} samples (chance 0.25)")
     elif eval_cfg.task == "demo":
         report = evaluate_demo(model, tokenizer, eval_cfg.json, eval_cfg.image_folder, mesh=mesh,
                                cfg=eval_cfg)
         per = ", ".join(f"{k} {v:.3f} (chance {report['chance_by_type'][k]:.2f})"
                         for k, v in report["heldout_accuracy_by_type"].items())
         headline = f"demo held-out accuracy {report['heldout_accuracy']:.4f}: {per}"
+        if report["choice_accuracy_by_rule"]:
+            headline += (f"; choice scored by PMC-VQA's rule (letter parsing "
+                         f"{report['choice_accuracy_by_rule']['letter']:.3f})")
     else:
         report = evaluate_open(model, tokenizer, eval_cfg, mesh=mesh)
         headline = (f"open-ended: exact match {report['exact_match']:.4f}, BLEU-4 {report['bleu']:.4f}, "

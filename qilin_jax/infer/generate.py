@@ -57,9 +57,9 @@ def prompt_length_bucket(n: int, minimum: int = 16) -> int:
 
 
 # Unstacking the layers (`llama.layer_list`) copies the decoder weights once per call; a CPU
-# decode step with stacked layers reads them ~2.4x slower. Measured on the bench's medium
-# model: the copy (~70-100 ms) costs about as much as what 2 decode steps save, so calls
-# that decode fewer tokens keep the scan.
+# decode step with stacked layers reads them much slower. On bench/generate.py's medium
+# model the copy costs about as much as what 2 decode steps save, so calls that decode
+# fewer tokens keep the scan.
 UNSTACK_MIN_NEW_TOKENS = 3
 # Unless the model is small enough to keep its unstacked layers: CPU inference holds one
 # unstacked copy of the decoder weights per model (a second copy in memory) when they take at
@@ -114,7 +114,7 @@ def _prefill(model, ids, mask, pixel_values, slots: int, layers=None):
     emb = model.embed_inputs(jnp.asarray(ids), pixel_values)
     hidden, cache = model.llm(emb, segment_ids=mask, position_ids=pos, cache=cache, layers=layers)
     # Only the last position's logits are used: [batch, 1, vocab], not [batch, T, vocab]
-    # (the LM head over every prompt position was ~35% of a CPU prefill).
+    # (the LM head over every prompt position is a large share of a CPU prefill).
     return model.llm.logits(hidden[:, -1:])[:, 0], cache, pos[:, -1]
 
 

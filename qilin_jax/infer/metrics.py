@@ -1,5 +1,15 @@
-"""Scoring: multiple-choice letter parsing with PMC-VQA's similarity fallback, and open-ended
-exact match / character-level BLEU / ROUGE-L for Chinese. No jax here (scoring runs anywhere).
+"""Scoring: multiple choice by PMC-VQA's own rule ("official") or by letter parsing with a
+similarity fallback ("letter"), and open-ended exact match / character-level BLEU / ROUGE-L for
+Chinese. No jax here (scoring runs anywhere).
+
+The two multiple-choice rules (`score_choice`):
+  official  PMC-VQA's evaluation: the generated text, unchanged, is compared with each choice
+            string as written in the CSV (" A:text ") by difflib.SequenceMatcher(None, choice,
+            text).ratio(); the choice with the strictly highest ratio is picked (the first one
+            on ties, none when every ratio is 0), and the answer is correct when that is the
+            option the gold choice string picks by the same rule. Published accuracies use it.
+  letter    `parse_choice`: a letter or "answer is B" phrase first, then an option's text
+            inside the answer, then the most similar option.
 
 Every score is a fraction in [0, 1] (BLEU too: sacrebleu's 0-100 figure divided by 100).
 
@@ -52,7 +62,7 @@ def _squash(text: str) -> str:
 
 
 def similarity(a: str, b: str) -> float:
-    """difflib ratio on squashed text (what PMC-VQA's MedVInT evaluation uses, `str_similarity`)."""
+    """difflib ratio on squashed text: the letter rule's fallback (PMC-VQA's own is `official_similarity`)."""
     return difflib.SequenceMatcher(None, _squash(a), _squash(b)).ratio()
 
 
@@ -63,7 +73,7 @@ def parse_choice(text: str, options: Mapping[str, str] | Sequence[str] | None = 
     `options`: {"A": text, ...} or ["A:text", ...]. Methods, tried in order: "letter" (the
     answer is or starts with a letter: "B", "B.", "(b)", "Ｂ", "B: text"), "phrase" ("答案是B",
     "The answer is B"), "option_text" (an option's text appears in the answer), "similarity"
-    (the most similar option, PMC-VQA's fallback), "none".
+    (the most similar option, on lowercased text without punctuation), "none".
     """
     t = _clean(text)
     opts = _options_dict(options)
@@ -119,6 +129,76 @@ def most_similar_option(text: str, options: Mapping[str, str] | Sequence[str]) -
     return best
 
 
+SCORING_RULES = ("official", "letter")
+
+
+def official_similarity(choice: str, text: str) -> float:
+    """PMC-VQA's similarity of a choice string to a text: difflib ratio with the choice first."""
+    # Argument order matters: ratio() is not symmetric (the matching-block search is greedy,
+    # and autojunk drops frequent characters of the second string once it has 200 or more).
+    return difflib.SequenceMatcher(None, choice, text).ratio()
+
+
+def official_index(text: str, choices: Sequence[str]) -> int | None:
+    """Index of the choice PMC-VQA's rule picks for `text` (strict argmax of the ratio), or None."""
+    text = "" if text is None else str(text)
+    best, best_ratio = None, 0.0  # strict ">" over 0: first choice wins ties, None if all are 0
+    for i, choice in enumerate(_choice_strings(choices)):
+        r = official_similarity(choice, text)
+        if r > best_ratio:
+            best, best_ratio = i, r
+    return best
+
+
+def official_choice(text: str, choices: Sequence[str]) -> str | None:
+    """Letter of the choice PMC-VQA's rule picks for `text`, or None when no choice shares a character."""
+    i = official_index(text, choices)
+    return None if i is None else _letter(i)
+
+
+def letter_choice(text: str, choices: Sequence[str] | Mapping[str, str]) -> str | None:
+    """Letter the "letter" rule (`parse_choice`) picks for `text`, or None."""
+    return parse_choice(text, choices)[0]
+
+
+def choice_pick(text: str, choices: Sequence[str], rule: str = "official") -> str | None:
+    """Letter `rule` ("official" or "letter") picks for `text`, or None."""
+    if rule == "official":
+        return official_choice(text, choices)
+    if rule == "letter":
+        return letter_choice(text, choices)
+    raise ValueError(f"scoring rule must be one of {SCORING_RULES}, got {rule!r}")
+
+
+def score_choice(text: str, choices: Sequence[str], gold: str, rule: str = "official") -> bool:
+    """Whether `text` answers the question whose gold letter is `gold`, by `rule`.
+
+    `choices`: the choice strings as in the CSV (" A:text ", ...), in letter order. "official"
+    is PMC-VQA's decision: the option picked for the text equals the one picked for the gold
+    choice string (the same option unless two choice strings are identical). "letter" is
+    `parse_choice`'s letter equal to `gold`.
+    """
+    strings = _choice_strings(choices)
+    g = str(gold).strip().upper()
+    if g not in LETTERS[:len(strings)]:
+        raise ValueError(f"gold must be one of {list(LETTERS[:len(strings)])} (the choices given), "
+                         f"got {gold!r}")
+    if rule == "official":
+        return official_index(text, strings) == official_index(strings[LETTERS.index(g)], strings)
+    return choice_pick(text, strings, rule) == g
+
+
+def _letter(i: int) -> str:
+    return LETTERS[i] if i < len(LETTERS) else str(i)
+
+
+def _choice_strings(choices) -> list[str]:
+    if isinstance(choices, (str, bytes, Mapping)):
+        raise TypeError("choices must be the list of choice strings as in the CSV "
+                        f"([' A:text ', ' B:text ', ...]), got {type(choices).__name__}")
+    return ["" if c is None else str(c) for c in choices]
+
+
 def _options_dict(options) -> dict[str, str]:
     if not options:
         return {}
@@ -132,22 +212,43 @@ def _options_dict(options) -> dict[str, str]:
 
 
 def choice_accuracy(records: Sequence[Mapping]) -> dict:
-    """Accuracy overall and by gold letter from records with "label" and "pred" keys."""
+    """Accuracy overall and by gold letter from records with "label" and "pred" keys.
+
+    A record's "correct" (when present) is its decision, else "pred" == "label". Records that
+    also carry the letter rule's decision ("pred_letter", "correct_letter") add
+    "accuracy_letter" overall and per letter beside the main "accuracy".
+    """
+    def ok(r, suffix=""):
+        key = "correct" + suffix
+        return bool(r[key]) if key in r else r.get("pred" + suffix) == r.get("label")
+
     n = len(records)
-    correct = sum(1 for r in records if r.get("pred") == r.get("label"))
+    both = any("pred_letter" in r or "correct_letter" in r for r in records)
+    correct = sum(ok(r) for r in records)
     by_letter = {}
     for letter in LETTERS:
         rs = [r for r in records if r.get("label") == letter]
         if rs:
-            by_letter[letter] = {"n": len(rs), "accuracy": sum(r.get("pred") == letter for r in rs) / len(rs)}
-    pred_counts = {}
-    methods = {}
-    for r in records:
-        pred_counts[str(r.get("pred"))] = pred_counts.get(str(r.get("pred")), 0) + 1
-        methods[r.get("method", "none")] = methods.get(r.get("method", "none"), 0) + 1
-    return {"accuracy": correct / n if n else 0.0, "n": n, "correct": correct,
-            "by_answer_letter": by_letter, "predicted_letters": dict(sorted(pred_counts.items())),
-            "parse_methods": dict(sorted(methods.items()))}
+            by_letter[letter] = {"n": len(rs), "accuracy": sum(ok(r) for r in rs) / len(rs)}
+            if both:
+                by_letter[letter]["accuracy_letter"] = sum(ok(r, "_letter") for r in rs) / len(rs)
+    out = {"accuracy": correct / n if n else 0.0, "n": n, "correct": correct}
+    if both:
+        correct_letter = sum(ok(r, "_letter") for r in records)
+        out.update(accuracy_letter=correct_letter / n if n else 0.0, correct_letter=correct_letter)
+    out.update(by_answer_letter=by_letter, predicted_letters=_counts(r.get("pred") for r in records))
+    if both:
+        out["predicted_letters_letter"] = _counts(r.get("pred_letter") for r in records)
+        out["rules_disagree"] = sum(ok(r) != ok(r, "_letter") for r in records)
+    out["parse_methods"] = _counts(r.get("method", "none") for r in records)
+    return out
+
+
+def _counts(values) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        out[str(v)] = out.get(str(v), 0) + 1
+    return dict(sorted(out.items()))
 
 
 # --------------------------------------------------------------------------------------------

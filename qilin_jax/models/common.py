@@ -26,7 +26,7 @@ def dense(x, kernel):
     """`x @ kernel` for x [..., in] and kernel [in, out] as one 2-D matmul.
 
     Leading axes are flattened first: XLA:CPU ran the weight gradient of the 3-D form (a dot
-    contracting batch and sequence together) ~3x slower than a plain matmul (docs/performance.md).
+    contracting batch and sequence together) far slower than a plain matmul (docs/performance.md).
     """
     lead = x.shape[:-1]
     return (x.reshape(-1, x.shape[-1]) @ kernel).reshape(*lead, kernel.shape[-1])

@@ -162,7 +162,7 @@ def layer_list(layers: "LlamaLayers", transpose: bool = True) -> list[dict]:
     CPU inference: inside a scan over stacked layers XLA:CPU copies each layer's weights out
     of the stacked array before its matmuls, every step, which triples the memory traffic of a
     (weight-bound) decode step. Sliced once per generate call and run in a Python loop
-    (`LlamaModel.__call__(..., layers=)`), the matmuls read them in place: ~2.4x faster
+    (`LlamaModel.__call__(..., layers=)`), the matmuls read them in place: much faster
     decoding on CPU. The matrices are kept transposed, [out, in] under `<name>_t` (the torch
     Linear layout): XLA:CPU's matrix-vector products stream that layout faster (see
     docs/performance.md); `transpose=False` keeps the model's [in, out] (the baseline of
@@ -312,7 +312,7 @@ class LlamaModel(nnx.Module):
 
         # The cache rides in the scan carry and each layer's slice is written back in
         # place: as scanned inputs/outputs the whole cache would be copied every step (a
-        # second cache in temporaries: 67 GB for 13B, batch 32, 2560 slots).
+        # second cache in temporaries; bench/tpu_compile.py's decode program).
         def cached_block(p, h, ck, cv):
             return _block(p, h, cfg=cfg, cos=cos, sin=sin, mask=mask, segment_ids=None,
                           lengths=None, impl="xla", dtype=dtype, cache_kv=(ck, cv),

@@ -46,9 +46,8 @@ class GuardedAdamW(NamedTuple):
       computed from them. Without that, XLA:CPU (which has no multi-output sibling fusion) fuses
       the moment update into each consumer: three passes recompute the moments from the old
       ones, and the buffers updated in place need whole copies of mu and nu first, ~18 reads and
-      writes of every parameter-sized array per step instead of ~10 (`bench/optimizer.py`: the
-      optimizer half of a 92 M-parameter step 485 -> 294 ms, 32 -> 0 whole-array copies;
-      docs/performance.md).
+      writes of every parameter-sized array per step instead of ~10 (measured by
+      `bench/optimizer.py`; docs/performance.md).
     """
 
     init: Callable
