@@ -1,7 +1,8 @@
 """Data pipeline: sources, images, conversation templates, tokenization and the Grain loader.
 
-`tokenize_conversation`, `build_prompt` and the image functions import nothing heavy; the
-loader (`DataConfig`, `make_loader`, which import Grain) loads on first use.
+`tokenize_conversation`, `build_prompt` and the image functions import nothing heavy;
+`DataConfig`, `SampleProcessor` and the loader (`make_loader`, which imports Grain) load on
+first use.
 """
 
 from qilin_jax.data.conversation import (
