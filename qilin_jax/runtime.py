@@ -1,5 +1,6 @@
 """The model and tokenizer a run config points at, for the tasks that use a trained model
 (eval, chat, batch, the demo report) and for scripts."""
+
 from __future__ import annotations
 
 import logging
@@ -23,6 +24,7 @@ def load_model(cfg: RunConfig, checkpoint: str | None = None, *, tensor_parallel
     """The model to evaluate/chat with: a checkpoint (in the config's compute dtype, straight onto
     the inference mesh, never whole in float32 on one device), or the config's random init."""
     from flax import nnx
+
     from qilin_jax.infer.sharded import load_for_inference
     from qilin_jax.models import QilinMedVL
 

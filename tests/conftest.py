@@ -1,5 +1,6 @@
 """Test setup: 8 simulated CPU devices (for the mesh tests) and exact float32 matmuls; the
 fixtures shared across test modules (tokenizer, tiny_model, demo_dir)."""
+
 import os
 import sys
 

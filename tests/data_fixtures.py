@@ -1,7 +1,7 @@
 """Shared helpers for the data tests: a tiny LLaMA-like tokenizer, images and sample files.
 
-The `tokenizer` fixture (tests/conftest.py) is `load_tokenizer()`: the tokenizer is the project's demo tokenizer (data/tokenizer) when it
-exists, else a SentencePiece BPE model trained here with LLaMA's settings (byte fallback,
+The `tokenizer` fixture (tests/conftest.py) is `load_tokenizer()`: the project's demo
+tokenizer (data/tokenizer) when it exists, else a SentencePiece BPE model trained here with LLaMA's settings (byte fallback,
 split digits, identity normalisation, unk=0 bos=1 eos=2, no pad), wrapped as a transformers
 LlamaTokenizer with legacy=True (the release's behaviour).
 """

@@ -1,5 +1,6 @@
 """Shared helpers for the inference tests: the tiny model config that fits the demo tokenizer and
 a random model of it (the fixtures built from them are in tests/conftest.py)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,8 +14,7 @@ def tiny_config():
     from qilin_jax.models import model_preset
 
     cfg = model_preset("tiny")
-    return dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=4000),
-                               image_token_id=4000)
+    return dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=4000), image_token_id=4000)
 
 
 def random_model(cfg, seed: int = 0):

@@ -12,6 +12,7 @@ The hooks come from this process's environment (test code only; the product read
     values, so the loss and gradients are non-finite (exercises train.nan_policy).
 Without them it is exactly main.py.
 """
+
 from __future__ import annotations
 
 import logging
@@ -59,12 +60,14 @@ def parse_nan(value: str) -> tuple[str | None, set[int]]:
 
 def _half_write_and_kill(sig):
     """A data-item writer that writes half of the JSON, syncs it and sends `sig` to this process."""
+
     def write(path, text):
         with open(path, "w") as f:  # a half-written item inside the temporary step dir
             f.write(text[: len(text) // 2])
             f.flush()
             os.fsync(f.fileno())
         os.kill(os.getpid(), sig)
+
     return write
 
 

@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Optional
 
 from qilin_jax.data.conversation import TEMPLATES
 from qilin_jax.data.images import IMAGE_MODES
@@ -34,17 +33,17 @@ class DataConfig:
     move_image_to_front: bool = True  # LLaVA preprocess_multimodal: "<image>\n" + text
     # Release semantics: text tokens with each image counted as ONE token are cut to this
     # (2048 = model_max_length), so expanded sequences reach 2047 + 576. None = no text cap.
-    max_length: Optional[int] = 2048
+    max_length: int | None = 2048
     # --- images
     image_mode: str = "pad"  # square (stage 1: resize + centre crop) | pad (stage 2: mean canvas)
     image_size: int = 336
     patch_size: int = 14
-    image_tokens: Optional[int] = None  # None = (image_size // patch_size) ** 2 = 576
-    image_token_id: Optional[int] = None  # None = tokenizer's "<image>" id, else len(tokenizer)
+    image_tokens: int | None = None  # None = (image_size // patch_size) ** 2 = 576
+    image_token_id: int | None = None  # None = tokenizer's "<image>" id, else len(tokenizer)
     composite: bool = True  # several images of one sample -> one composite (paper 3.3)
     composite_max: int = 4  # samples with more images are skipped ("too_many_images")
     dicom_window_percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
-    jpeg_draft_size: Optional[int] = None  # e.g. 672: fast DCT-scaled JPEG decode (not bit-exact)
+    jpeg_draft_size: int | None = None  # e.g. 672: fast DCT-scaled JPEG decode (not bit-exact)
     # --- batches
     batch_size: int = 16  # rows per batch on this process
     seq_buckets: list[int] = field(default_factory=lambda: [768, 1024, 1536, 2048, 2688])
@@ -58,13 +57,13 @@ class DataConfig:
     # multiple of batch_size) is sorted by length and cut into batches, whose order is then
     # shuffled (seeded by the window's sample ids). With seq_buckets, less padding per batch.
     group_by_length: bool = False
-    images_per_row: Optional[int] = None  # I; None = 1 (composite) or composite_max unpacked,
+    images_per_row: int | None = None  # I; None = 1 (composite) or composite_max unpacked,
     # pack_length // (image_tokens + 16) packed
     drop_remainder: bool = True  # drop a final partial batch (else pad it with empty rows)
     # --- order
     shuffle: bool = True
     seed: int = 0
-    num_epochs: Optional[int] = 1  # None = repeat forever (multi-host: let training count steps)
+    num_epochs: int | None = 1  # None = repeat forever (multi-host: let training count steps)
     # --- execution
     worker_count: int = 0  # decode worker processes (0 = in this process)
     worker_buffer_size: int = 4  # elements each worker prepares ahead
@@ -73,7 +72,7 @@ class DataConfig:
     strict: bool = False  # raise on the first bad sample instead of skipping and counting it
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DataConfig":
+    def from_dict(cls, d: dict) -> DataConfig:
         """Returns a DataConfig from a plain dict; unknown keys are an error naming them."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
@@ -111,6 +110,7 @@ class DataConfig:
 
     def validate(self) -> None:
         """Raises ValueError naming the first bad option and its allowed values."""
+
         def check(ok, msg):
             if not ok:
                 raise ValueError(f"data config: {msg}")
@@ -128,27 +128,52 @@ class DataConfig:
         check(1 <= self.composite_max, "composite_max must be >= 1")
         check(self.batch_size >= 1, "batch_size must be >= 1")
         b = list(self.seq_buckets)
-        check(len(b) > 0 and all(int(x) > 0 for x in b) and b == sorted(b),
-              f"seq_buckets must be a non-empty increasing list, got {b}")
+        check(
+            len(b) > 0 and all(int(x) > 0 for x in b) and b == sorted(b),
+            f"seq_buckets must be a non-empty increasing list, got {b}",
+        )
         check(self.max_length is None or self.max_length > 0, "max_length must be > 0 or None")
-        check(self.row_length() > self.resolved_image_tokens() + 2,
-              f"the longest row ({self.row_length()}) cannot hold one image "
-              f"({self.resolved_image_tokens()} tokens): raise seq_buckets / pack_length")
-        check(self.image_slots() >= (1 if self.composite else self.composite_max),
-              "images_per_row too small for one sample's images (composite off: >= composite_max)")
+        check(
+            self.row_length() > self.resolved_image_tokens() + 2,
+            f"the longest row ({self.row_length()}) cannot hold one image "
+            f"({self.resolved_image_tokens()} tokens): raise seq_buckets / pack_length",
+        )
+        check(
+            self.image_slots() >= (1 if self.composite else self.composite_max),
+            "images_per_row too small for one sample's images (composite off: >= composite_max)",
+        )
         check(self.pack_buffer >= 1, "pack_buffer must be >= 1")
-        check(not (self.group_by_length and self.packing),
-              "group_by_length applies to unpacked rows (packing already fills each row): "
-              "set one of group_by_length / packing")
+        check(
+            not (self.group_by_length and self.packing),
+            "group_by_length applies to unpacked rows (packing already fills each row): "
+            "set one of group_by_length / packing",
+        )
         check(self.num_epochs is None or self.num_epochs >= 1, "num_epochs must be >= 1 or None")
         check(self.worker_count >= 0 and self.read_threads >= 0, "worker_count/read_threads >= 0")
         check(len(self.dicom_window_percentiles) == 2, "dicom_window_percentiles: [low, high]")
 
     def fingerprint(self) -> str:
         """Returns a hash of the options that change which batches come out (checked on resume)."""
-        keys = ("format", "paths", "split", "template", "prompt_mode", "max_length", "image_size",
-                "batch_size", "seq_buckets", "packing", "pack_length", "pack_buffer",
-                "images_per_row", "shuffle", "seed", "num_epochs", "composite", "composite_max")
+        keys = (
+            "format",
+            "paths",
+            "split",
+            "template",
+            "prompt_mode",
+            "max_length",
+            "image_size",
+            "batch_size",
+            "seq_buckets",
+            "packing",
+            "pack_length",
+            "pack_buffer",
+            "images_per_row",
+            "shuffle",
+            "seed",
+            "num_epochs",
+            "composite",
+            "composite_max",
+        )
         d = {k: getattr(self, k) for k in keys}
         d["paths"] = [os.path.basename(str(x).rstrip("/")) for x in self.paths]  # mount-agnostic
         if self.group_by_length:  # only when on: states saved before the option still resume

@@ -56,9 +56,13 @@ class FilterSkipsIterator(grain.DatasetIterator):
                 prev = self.by_epoch.get(str(self.epoch))
                 if prev and prev["seen"] and sum(prev["skipped"].values()) == prev["seen"]:
                     # A repeating dataset whose every sample is bad would loop forever.
-                    raise DataError("all_skipped", (
-                        f"every one of the {prev['seen']} samples of data epoch {self.epoch} was "
-                        f"skipped: {prev['skipped']}; e.g. {next(iter(self.examples.values()))[:1]}"))
+                    raise DataError(
+                        "all_skipped",
+                        (
+                            f"every one of the {prev['seen']} samples of data epoch {self.epoch} was "
+                            f"skipped: {prev['skipped']}; e.g. {next(iter(self.examples.values()))[:1]}"
+                        ),
+                    )
                 self.epoch = epoch
             entry = self._epoch_entry(epoch)
             self.seen += 1
@@ -78,9 +82,12 @@ class FilterSkipsIterator(grain.DatasetIterator):
     def get_state(self):
         return {
             "parent": self._parent.get_state(),
-            "seen": self.seen, "kept": self.kept, "skipped": dict(self.skipped),
+            "seen": self.seen,
+            "kept": self.kept,
+            "skipped": dict(self.skipped),
             "by_epoch": json.loads(json.dumps(self.by_epoch)),
-            "examples": {k: list(v) for k, v in self.examples.items()}, "epoch": self.epoch,
+            "examples": {k: list(v) for k, v in self.examples.items()},
+            "epoch": self.epoch,
         }
 
     def set_state(self, state):
@@ -127,12 +134,13 @@ class RowsIterator(grain.DatasetIterator):
             plan = plan_rows(
                 [len(g["input_ids"]) for g in group],
                 [g["pixel_values"].shape[0] for g in group],
-                self._capacity, self._slots,
+                self._capacity,
+                self._slots,
             )
             return [[group[i] for i in row] for row in plan]
         b = self._group_batch
         order = sorted(range(len(group)), key=lambda i: len(group[i]["input_ids"]))  # stable
-        chunks = [order[i:i + b] for i in range(0, len(order), b)]
+        chunks = [order[i : i + b] for i in range(0, len(order), b)]
         full = [c for c in chunks if len(c) == b]
         # A seed from the window's contents: the same order again after a resume.
         ids = "\x00".join(str(g.get("id", "")) for g in group)
@@ -157,7 +165,7 @@ class RowsIterator(grain.DatasetIterator):
             self._rows = self._plan(group)
             self._emitted = 0
             if self._skip_rows:  # resuming inside a group
-                self._rows = self._rows[self._skip_rows:]
+                self._rows = self._rows[self._skip_rows :]
                 self._emitted = self._skip_rows
                 self._skip_rows = 0
                 if not self._rows:
@@ -197,8 +205,7 @@ class BatchesIterator(grain.DatasetIterator):
         self._collate = collate
         self._b = batch_size
         self._drop = drop_remainder
-        self.stats = {"batches": 0, "rows": 0, "samples": 0, "tokens": 0, "slots": 0,
-                      "images": 0, "image_slots": 0}
+        self.stats = {"batches": 0, "rows": 0, "samples": 0, "tokens": 0, "slots": 0, "images": 0, "image_slots": 0}
 
     def __next__(self):
         rows = []

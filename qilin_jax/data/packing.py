@@ -10,7 +10,6 @@ from qilin_jax.data.conversation import IGNORE_INDEX
 from qilin_jax.data.errors import DataError
 from qilin_jax.data.processor import SampleProcessor
 
-
 # Source samples `estimate_packed_rows` tokenizes (at least 4 packing windows' worth).
 PACK_ESTIMATE_SAMPLES = 2048
 
@@ -43,9 +42,14 @@ def estimate_packed_rows(cfg: DataConfig, tokenizer, source, max_samples: int = 
         images.append(out["pixel_values"].shape[0])
     rows, buf = 0, int(cfg.pack_buffer)
     for j in range(0, len(lengths), buf):
-        rows += len(plan_rows(lengths[j:j + buf], images[j:j + buf], cfg.row_length(), cfg.image_slots()))
-    return {"rows_per_sample": rows / k, "samples_per_row": (len(lengths) / rows) if rows else 0.0,
-            "sampled": int(k), "skipped": skipped, "whole_source": k == n}
+        rows += len(plan_rows(lengths[j : j + buf], images[j : j + buf], cfg.row_length(), cfg.image_slots()))
+    return {
+        "rows_per_sample": rows / k,
+        "samples_per_row": (len(lengths) / rows) if rows else 0.0,
+        "sampled": int(k),
+        "skipped": skipped,
+        "whole_source": k == n,
+    }
 
 
 def plan_rows(lengths, n_images, capacity: int, image_slots: int) -> list[list[int]]:
@@ -60,8 +64,9 @@ def plan_rows(lengths, n_images, capacity: int, image_slots: int) -> list[list[i
     for i in order:
         L, n = lengths[i], n_images[i]
         if L > capacity or n > image_slots:
-            raise ValueError(f"sample of {L} tokens / {n} images does not fit a row "
-                             f"({capacity} tokens, {image_slots} image slots)")
+            raise ValueError(
+                f"sample of {L} tokens / {n} images does not fit a row ({capacity} tokens, {image_slots} image slots)"
+            )
         best, best_free = -1, capacity + 1
         for r in range(len(rows)):
             if free[r] >= L and free_img[r] >= n and free[r] - L < best_free:
@@ -114,15 +119,15 @@ class Collate:
             pos, slot = 0, 0
             for k, s in enumerate(row, 1):
                 n = len(s["input_ids"])
-                out["input_ids"][r, pos:pos + n] = s["input_ids"]
-                out["labels"][r, pos:pos + n] = s["labels"]
-                out["segment_ids"][r, pos:pos + n] = k
-                out["position_ids"][r, pos:pos + n] = np.arange(n, dtype=np.int32)
+                out["input_ids"][r, pos : pos + n] = s["input_ids"]
+                out["labels"][r, pos : pos + n] = s["labels"]
+                out["segment_ids"][r, pos : pos + n] = k
+                out["position_ids"][r, pos : pos + n] = np.arange(n, dtype=np.int32)
                 pos += n
                 m = s["pixel_values"].shape[0]
                 if m:
-                    out["pixel_values"][r, slot:slot + m] = s["pixel_values"]
-                    out["image_valid"][r, slot:slot + m] = 1
+                    out["pixel_values"][r, slot : slot + m] = s["pixel_values"]
+                    out["image_valid"][r, slot : slot + m] = 1
                     slot += m
         out["attention_mask"] = (out["segment_ids"] > 0).astype(np.int32)
         return out

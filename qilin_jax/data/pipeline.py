@@ -41,8 +41,18 @@ class Loader:
 
     STATE_VERSION = 1
 
-    def __init__(self, dataset, cfg: DataConfig, filter_ds, batches_ds, process_index, process_count,
-                 num_samples, source=None, tokenizer=None):
+    def __init__(
+        self,
+        dataset,
+        cfg: DataConfig,
+        filter_ds,
+        batches_ds,
+        process_index,
+        process_count,
+        num_samples,
+        source=None,
+        tokenizer=None,
+    ):
         self.cfg = cfg
         self.source, self.tokenizer = source, tokenizer  # for estimate_packed_rows
         self.dataset = dataset  # the grain IterDataset
@@ -53,7 +63,7 @@ class Loader:
         self.num_samples = num_samples  # source rows on this process per epoch
         self.iterator = iter(dataset)  # a grain DatasetIterator (Orbax save/load capable)
 
-    def __iter__(self) -> "Loader":
+    def __iter__(self) -> Loader:
         return self
 
     def __next__(self) -> dict:
@@ -94,9 +104,13 @@ class Loader:
         it = self._filter_it()
         if it is None:
             return {"seen": 0, "kept": 0, "skipped": {}, "by_epoch": {}, "examples": {}}
-        return {"seen": it.seen, "kept": it.kept, "skipped": dict(it.skipped),
-                "by_epoch": json.loads(json.dumps(it.by_epoch)),
-                "examples": {k: list(v) for k, v in it.examples.items()}}
+        return {
+            "seen": it.seen,
+            "kept": it.kept,
+            "skipped": dict(it.skipped),
+            "by_epoch": json.loads(json.dumps(it.by_epoch)),
+            "examples": {k: list(v) for k, v in it.examples.items()},
+        }
 
     def stats(self) -> dict:
         """Returns batch statistics, including padding_fraction (pad slots / all token slots)."""
@@ -154,9 +168,7 @@ def make_loader(
         ds = ds.shuffle(seed=cfg.seed)
     ds = ds.repeat(cfg.num_epochs)
     ds = ds.map_with_index(processor)
-    it = ds.to_iter_dataset(
-        grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch_buffer)
-    )
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch_buffer))
     if cfg.worker_count > 0:
         from absl import flags
 
@@ -164,16 +176,22 @@ def make_loader(
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(
-            grain.MultiprocessingOptions(
-                num_workers=cfg.worker_count, per_worker_buffer_size=cfg.worker_buffer_size
-            )
+            grain.MultiprocessingOptions(num_workers=cfg.worker_count, per_worker_buffer_size=cfg.worker_buffer_size)
         )
     filt = FilterSkips(it)
     slots = cfg.image_slots()
-    rows = Rows(filt, cfg.packing, cfg.row_length(), slots, cfg.pack_buffer,
-                group_batch=cfg.batch_size if cfg.group_by_length else 0)
-    collate = Collate(cfg.batch_size, cfg.seq_buckets, slots, cfg.image_size,
-                      fixed_length=cfg.pack_length if cfg.packing else None)
+    rows = Rows(
+        filt,
+        cfg.packing,
+        cfg.row_length(),
+        slots,
+        cfg.pack_buffer,
+        group_batch=cfg.batch_size if cfg.group_by_length else 0,
+    )
+    collate = Collate(
+        cfg.batch_size, cfg.seq_buckets, slots, cfg.image_size, fixed_length=cfg.pack_length if cfg.packing else None
+    )
     batches = Batches(rows, collate, cfg.batch_size, cfg.drop_remainder)
-    return Loader(batches, cfg, filt, batches, process_index, process_count, per_process,
-                  source=source, tokenizer=tokenizer)
+    return Loader(
+        batches, cfg, filt, batches, process_index, process_count, per_process, source=source, tokenizer=tokenizer
+    )

@@ -23,8 +23,7 @@ from qilin_jax.data.sources import row_to_sample
 class SampleProcessor:
     """Turns a source index into a sample dict, or a skip record {"skip": reason, ...}."""
 
-    def __init__(self, cfg: DataConfig, tokenizer, source, epoch_length: int,
-                 decode_images: bool = True):
+    def __init__(self, cfg: DataConfig, tokenizer, source, epoch_length: int, decode_images: bool = True):
         self.cfg = cfg
         self.decode_images = decode_images  # False: only check image files exist (fast audit)
         self.tokenizer = tokenizer
@@ -41,8 +40,10 @@ class SampleProcessor:
         cfg = self.cfg
         item = self.source[index]
         sample_id, refs, names, conversations = row_to_sample(
-            item, getattr(self.source, "image_folder", cfg.image_folder) or cfg.image_folder,
-            pmc_style=cfg.pmc_vqa_style, pmc_language=cfg.pmc_vqa_language,
+            item,
+            getattr(self.source, "image_folder", cfg.image_folder) or cfg.image_folder,
+            pmc_style=cfg.pmc_vqa_style,
+            pmc_language=cfg.pmc_vqa_language,
         )
         conversations = validate_conversation(conversations)
         if cfg.prompt_mode != "none":
@@ -50,7 +51,10 @@ class SampleProcessor:
                 conversations, cfg.prompt_mode, seed=cfg.seed, key=index, language=cfg.prompt_language
             )
         conversations = prepare_conversation(
-            conversations, len(refs), composite=cfg.composite, composite_max=cfg.composite_max,
+            conversations,
+            len(refs),
+            composite=cfg.composite,
+            composite_max=cfg.composite_max,
             move_image_to_front=cfg.move_image_to_front,
         )
         n_img = (1 if refs else 0) if cfg.composite else len(refs)
@@ -58,18 +62,31 @@ class SampleProcessor:
         if cfg.max_length is not None:
             limit = min(limit, cfg.max_length + n_img * (self.image_tokens - 1))
         ids, labels = tokenize_conversation(
-            conversations, self.tokenizer, cfg.template, self.image_tokens,
-            self.image_token_id, max_length=limit,
+            conversations,
+            self.tokenizer,
+            cfg.template,
+            self.image_tokens,
+            self.image_token_id,
+            max_length=limit,
         )
         if not self.decode_images:
             for r in refs:
                 if isinstance(r, str) and not os.path.exists(r):
                     raise DataError("missing_image", f"image file not found: {r} (check image_folder)")
-            return {"input_ids": ids, "labels": labels, "id": sample_id,
-                    "pixel_values": np.zeros((n_img, 3, 1, 1), np.float32)}
+            return {
+                "input_ids": ids,
+                "labels": labels,
+                "id": sample_id,
+                "pixel_values": np.zeros((n_img, 3, 1, 1), np.float32),
+            }
         pixels = images_lib.load_and_preprocess(
-            refs, names, size=cfg.image_size, mode=cfg.image_mode, composite=cfg.composite,
-            composite_max=cfg.composite_max, dicom_percentiles=tuple(cfg.dicom_window_percentiles),
+            refs,
+            names,
+            size=cfg.image_size,
+            mode=cfg.image_mode,
+            composite=cfg.composite,
+            composite_max=cfg.composite_max,
+            dicom_percentiles=tuple(cfg.dicom_window_percentiles),
             draft_size=cfg.jpeg_draft_size,
         )
         return {"input_ids": ids, "labels": labels, "pixel_values": pixels, "id": sample_id}

@@ -6,12 +6,13 @@ loop (a `lax.while_loop` that stops when every row has produced `</s>`) in one c
 program per (batch, prompt bucket, new-token bucket, images) shape: the number of new tokens
 is a runtime value, not a compile-time one. `stream` yields tokens one step at a time (chat).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
 import weakref
-from typing import Iterator
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -66,7 +67,7 @@ UNSTACK_MIN_NEW_TOKENS = 3
 # most this many bytes, made on the first call and reused while the parameters stay the same
 # arrays; every call then reads the layers in place, prefill included, with no copy.
 LAYER_CACHE_MAX_BYTES = 4 << 30
-_LAYER_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_LAYER_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def sample_logits(logits, rng, cfg: SamplingConfig):
@@ -101,8 +102,8 @@ def left_align(input_ids, attention_mask, length: int, pad_id: int = 0):
         if len(toks) > length:
             raise ValueError(f"prompt {b} has {len(toks)} tokens, more than the bucket {length}")
         if len(toks):
-            out_ids[b, length - len(toks):] = toks
-            out_mask[b, length - len(toks):] = 1
+            out_ids[b, length - len(toks) :] = toks
+            out_mask[b, length - len(toks) :] = 1
     return out_ids, out_mask
 
 
@@ -120,8 +121,13 @@ def _prefill(model, ids, mask, pixel_values, slots: int, layers=None):
 
 def _step(model, tok, cache, pos, layers=None):
     """One decode step: (logits [batch, vocab], cache); `layers` as in LlamaModel.__call__."""
-    hidden, cache = model.llm(model.llm.embed(tok[:, None]), segment_ids=jnp.ones_like(tok)[:, None],
-                              position_ids=pos[:, None], cache=cache, layers=layers)
+    hidden, cache = model.llm(
+        model.llm.embed(tok[:, None]),
+        segment_ids=jnp.ones_like(tok)[:, None],
+        position_ids=pos[:, None],
+        cache=cache,
+        layers=layers,
+    )
     return model.llm.logits(hidden)[:, -1], cache
 
 
@@ -168,8 +174,23 @@ def cached_layers(model, graphdef, state) -> list[dict] | None:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "slots", "max_tokens", "sampling", "unstack"))
-def _generate_jit(graphdef, state, ids, mask, pixel_values, max_new, eos_id, pad_id, rng, layers=None, *,
-                  slots, max_tokens, sampling, unstack=False):
+def _generate_jit(
+    graphdef,
+    state,
+    ids,
+    mask,
+    pixel_values,
+    max_new,
+    eos_id,
+    pad_id,
+    rng,
+    layers=None,
+    *,
+    slots,
+    max_tokens,
+    sampling,
+    unstack=False,
+):
     model = nnx.merge(graphdef, state)
     B = ids.shape[0]
     if layers is None and unstack:
@@ -215,10 +236,22 @@ def _prepare(model, input_ids, attention_mask, max_new_tokens: int, prompt_len: 
     return ids, mask, slots
 
 
-def generate(model, input_ids, pixel_values=None, attention_mask=None, *, max_new_tokens: int = 32,
-             do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             eos_token_id: int | None = None, pad_token_id: int | None = None, seed: int = 0,
-             prompt_bucket: int | None = None) -> np.ndarray:
+def generate(
+    model,
+    input_ids,
+    pixel_values=None,
+    attention_mask=None,
+    *,
+    max_new_tokens: int = 32,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    seed: int = 0,
+    prompt_bucket: int | None = None,
+) -> np.ndarray:
     """New tokens [batch, max_new_tokens] (greedy by default), padded after `</s>`."""
     cfg = model.config
     eos = cfg.text.eos_token_id if eos_token_id is None else eos_token_id
@@ -231,10 +264,22 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, *, max_ne
     graphdef, state = nnx.split(model)
     px = None if pixel_values is None else jnp.asarray(pixel_values, jnp.float32)
     layers, unstack = decode_layers(model, graphdef, state, max_new_tokens)
-    out = _generate_jit(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), px,
-                        jnp.int32(max_new_tokens), jnp.int32(eos), jnp.int32(pad),
-                        jax.random.PRNGKey(seed), layers, slots=slots, max_tokens=bucket(max_new_tokens),
-                        sampling=SamplingConfig(do_sample, temperature, top_k, top_p), unstack=unstack)
+    out = _generate_jit(
+        graphdef,
+        state,
+        jnp.asarray(ids),
+        jnp.asarray(mask),
+        px,
+        jnp.int32(max_new_tokens),
+        jnp.int32(eos),
+        jnp.int32(pad),
+        jax.random.PRNGKey(seed),
+        layers,
+        slots=slots,
+        max_tokens=bucket(max_new_tokens),
+        sampling=SamplingConfig(do_sample, temperature, top_k, top_p),
+        unstack=unstack,
+    )
     return np.asarray(out)[:, :max_new_tokens]
 
 
@@ -257,9 +302,20 @@ def _stream_step_jit(graphdef, state, logits, cache, pos, rng, layers=None, *, s
     return tok, logits, cache, pos
 
 
-def stream(model, input_ids, pixel_values=None, attention_mask=None, *, max_new_tokens: int = 256,
-           do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           eos_token_id: int | None = None, seed: int = 0) -> Iterator[np.ndarray]:
+def stream(
+    model,
+    input_ids,
+    pixel_values=None,
+    attention_mask=None,
+    *,
+    max_new_tokens: int = 256,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_id: int | None = None,
+    seed: int = 0,
+) -> Iterator[np.ndarray]:
     """Yield the next token of every row ([batch] int array) step by step, until all hit `</s>`."""
     cfg = model.config
     eos = cfg.text.eos_token_id if eos_token_id is None else eos_token_id
@@ -267,15 +323,13 @@ def stream(model, input_ids, pixel_values=None, attention_mask=None, *, max_new_
     graphdef, state = nnx.split(model)
     px = None if pixel_values is None else jnp.asarray(pixel_values, jnp.float32)
     layers, _ = decode_layers(model, graphdef, state, None)
-    logits, cache, pos = _prefill_jit(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), px, layers,
-                                      slots=slots)
+    logits, cache, pos = _prefill_jit(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), px, layers, slots=slots)
     sampling = SamplingConfig(do_sample, temperature, top_k, top_p)
     rng = jax.random.PRNGKey(seed)
     done = np.zeros(ids.shape[0], bool)
     for _ in range(max_new_tokens):
         rng, sub = jax.random.split(rng)
-        tok, logits, cache, pos = _stream_step_jit(graphdef, state, logits, cache, pos, sub, layers,
-                                                   sampling=sampling)
+        tok, logits, cache, pos = _stream_step_jit(graphdef, state, logits, cache, pos, sub, layers, sampling=sampling)
         tok = np.asarray(tok)
         yield tok
         done |= tok == eos

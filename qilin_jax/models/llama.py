@@ -3,6 +3,7 @@
 Layers are stored stacked (leading `layers` axis) and run with `lax.scan`, so a 40-layer
 model compiles one block. Kernels are [in, out] (torch Linear weights transposed).
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -26,10 +27,14 @@ class KVCache(NamedTuple):
     index: jax.Array  # int32 scalar: the slot the next token is written to
 
     @classmethod
-    def init(cls, cfg: TextConfig, batch: int, slots: int, dtype=jnp.float32) -> "KVCache":
+    def init(cls, cfg: TextConfig, batch: int, slots: int, dtype=jnp.float32) -> KVCache:
         shape = (cfg.num_hidden_layers, batch, slots, cfg.num_key_value_heads, cfg.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                   jnp.zeros((batch, slots), jnp.int32), jnp.zeros((), jnp.int32))
+        return cls(
+            jnp.zeros(shape, dtype),
+            jnp.zeros(shape, dtype),
+            jnp.zeros((batch, slots), jnp.int32),
+            jnp.zeros((), jnp.int32),
+        )
 
 
 def rope_inv_freq(cfg: TextConfig):
@@ -118,8 +123,9 @@ def _out_mlp(p, x, out, cfg: TextConfig, dtype):
     return constrain(x, ("batch", "act_seq", "act_embed"))
 
 
-def _block(p, x, *, cfg: TextConfig, cos, sin, mask, segment_ids, lengths, impl, dtype,
-           cache_kv=None, cache_index=None):
+def _block(
+    p, x, *, cfg: TextConfig, cos, sin, mask, segment_ids, lengths, impl, dtype, cache_kv=None, cache_index=None
+):
     """One decoder block on [batch, seq, embed]; returns (x, (k, v) for the cache or None).
     Profiles show it as `attention` (norm, q/k/v, RoPE, cache write, attention) and `mlp`
     (output projection and residual, norm, SwiGLU)."""
@@ -133,8 +139,9 @@ def _block(p, x, *, cfg: TextConfig, cos, sin, mask, segment_ids, lengths, impl,
             new_kv = (ck, cv)
             k, v = ck.astype(dtype), cv.astype(dtype)
         # With a cache the mask carries causality (queries sit at cache.index onwards).
-        out = attention(q, k, v, mask=mask, causal=cache_kv is None, segment_ids=segment_ids,
-                        lengths=lengths, implementation=impl)
+        out = attention(
+            q, k, v, mask=mask, causal=cache_kv is None, segment_ids=segment_ids, lengths=lengths, implementation=impl
+        )
     with jax.named_scope("mlp"):
         return _out_mlp(p, x, out, cfg, dtype), new_kv
 
@@ -156,7 +163,7 @@ def _prefix_block(p, xp, x, *, cfg: TextConfig, cos_p, sin_p, cos, sin, mask_p, 
         return _out_mlp(p, xp, out_p, cfg, dtype), _out_mlp(p, x, out, cfg, dtype)
 
 
-def layer_list(layers: "LlamaLayers", transpose: bool = True) -> list[dict]:
+def layer_list(layers: LlamaLayers, transpose: bool = True) -> list[dict]:
     """The stacked decoder parameters as one dict of arrays per layer.
 
     CPU inference: inside a scan over stacked layers XLA:CPU copies each layer's weights out
@@ -172,15 +179,21 @@ def layer_list(layers: "LlamaLayers", transpose: bool = True) -> list[dict]:
     stacked = stacked_values(layers)
     n = next(iter(stacked.values())).shape[0]
     t = MATRICES if transpose else ()
-    return [{(k + "_t" if k in t else k): (v[i].T if k in t else v[i]) for k, v in stacked.items()}
-            for i in range(n)]
+    return [{(k + "_t" if k in t else k): (v[i].T if k in t else v[i]) for k, v in stacked.items()} for i in range(n)]
 
 
 class LlamaModel(nnx.Module):
     """Decoder-only LLaMA with an LM head; `__call__` returns (hidden_states, new_cache)."""
 
-    def __init__(self, cfg: TextConfig, *, dtype: str = "float32", attention_impl: str = "auto",
-                 remat: str = "none", rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: TextConfig,
+        *,
+        dtype: str = "float32",
+        attention_impl: str = "auto",
+        remat: str = "none",
+        rngs: nnx.Rngs,
+    ):
         self.cfg = cfg
         self.dtype = dtype
         self.attention_impl = attention_impl
@@ -208,9 +221,17 @@ class LlamaModel(nnx.Module):
         out = dense(hidden, self.head_kernel().astype(hidden.dtype))
         return constrain(out, ("batch", "act_seq", "act_vocab"))
 
-    def __call__(self, inputs_embeds, *, segment_ids=None, position_ids=None,
-                 cache: KVCache | None = None, packed: bool = False, layers: list[dict] | None = None,
-                 prefix_embeds=None):
+    def __call__(
+        self,
+        inputs_embeds,
+        *,
+        segment_ids=None,
+        position_ids=None,
+        cache: KVCache | None = None,
+        packed: bool = False,
+        layers: list[dict] | None = None,
+        prefix_embeds=None,
+    ):
         """Final-norm hidden states [batch, seq, embed] and the updated cache (or None): the
         training / scoring forward (`_forward`), its shared-prefix form (`_forward_prefix`) or
         the cached prefill / decode step (`_decode`).
@@ -259,13 +280,22 @@ class LlamaModel(nnx.Module):
         segment, through the scan over the stacked layers (no final norm)."""
         cfg, dtype = self.cfg, x.dtype
         impl = resolve_implementation(self.attention_impl, dtype, packed=packed, decoding=False)
-        mask = (make_mask(segment_ids, segment_ids, causal=True)
-                if impl in ("xla", "xla_reference") else None)
+        mask = make_mask(segment_ids, segment_ids, causal=True) if impl in ("xla", "xla_reference") else None
         lengths = jnp.sum(segment_ids != 0, axis=1) if impl == "cudnn" else None
 
         def body(h, p):
-            h, _ = _block(p, h, cfg=cfg, cos=cos, sin=sin, mask=mask, segment_ids=segment_ids,
-                          lengths=lengths, impl=impl, dtype=dtype)
+            h, _ = _block(
+                p,
+                h,
+                cfg=cfg,
+                cos=cos,
+                sin=sin,
+                mask=mask,
+                segment_ids=segment_ids,
+                lengths=lengths,
+                impl=impl,
+                dtype=dtype,
+            )
             return h, None
 
         x, _ = scan_layers(body, x, stacked_values(self.layers), remat=self.remat)
@@ -282,13 +312,26 @@ class LlamaModel(nnx.Module):
         ones = jnp.ones((1, P), jnp.int32)
         cos_p, sin_p = rope_cos_sin(jnp.arange(P, dtype=jnp.int32)[None], cfg)
         mask_p = make_mask(ones, ones, causal=True)
-        mask = jnp.concatenate([jnp.ones((B, 1, T, P), bool),
-                                make_mask(segment_ids, segment_ids, causal=True)], axis=-1)
+        mask = jnp.concatenate(
+            [jnp.ones((B, 1, T, P), bool), make_mask(segment_ids, segment_ids, causal=True)], axis=-1
+        )
 
         def prefix_body(carry, p):
             hp, h = carry
-            return _prefix_block(p, hp, h, cfg=cfg, cos_p=cos_p, sin_p=sin_p, cos=cos, sin=sin,
-                                 mask_p=mask_p, mask=mask, impl=impl, dtype=dtype), None
+            return _prefix_block(
+                p,
+                hp,
+                h,
+                cfg=cfg,
+                cos_p=cos_p,
+                sin_p=sin_p,
+                cos=cos,
+                sin=sin,
+                mask_p=mask_p,
+                mask=mask,
+                impl=impl,
+                dtype=dtype,
+            ), None
 
         (_, x), _ = scan_layers(prefix_body, (xp, x), stacked_values(self.layers), remat=self.remat)
         return x
@@ -303,26 +346,49 @@ class LlamaModel(nnx.Module):
         slots = jnp.arange(S, dtype=jnp.int32)
         q_slots = cache.index + jnp.arange(T, dtype=jnp.int32)
         written = (slots[None, :] >= cache.index) & (slots[None, :] < cache.index + T)
-        new_mask = jnp.where(written, jax.lax.dynamic_update_slice(
-            jnp.zeros((B, S), jnp.int32), (segment_ids != 0).astype(jnp.int32), (0, cache.index)),
-            cache.mask)
-        mask = make_mask(jnp.ones((B, T), jnp.int32), new_mask, causal=True,
-                         q_positions=jnp.broadcast_to(q_slots, (B, T)),
-                         kv_positions=jnp.broadcast_to(slots, (B, S)))
+        new_mask = jnp.where(
+            written,
+            jax.lax.dynamic_update_slice(
+                jnp.zeros((B, S), jnp.int32), (segment_ids != 0).astype(jnp.int32), (0, cache.index)
+            ),
+            cache.mask,
+        )
+        mask = make_mask(
+            jnp.ones((B, T), jnp.int32),
+            new_mask,
+            causal=True,
+            q_positions=jnp.broadcast_to(q_slots, (B, T)),
+            kv_positions=jnp.broadcast_to(slots, (B, S)),
+        )
 
         # The cache rides in the scan carry and each layer's slice is written back in
         # place: as scanned inputs/outputs the whole cache would be copied every step (a
         # second cache in temporaries; bench/tpu_compile.py's decode program).
         def cached_block(p, h, ck, cv):
-            return _block(p, h, cfg=cfg, cos=cos, sin=sin, mask=mask, segment_ids=None,
-                          lengths=None, impl="xla", dtype=dtype, cache_kv=(ck, cv),
-                          cache_index=cache.index)
+            return _block(
+                p,
+                h,
+                cfg=cfg,
+                cos=cos,
+                sin=sin,
+                mask=mask,
+                segment_ids=None,
+                lengths=None,
+                impl="xla",
+                dtype=dtype,
+                cache_kv=(ck, cv),
+                cache_index=cache.index,
+            )
 
         def body(carry, xs):
             h, ks, vs = carry
             p, i = xs
-            h, (ck, cv) = cached_block(p, h, jax.lax.dynamic_index_in_dim(ks, i, keepdims=False),
-                                       jax.lax.dynamic_index_in_dim(vs, i, keepdims=False))
+            h, (ck, cv) = cached_block(
+                p,
+                h,
+                jax.lax.dynamic_index_in_dim(ks, i, keepdims=False),
+                jax.lax.dynamic_index_in_dim(vs, i, keepdims=False),
+            )
             ks = jax.lax.dynamic_update_index_in_dim(ks, ck, i, 0)
             vs = jax.lax.dynamic_update_index_in_dim(vs, cv, i, 0)
             return (h, ks, vs), None
@@ -336,6 +402,5 @@ class LlamaModel(nnx.Module):
             ks, vs = jnp.stack(ks), jnp.stack(vs)
         else:
             layer_ids = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
-            (x, ks, vs), _ = scan_layers(body, (x, cache.k, cache.v),
-                                         (stacked_values(self.layers), layer_ids))
+            (x, ks, vs), _ = scan_layers(body, (x, cache.k, cache.v), (stacked_values(self.layers), layer_ids))
         return x, KVCache(ks, vs, new_mask, cache.index + T)

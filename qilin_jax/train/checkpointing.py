@@ -7,11 +7,13 @@ mid-write never leaves a checkpoint that `latest_step()` would pick up. The froz
 parameters are not repeated in every step: they are the stage's starting point, recorded
 in the run folder, and rebuilt on resume.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -21,7 +23,7 @@ from etils import epath
 class DataStateHandler(ocp.CheckpointHandler):
     """Saves each process's data-loader state as process_<i>-of-<n>.json."""
 
-    def save(self, directory: epath.Path, args: "DataStateSave"):
+    def save(self, directory: epath.Path, args: DataStateSave):
         i, n = jax.process_index(), jax.process_count()
         text = json.dumps(args.state)
         path = directory / f"process_{i}-of-{n}.json"
@@ -30,13 +32,15 @@ class DataStateHandler(ocp.CheckpointHandler):
             return
         path.write_text(text)
 
-    def restore(self, directory: epath.Path, args: "DataStateRestore" = None):
+    def restore(self, directory: epath.Path, args: DataStateRestore = None):
         i, n = jax.process_index(), jax.process_count()
         path = directory / f"process_{i}-of-{n}.json"
         if not path.exists():
             found = sorted(p.name for p in directory.iterdir())
-            raise FileNotFoundError(f"{path} does not exist (found {found}): the checkpoint was "
-                                    f"written by a different number of processes than {n}")
+            raise FileNotFoundError(
+                f"{path} does not exist (found {found}): the checkpoint was "
+                f"written by a different number of processes than {n}"
+            )
         return json.loads(path.read_text())
 
     def metadata(self, directory):
@@ -70,10 +74,8 @@ class TrainCheckpointer:
 
     def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
         self.directory = epath.Path(directory).absolute()
-        opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                            enable_async_checkpointing=async_save)
-        self.manager = ocp.CheckpointManager(self.directory, options=opts,
-                                             item_names=("state", "data"))
+        opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(self.directory, options=opts, item_names=("state", "data"))
         # (path, text) -> None: writes the data item of the next save instead of
         # path.write_text (fault-injection tests cut a save short through it).
         self.data_writer: Callable | None = None

@@ -1,5 +1,6 @@
 """Multi-host plumbing of the training loop: jax.distributed start-up, the mesh, and turning
 each process's host batch into global device arrays of one common shape."""
+
 from __future__ import annotations
 
 import os
@@ -21,12 +22,23 @@ def maybe_initialize_distributed(dcfg) -> None:
     SLURM detection would otherwise give each process the one GPU of its local rank)."""
     if dcfg.enabled == "off" or jax.distributed.is_initialized():
         return
-    kw = {k: v for k, v in dict(coordinator_address=dcfg.coordinator_address,
-                                num_processes=dcfg.num_processes, process_id=dcfg.process_id,
-                                local_device_ids=dcfg.local_device_ids).items() if v is not None}
+    kw = {
+        k: v
+        for k, v in dict(
+            coordinator_address=dcfg.coordinator_address,
+            num_processes=dcfg.num_processes,
+            process_id=dcfg.process_id,
+            local_device_ids=dcfg.local_device_ids,
+        ).items()
+        if v is not None
+    }
     env = os.environ
-    detected = (int(env.get("SLURM_NTASKS", "1")) > 1 or "TPU_WORKER_HOSTNAMES" in env
-                or "MEGASCALE_COORDINATOR_ADDRESS" in env or "JAX_COORDINATOR_ADDRESS" in env)
+    detected = (
+        int(env.get("SLURM_NTASKS", "1")) > 1
+        or "TPU_WORKER_HOSTNAMES" in env
+        or "MEGASCALE_COORDINATOR_ADDRESS" in env
+        or "JAX_COORDINATOR_ADDRESS" in env
+    )
     if dcfg.coordinator_address or dcfg.enabled == "on" or detected:
         jax.distributed.initialize(**kw)
 
@@ -98,9 +110,10 @@ def common_batch(local: dict, prefix: np.ndarray | None) -> tuple[dict, dict | N
 def global_shape_example(local: dict) -> dict:
     """ShapeDtypeStructs of the global batch (rows of all processes)."""
     n = jax.process_count()
-    return {k: jax.ShapeDtypeStruct(v.shape if k == "prefix_ids" else
-                                    (v.shape[0], v.shape[1] * n) + v.shape[2:], v.dtype)
-            for k, v in local.items()}
+    return {
+        k: jax.ShapeDtypeStruct(v.shape if k == "prefix_ids" else (v.shape[0], v.shape[1] * n) + v.shape[2:], v.dtype)
+        for k, v in local.items()
+    }
 
 
 def any_process(flag: bool) -> bool:

@@ -11,6 +11,7 @@ train state of a stage), `distributed` (mesh, global batches, multi-host agreeme
 `shared_prefix` (train.shared_prefix), `metrics` (logging, throughput, profiling) and
 `signals` (preemption).
 """
+
 from __future__ import annotations
 
 import logging
@@ -110,13 +111,16 @@ class StageRun:
         if self.nan_policy == "stop":
             self.ckpt.wait()  # an in-flight save is a good one: name it, not the one before
             good = self.ckpt.latest_step()
-            where = (f"The last good checkpoint is step {good} in {self.ckpt.directory} (a rerun "
-                     f"resumes from it)" if good is not None else
-                     f"There is no checkpoint of this stage yet in {self.ckpt.directory}")
+            where = (
+                f"The last good checkpoint is step {good} in {self.ckpt.directory} (a rerun resumes from it)"
+                if good is not None
+                else f"There is no checkpoint of this stage yet in {self.ckpt.directory}"
+            )
             raise TrainingError(
                 f"stage {self.name}: non-finite loss or gradient at step(s) {bad}; the update "
                 f"was not applied and no checkpoint was written after it. {where}. Lower the "
-                f"learning rate, check the data, or set train.nan_policy=skip")
+                f"learning rate, check the data, or set train.nan_policy=skip"
+            )
         log.warning("stage %s: skipped non-finite update(s) at step(s) %s", self.name, bad)
 
 
@@ -150,13 +154,24 @@ def stage_total_steps(stage: StageConfig, loader, data_cfg, packing_estimate: di
         what = f"samples (~{rows} packed rows)"
     per_epoch = rows // per_batch
     if per_epoch < 1:
-        raise TrainingError(f"stage {stage.name}: {loader.num_samples} {what} per process make no "
-                            f"batch of {per_batch} (batch_size x grad_accum_steps)")
+        raise TrainingError(
+            f"stage {stage.name}: {loader.num_samples} {what} per process make no "
+            f"batch of {per_batch} (batch_size x grad_accum_steps)"
+        )
     return max(1, int(stage.num_epochs * per_epoch))
 
 
-def run_stage(cfg: RunConfig, stage: StageConfig, parts: ModelParts, params: dict, mesh, rules,
-              *, tokenizer, hooks: TrainHooks | None = None) -> tuple[dict, StageResult]:
+def run_stage(
+    cfg: RunConfig,
+    stage: StageConfig,
+    parts: ModelParts,
+    params: dict,
+    mesh,
+    rules,
+    *,
+    tokenizer,
+    hooks: TrainHooks | None = None,
+) -> tuple[dict, StageResult]:
     """Train one stage from `params`; returns (the stage's final params, StageResult)."""
     from qilin_jax.checkpoint import save_pretrained
     from qilin_jax.data.pipeline import make_loader
@@ -187,24 +202,31 @@ def run_stage(cfg: RunConfig, stage: StageConfig, parts: ModelParts, params: dic
         packing_estimate = estimate_packed_rows(data_cfg, loader.tokenizer, loader.source)
     total = stage_total_steps(stage, loader, data_cfg, packing_estimate)
     if packing_estimate is not None:
-        log.info("stage %s: packing ~%.2f samples per row (from %d samples%s) -> %d steps for %s "
-                 "epoch(s)", stage.name, packing_estimate["samples_per_row"], packing_estimate["sampled"],
-                 ", the whole source" if packing_estimate["whole_source"] else "", total, stage.num_epochs)
+        log.info(
+            "stage %s: packing ~%.2f samples per row (from %d samples%s) -> %d steps for %s epoch(s)",
+            stage.name,
+            packing_estimate["samples_per_row"],
+            packing_estimate["sampled"],
+            ", the whole source" if packing_estimate["whole_source"] else "",
+            total,
+            stage.num_epochs,
+        )
 
     check_patterns(params, stage.trainable, f"stages.{stage.name}.trainable")
     tx, schedule = make_optimizer(stage, total)
-    state, frozen, state_sh, f_sh = init_stage_state(parts, params, stage.trainable, tx, mesh,
-                                                     seed=cfg.seed)
+    state, frozen, state_sh, f_sh = init_stage_state(parts, params, stage.trainable, tx, mesh, seed=cfg.seed)
 
-    ckpt = TrainCheckpointer(os.path.join(stage_dir, "checkpoints"), keep=cfg.checkpoint.keep,
-                             async_save=cfg.checkpoint.async_save)
+    ckpt = TrainCheckpointer(
+        os.path.join(stage_dir, "checkpoints"), keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
+    )
     start = 0
     latest = ckpt.latest_step()
     if latest is not None and not cfg.checkpoint.resume:
         ckpt.close()
         raise TrainingError(
             f"stage {stage.name}: {ckpt.directory} holds checkpoints (newest: step {latest}) but "
-            f"checkpoint.resume=false: choose another run `name`, delete that folder, or resume")
+            f"checkpoint.resume=false: choose another run `name`, delete that folder, or resume"
+        )
     if latest is not None:
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
         state, data_state = ckpt.restore(latest, abstract)
@@ -215,16 +237,24 @@ def run_stage(cfg: RunConfig, stage: StageConfig, parts: ModelParts, params: dic
         log.info("stage %s: resumed from step %d", stage.name, latest)
 
     prefix = stage_shared_prefix(cfg, data_cfg, tokenizer, parts.config)
-    run = StageRun(stage.name, start, StageResult(stage.name, final_dir, start, packing_estimate=packing_estimate),
-                   MetricsWriter(cfg.run_dir, cfg.logging, stage.name), ckpt,
-                   StopSignals(cfg.checkpoint.save_on_signal), cfg.train.nan_policy,
-                   jax.device_count(), cfg.train.peak_tflops or device_peak_tflops(jax.devices()[0]))
+    run = StageRun(
+        stage.name,
+        start,
+        StageResult(stage.name, final_dir, start, packing_estimate=packing_estimate),
+        MetricsWriter(cfg.run_dir, cfg.logging, stage.name),
+        ckpt,
+        StopSignals(cfg.checkpoint.save_on_signal),
+        cfg.train.nan_policy,
+        jax.device_count(),
+        cfg.train.peak_tflops or device_peak_tflops(jax.devices()[0]),
+    )
     profiler = StepProfiler(cfg.train.profile_steps, os.path.join(stage_dir, "profile"))
     step_fns: dict = {}  # with / without a shared prefix: (jitted step, batch shardings)
     llm_trainable = any(p.startswith("llm") for p in stage.trainable)
     procs = jax.process_count()
     if cfg.logging.progress_bar and jax.process_index() == 0:
         from tqdm import tqdm
+
         run.bar = tqdm(total=total, initial=start, desc=stage.name, dynamic_ncols=True, leave=True)
 
     try:
@@ -238,16 +268,28 @@ def run_stage(cfg: RunConfig, stage: StageConfig, parts: ModelParts, params: dic
             if prefix is not None and shared is None:
                 run.unshared += 1
                 if run.unshared == 1:
-                    log.warning("stage %s: step %d: a batch does not start with the shared prefix "
-                                "in every row; such batches run whole (counted in the summary)",
-                                stage.name, run.step + 1)
+                    log.warning(
+                        "stage %s: step %d: a batch does not start with the shared prefix "
+                        "in every row; such batches run whole (counted in the summary)",
+                        stage.name,
+                        run.step + 1,
+                    )
             micro = hooks.batch(run, stack_micro(shared or local, accum))
             key = shared is not None
             if key not in step_fns:
                 b_sh = batch_shardings(mesh, rules, global_shape_example(micro))
-                step_fns[key] = (compile_train_step(
-                    parts.graphdef, tx, schedule, state_shardings=state_sh, frozen_shardings=f_sh,
-                    batch_shardings=b_sh, packed=bool(data_cfg.packing)), b_sh)
+                step_fns[key] = (
+                    compile_train_step(
+                        parts.graphdef,
+                        tx,
+                        schedule,
+                        state_shardings=state_sh,
+                        frozen_shardings=f_sh,
+                        batch_shardings=b_sh,
+                        packed=bool(data_cfg.packing),
+                    ),
+                    b_sh,
+                )
             step_fn, b_sh = step_fns[key]
             gb = to_global(micro, b_sh)
             profiler.before(run.step + 1)
@@ -256,12 +298,16 @@ def run_stage(cfg: RunConfig, stage: StageConfig, parts: ModelParts, params: dic
             run.step += 1
             profiler.after(run.step, (state, metrics))
             B, T = (shared or local)["input_ids"].shape
-            flops = step_flops(parts.config, B * procs, T, int(local["image_valid"].sum()) * procs,
-                               llm_trainable=llm_trainable,
-                               head_tokens=head_tokens(parts.config, local, procs))
+            flops = step_flops(
+                parts.config,
+                B * procs,
+                T,
+                int(local["image_valid"].sum()) * procs,
+                llm_trainable=llm_trainable,
+                head_tokens=head_tokens(parts.config, local, procs),
+            )
             if shared is not None:  # the prefix, once per micro-batch (its attention to the rows' keys aside)
-                flops += accum * step_flops(parts.config, 1, len(prefix), 0,
-                                            llm_trainable=llm_trainable, head_tokens=0)
+                flops += accum * step_flops(parts.config, 1, len(prefix), 0, llm_trainable=llm_trainable, head_tokens=0)
             run.window.add(run.step, metrics, int(local["attention_mask"].sum()) * procs, flops)
             if run.bar is not None:
                 run.bar.update(1)
@@ -311,6 +357,7 @@ def run_training(cfg: RunConfig, *, tokenizer=None, hooks: TrainHooks | None = N
     tokenizer = tokenizer or cfg.model.tokenizer
     if isinstance(tokenizer, str):  # load once, not once per stage (seconds each)
         from transformers import AutoTokenizer
+
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)
     if jax.process_index() == 0:
         dump_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
@@ -321,6 +368,7 @@ def run_training(cfg: RunConfig, *, tokenizer=None, hooks: TrainHooks | None = N
         if cfg.checkpoint.resume and os.path.exists(os.path.join(final_dir, "config.json")):
             log.info("stage %s already finished: %s", stage.name, final_dir)
             from qilin_jax.checkpoint import load_pretrained
+
             model = load_pretrained(final_dir, mesh=mesh, rules=rules, config=model_cfg)
             params = nnx.state(model, nnx.Param).to_pure_dict()
             results.append(StageResult(stage.name, final_dir, -1))

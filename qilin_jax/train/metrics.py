@@ -1,5 +1,6 @@
 """What the training loop records: per-step metrics (JSONL, TensorBoard, progress bar), the
 throughput and MFU of the steps between two host syncs, and profiler traces."""
+
 from __future__ import annotations
 
 import json
@@ -69,8 +70,12 @@ class StepWindow:
 
 def progress_postfix(row: dict) -> dict:
     """The progress bar's postfix for a logged row (loss, lr, gradient norm, tokens/s, MFU)."""
-    post = dict(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
-                gnorm=f"{row['grad_norm']:.3f}", tok_s=f"{row['tokens_per_s']:,.0f}")
+    post = dict(
+        loss=f"{row['loss']:.4f}",
+        lr=f"{row['lr']:.2e}",
+        gnorm=f"{row['grad_norm']:.3f}",
+        tok_s=f"{row['tokens_per_s']:,.0f}",
+    )
     if "mfu" in row:
         post["mfu"] = f"{100 * row['mfu']:.1f}%"
     return post
@@ -91,6 +96,7 @@ class MetricsWriter:
         if lcfg.tensorboard:
             try:
                 from tensorboardX import SummaryWriter
+
                 self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard", stage))
             except ImportError:  # optional: JSONL still has everything
                 log.warning("tensorboardX is not installed: metrics go to metrics.jsonl only")

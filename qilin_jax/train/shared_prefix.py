@@ -1,6 +1,7 @@
 """train.shared_prefix: cut the preamble every row of a batch starts with, so the model runs
 it once per batch (QilinMedVL `prefix_ids`) instead of once per row. Exact: the cut is made
 only where it changes no logit and no label."""
+
 from __future__ import annotations
 
 import logging
@@ -26,10 +27,14 @@ def split_shared_prefix(local: dict, prefix: np.ndarray) -> dict | None:
     The model then computes the prefix once for the batch (QilinMedVL `prefix_ids`)."""
     P = len(prefix)
     ids = local["input_ids"]
-    if P == 0 or ids.ndim != 2 or ids.shape[1] <= P or not np.array_equal(
-            ids[:, :P], np.broadcast_to(prefix, (ids.shape[0], P))):
+    if (
+        P == 0
+        or ids.ndim != 2
+        or ids.shape[1] <= P
+        or not np.array_equal(ids[:, :P], np.broadcast_to(prefix, (ids.shape[0], P)))
+    ):
         return None
-    if np.any(local["labels"][:, :P + 1] != IGNORE_INDEX):
+    if np.any(local["labels"][:, : P + 1] != IGNORE_INDEX):
         return None
     for k in ("attention_mask", "segment_ids"):
         if k in local and np.any(local[k][:, :P] != 1):
@@ -53,9 +58,11 @@ def stage_shared_prefix(cfg: RunConfig, data_cfg, tokenizer, model_cfg) -> np.nd
 
     prefix = template_preamble(tokenizer, data_cfg.template, image_token_id=model_cfg.image_token_id)
     if len(prefix) < MIN_SHARED_PREFIX:
-        log.info("train.shared_prefix: the %r template's preamble has %d token(s); not shared",
-                 data_cfg.template, len(prefix))
+        log.info(
+            "train.shared_prefix: the %r template's preamble has %d token(s); not shared",
+            data_cfg.template,
+            len(prefix),
+        )
         return None
-    log.info("train.shared_prefix: the %d-token %r preamble runs once per batch",
-             len(prefix), data_cfg.template)
+    log.info("train.shared_prefix: the %d-token %r preamble runs once per batch", len(prefix), data_cfg.template)
     return prefix

@@ -1,5 +1,6 @@
 """Preemption: SIGTERM/SIGINT set a flag, and every process agrees on the step at which the
 loop saves a checkpoint and stops."""
+
 from __future__ import annotations
 
 import signal

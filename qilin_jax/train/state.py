@@ -1,5 +1,6 @@
 """The model and train state of a run: abstract shapes and shardings, parameter
 initialisation or loading, and the sharded (trainable + optimizer, frozen) split of a stage."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,8 +46,9 @@ def resolve_model_config(cfg: RunConfig) -> QilinConfig:
 
     ck = read_config(cfg.model.checkpoint)
     ov = cfg.model.overrides
-    keep = {k: getattr(run_cfg, k) for k in ("dtype", "attention", "remat", "loss_chunk",
-                                              "loss_supervised_only") if k in ov}
+    keep = {
+        k: getattr(run_cfg, k) for k in ("dtype", "attention", "remat", "loss_chunk", "loss_supervised_only") if k in ov
+    }
     return dataclasses.replace(ck, **keep)
 
 
@@ -70,8 +72,9 @@ def load_stage_init(params: dict, stage: StageConfig, parts: ModelParts, mesh, r
     `stage.init_from`."""
     from qilin_jax.checkpoint import load_pretrained
 
-    src = nnx.state(load_pretrained(stage.init_from, mesh=mesh, rules=rules, config=parts.config),
-                    nnx.Param).to_pure_dict()
+    src = nnx.state(
+        load_pretrained(stage.init_from, mesh=mesh, rules=rules, config=parts.config), nnx.Param
+    ).to_pure_dict()
     mask = trainable_mask(params, stage.trainable)
     new_t, _ = partition(src, mask)
     _, frozen = partition(params, mask)
@@ -81,8 +84,7 @@ def load_stage_init(params: dict, stage: StageConfig, parts: ModelParts, mesh, r
 def train_state_shardings(opt_state, trainable_shardings, mesh) -> TrainState:
     """Shardings of a TrainState: optimizer moments follow their parameters, step/rng replicated."""
     repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return TrainState(repl, trainable_shardings,
-                      _match_opt_shardings(opt_state, trainable_shardings, repl), repl)
+    return TrainState(repl, trainable_shardings, _match_opt_shardings(opt_state, trainable_shardings, repl), repl)
 
 
 def init_stage_state(parts: ModelParts, params: dict, patterns, tx, mesh, *, seed: int = 0):
