@@ -28,7 +28,6 @@ stage2_speedup_vs_torch, mfu) and a one-line summary.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -51,33 +50,40 @@ STAGES = {
 
 
 def load_bench_config(path: str, plat: str, overrides: dict | None = None):
-    """(QilinConfig with the platform's compute settings and `overrides`, the raw bench dict)."""
-    from qilin_jax.config import build_model_config, load_yaml
+    """(QilinConfig with the platform's compute settings and `overrides`, the raw bench dict).
+
+    The preset, `model.overrides`, `platform.<plat>` and `overrides` are merged by the run
+    config's rule and parsed by its parser (qilin_jax.models.configs.with_overrides), so an
+    unknown or mistyped setting is an error naming its key."""
+    from qilin_jax.config import ConfigError, load_yaml
+    from qilin_jax.models.configs import from_preset, with_overrides
 
     raw = load_yaml(path)
     m = raw["model"]
-    cfg = build_model_config(m.get("preset", "qilin_med_vl_13b"), m.get("overrides"))
     platforms = raw.get("platform", {})
     if platforms and plat not in platforms:
         raise SystemExit(f"{path}: no `platform: {plat}:` settings (has: {', '.join(platforms)})")
-    settings = dict(platforms.get(plat, {}), **(overrides or {}))
-    unknown = sorted(k for k in settings if k not in {f.name for f in dataclasses.fields(cfg)})
-    if unknown:
-        raise SystemExit(f"{path}: unknown compute setting(s) {unknown} for platform {plat!r}")
-    return dataclasses.replace(cfg, **settings), raw
+    try:
+        cfg = from_preset(m.get("preset", "qilin_med_vl_13b"), m.get("overrides"), where="model.overrides")
+        cfg = with_overrides(cfg, platforms.get(plat, {}), where=f"platform.{plat}")
+        cfg = with_overrides(cfg, overrides, where="override")
+    except ConfigError as e:
+        raise SystemExit(f"{path}: unknown compute setting or wrong value for platform {plat!r}: {e}") from None
+    return cfg, raw
 
 
 def parse_overrides(items) -> dict:
-    """`key=value` pairs (YAML-typed values) from --override."""
-    import yaml
+    """`key=value` pairs (YAML-typed values, dotted keys such as text.num_hidden_layers=2) from
+    --override, as a mapping (the run config's override syntax)."""
+    from qilin_jax.config import ConfigError, apply_overrides
 
-    out = {}
     for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
+        if "=" not in item or item.startswith("="):
             raise SystemExit(f"--override {item!r}: expected key=value, e.g. attention=xla")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
+    try:
+        return apply_overrides({}, list(items or []))
+    except ConfigError as e:
+        raise SystemExit(f"--override: {e}") from None
 
 
 def make_batch(cfg, rows: int, text_tokens: int, pad_last_row: int, seed: int = 0) -> dict:

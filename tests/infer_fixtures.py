@@ -50,7 +50,7 @@ def random_model(cfg, seed: int = 0):
 def tokenizer():
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(REPO / "data" / "tokenizer"))
+    return AutoTokenizer.from_pretrained(str(REPO / "qilin_jax" / "demo_data" / "tokenizer"))
 
 
 @pytest.fixture(scope="session")
@@ -61,7 +61,7 @@ def tiny_model():
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory):
     """A small demo data set: 10 held-out samples (2 per question type), 6 CSV rows."""
-    from data.demo.make_demo import generate
+    from qilin_jax.demo_data.make_demo import generate
 
     out = tmp_path_factory.mktemp("demo")
     generate(out, seed=0, n_align=0, n_instruct=0, n_heldout=10, n_csv=6)

@@ -1,4 +1,4 @@
-"""Tests of the bundled demo task generator (data/demo) and the demo tokenizer (data/tokenizer)."""
+"""Tests of the bundled demo task generator (qilin_jax/demo_data) and the demo tokenizer (qilin_jax/demo_data/tokenizer)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.demo import make_demo, templates
-from data.demo.make_demo import ANSWER_SETS, CHANCE, QTYPES, generate, normalize_answer
+from qilin_jax.demo_data import make_demo, templates
+from qilin_jax.demo_data.make_demo import ANSWER_SETS, CHANCE, QTYPES, generate, normalize_answer
 
 REPO = Path(__file__).resolve().parents[1]
-TOKENIZER_DIR = REPO / "data" / "tokenizer"
+TOKENIZER_DIR = REPO / "qilin_jax" / "demo_data" / "tokenizer"
 SMALL = dict(n_align=30, n_instruct=60, n_heldout=25, image_size=64, n_csv=10)
 OPTION_RE = re.compile(r"^([ABCD]):(.+)$")
 
@@ -301,7 +301,7 @@ def test_tokenizer_covers_demo_text(tok):
 def test_tokenizer_matches_sentencepiece_and_script(tmp_path, tok):
     import sentencepiece as spm
 
-    from data.tokenizer import make_tokenizer
+    from qilin_jax.demo_data.tokenizer import make_tokenizer
 
     sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER_DIR / "tokenizer.model"))
     for x in list(templates.iter_texts(seed=3, n=50)):

@@ -1,6 +1,6 @@
 """Generate the bundled demo task: synthetic medical-style images with Chinese captions and VQA.
 
-    python -m data.demo.make_demo --out data/demo/generated --seed 0
+    python -m qilin_jax.demo_data.make_demo --out data/demo/generated --seed 0
 
 Writes into the output folder:
   images/*.png             grayscale PNGs (CT-like, X-ray-like, ultrasound-like, MR-like)
@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data.demo import templates as T
-from data.demo.templates import (  # noqa: F401  (re-exported for evaluation code)
+from qilin_jax.demo_data import templates as T
+from qilin_jax.demo_data.templates import (  # noqa: F401  (re-exported for evaluation code)
     ANSWER_SETS,
     CHANCE,
     QTYPES,
@@ -416,7 +416,7 @@ def generate(out_dir: str | Path, seed: int = 0, n_align: int = 2000, n_instruct
     n_files = sum(1 for _ in img_dir.glob("*.png"))
     total_bytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and p.name != "meta.json")
     meta = {
-        "generator": "data.demo.make_demo",
+        "generator": "qilin_jax.demo_data.make_demo",
         "generator_version": GENERATOR_VERSION,
         "seed": seed,
         "image_size": image_size,
