@@ -23,7 +23,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from qilin_jax.config_parse import ConfigError, merge, parse_dataclass
+from qilin_jax.config_parse import ConfigError, FieldError, merge, parse_dataclass
 from qilin_jax.models.configs import QilinConfig, from_preset
 
 __all__ = ["ConfigError", "RunConfig", "StageConfig", "build_model_config", "deep_merge", "dump_config",
@@ -168,6 +168,18 @@ class DemoSection:
     n_csv: Optional[int] = None
     targets: dict[str, float] = field(default_factory=lambda: {"location": 0.9, "modality": 0.9})
 
+    def validate(self, where: str = "demo") -> None:
+        """Raise ConfigError naming the option that is out of range."""
+        for name in ("n_align", "n_instruct", "n_heldout", "n_csv"):
+            n = getattr(self, name)
+            if n is not None and n < 1:
+                raise ConfigError(f"{where}.{name} must be >= 1, got {n}")
+        if self.image_size is not None and self.image_size < 16:
+            raise ConfigError(f"{where}.image_size must be >= 16, got {self.image_size}")
+        for q, t in self.targets.items():
+            if not 0 <= t <= 1:
+                raise ConfigError(f"{where}.targets.{q} must be an accuracy in [0, 1], got {t}")
+
 
 @dataclass
 class RunConfig:
@@ -200,8 +212,14 @@ class RunConfig:
         return build_model_config(self.model.preset, self.model.overrides)
 
     def stage_data(self, stage: StageConfig):
-        """The DataConfig of a stage: top-level `data:` merged with the stage's `data:`."""
+        """The DataConfig of a stage: top-level `data:` merged with the stage's `data:`; an error
+        names the key where it is set (`stages.<i>.data.<key>` or `data.<key>`)."""
         from qilin_jax.data.pipeline import DataConfig
+
+        i = next((n for n, s in enumerate(self.stages) if s is stage), None)
+
+        def key(name: str) -> str:
+            return f"stages.{i}.data.{name}" if i is not None and name in stage.data else f"data.{name}"
 
         merged = merge(copy.deepcopy(self.data), stage.data)
         # The model is the one source of truth for image geometry and the image token.
@@ -212,12 +230,14 @@ class RunConfig:
             if merged.get(k) is None:
                 merged[k] = v
             elif merged[k] != v:
-                raise ConfigError(f"data.{k}={merged[k]} (stage {stage.name!r}) contradicts the model "
+                raise ConfigError(f"{key(k)}={merged[k]} (stage {stage.name!r}) contradicts the model "
                                   f"({v}); remove it from `data:` to take the model's value")
         try:
             return DataConfig.from_dict(merged, where="data")
-        except ConfigError as e:
-            raise ConfigError(f"{e} (stage {stage.name!r}: `data:` merged with the stage's `data:`)") from None
+        except FieldError as e:
+            name = e.field.split(".", 1)[-1]
+            raise ConfigError(f"{key(name)}: {e.message} (stage {stage.name!r}: `data:` merged with "
+                              "the stage's `data:`)") from None
 
     def to_dict(self) -> dict:
         """The config as plain dicts and lists (YAML)."""
@@ -333,14 +353,20 @@ def validate(cfg: RunConfig) -> RunConfig:
     if isinstance(cfg.distributed.enabled, bool):  # YAML reads a bare on/off as a boolean
         cfg.distributed.enabled = "on" if cfg.distributed.enabled else "off"
     if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
-        raise ConfigError("mesh: at most one of data/fsdp/tensor may be -1")
+        raise ConfigError("mesh: at most one of data/fsdp/tensor may be -1 (the rest of the devices)")
     for axis in ("data", "fsdp", "tensor"):
         n = getattr(cfg.mesh, axis)
         if n == 0 or n < -1:
             raise ConfigError(f"mesh.{axis} must be -1 (the rest) or >= 1, got {n}")
-    for name in ("every_steps", "keep"):
-        if getattr(cfg.checkpoint, name) < 1:
-            raise ConfigError(f"checkpoint.{name} must be >= 1, got {getattr(cfg.checkpoint, name)}")
+    if cfg.checkpoint.every_steps < 0:
+        raise ConfigError(f"checkpoint.every_steps must be >= 0 (0: only the final checkpoint), "
+                          f"got {cfg.checkpoint.every_steps}")
+    if cfg.checkpoint.keep < 1:
+        raise ConfigError(f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}")
+    d = cfg.distributed
+    if d.num_processes is not None and d.process_id is not None and not 0 <= d.process_id < d.num_processes:
+        raise ConfigError(f"distributed.process_id must be in [0, num_processes={d.num_processes}), "
+                          f"got {d.process_id}")
     if cfg.logging.every_steps < 1:
         raise ConfigError(f"logging.every_steps must be >= 1, got {cfg.logging.every_steps}")
     cfg.model.tokenizer = resolve_path(cfg.model.tokenizer)
@@ -350,7 +376,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     schemas = _section_schemas()
     for name, cls in schemas.items():
         section = parse_dataclass(cls, getattr(cfg, name), name)  # keys and types
-        if name in cfg.tasks:
+        used = name in cfg.tasks or (name == "demo" and {"prepare_demo", "report"} & set(cfg.tasks))
+        if used:
             try:
                 section.validate(name)
             except ConfigError:

@@ -141,11 +141,11 @@ class DataConfig:
 
     def validate(self, where: str = "data") -> None:
         """Raises ConfigError naming the first bad option (`data.template`) and its allowed values."""
-        from qilin_jax.config_parse import ConfigError
+        from qilin_jax.config_parse import FieldError
 
         def check(ok, key, msg):
             if not ok:
-                raise ConfigError(f"{where}.{key}: {msg}")
+                raise FieldError(f"{where}.{key}", msg)
 
         check(self.format in SOURCE_FORMATS, "format", f"must be one of {SOURCE_FORMATS}, got {self.format!r}")
         check(self.template in TEMPLATES, "template",
@@ -163,7 +163,7 @@ class DataConfig:
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
         b = list(self.seq_buckets)
         check(len(b) > 0 and all(int(x) > 0 for x in b) and b == sorted(b), "seq_buckets",
-              f"seq_buckets must be a non-empty increasing list, got {b}")
+              f"must be a non-empty increasing list, got {b}")
         check(self.max_length is None or self.max_length > 0, "max_length", "must be > 0 or null")
         check(self.row_length() > self.resolved_image_tokens() + 2, "pack_length" if self.packing else "seq_buckets",
               f"the longest row ({self.row_length()}) cannot hold one image "
