@@ -9,13 +9,13 @@ process, with MFU against a matmul peak measured in the same run on the same dev
 Method: both frameworks are built and warmed up (our compile and torch's first-call costs
 excluded), then each repeat runs jax stage 1, torch stage 1, jax stage 2, torch stage 2 and a
 large matmul in each framework after each stage (4096^3 float32 on CPU, ~1-3 s like a step;
-8192^3 bfloat16 on GPU); every figure is the median over repeats. Each step is a full optimizer update: forward, backward
-over the stage's trainable parameters, global-norm clipping (1.0), AdamW, and (ours) the
-warmup-cosine schedule and the non-finite guard. MFU = step_flops (qilin_jax/train/flops.py,
-the formula the training loop logs) / step time / measured matmul peak; our step is credited
-with the LM head only on the positions it computes (the supervised ones when
-`loss_supervised_only` is on; `mfu_all_positions` is the usual every-position formula), torch's
-with every position (it computes them all).
+8192^3 bfloat16 on GPU); every figure is the median over repeats. Each step is a full
+optimizer update: forward, backward over the stage's trainable parameters, global-norm
+clipping (1.0), AdamW, and (ours) the warmup-cosine schedule and the non-finite guard. MFU =
+step_flops (qilin_jax/train/flops.py, the formula the training loop logs) / step time /
+measured matmul peak; our step is credited with the LM head only on the positions it computes
+(the supervised ones when `loss_supervised_only` is on; `mfu_all_positions` is the usual
+every-position formula), torch's with every position (it computes them all).
 
 Compute settings come from the config's `platform:` section by jax's default backend (GPU:
 bfloat16, cuDNN flash attention, full remat, chunked cross-entropy; torch gets bf16 autocast,
@@ -137,7 +137,7 @@ class JaxSide:
             t_sh, f_sh = partition(parts.shardings, mask)
             tx, schedule = make_optimizer(stage, 1000)
             # Copy: the state is donated, and the parameters are shared by both stages.
-            state = jax.jit(lambda t: init_state(jax.tree.map(lambda x: x + 0, t), tx))(trainable)
+            state = jax.jit(lambda t: init_state(jax.tree.map(lambda x: x + 0, t), tx))(trainable)  # noqa: B023 (called here)
             state_sh = L.train_state_shardings(state.opt_state, t_sh, mesh)
             state = jax.device_put(state, state_sh)
             step = compile_train_step(parts.graphdef, tx, schedule, state_shardings=state_sh,

@@ -1,1 +1,1 @@
-"""Dataset builders shipped with qilin-jax (TFDS: ChiMed-VL, PMC-VQA); the demo task and its tokenizer live in qilin_jax.demo_data."""
+"""TFDS dataset builders (ChiMed-VL, PMC-VQA); the demo task and its tokenizer are qilin_jax.demo_data."""

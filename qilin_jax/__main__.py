@@ -1,4 +1,5 @@
 """`python -m qilin_jax --config X.yaml [key.path=value ...]`: see qilin_jax.cli."""
+
 import sys
 
 from qilin_jax.cli import main

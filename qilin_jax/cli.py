@@ -6,6 +6,7 @@
 (make the bundled demo data), train (every stage of `stages:`), eval, chat, batch, report (the
 demo's report and loss plot). The last line printed is `run folder: <path>`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,10 +17,12 @@ import sys
 
 def parse_args(argv=None):
     """The parsed command line (config, overrides, log level)."""
-    p = argparse.ArgumentParser(prog="qilin-jax", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="demo",
-                   help="YAML run config, or a bundled config's name (default: demo, the bundled demo)")
+    p = argparse.ArgumentParser(
+        prog="qilin-jax", description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--config", default="demo", help="YAML run config, or a bundled config's name (default: demo, the bundled demo)"
+    )
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.0.max_steps=10")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)

@@ -19,7 +19,7 @@ import copy
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 import yaml
 
@@ -66,7 +66,7 @@ class ModelSection:
     overrides: dict[str, Any] = field(default_factory=dict)
     # A checkpoint written by `python -m converters to-jax` or by training; its config wins
     # over preset/overrides for shapes (dtype/attention/remat/loss_chunk/loss_supervised_only may still be set).
-    checkpoint: Optional[str] = None
+    checkpoint: str | None = None
     # A local HF tokenizer directory; `pkg:demo_data/tokenizer` is the demo's, inside the package.
     tokenizer: str = "pkg:demo_data/tokenizer"
 
@@ -89,7 +89,7 @@ class StageConfig:
     max_grad_norm: float = 1.0  # global-norm clipping (HF Trainer default); 0 = off
     grad_accum_steps: int = 1
     num_epochs: float = 1.0  # over this stage's data (steps computed from the data size)
-    max_steps: Optional[int] = None  # when set, overrides num_epochs
+    max_steps: int | None = None  # when set, overrides num_epochs
     data: dict[str, Any] = field(default_factory=dict)  # overrides of the top-level `data:` section
     # Where the weights come from: "previous" (the previous stage's result, or model.* for
     # the first stage) or a checkpoint path whose trainable parts are loaded.
@@ -132,7 +132,7 @@ class TrainConfig:
     """`train:` run-wide training behaviour."""
 
     nan_policy: Literal["stop", "skip"] = "stop"  # stop: error, keep the last good checkpoint | skip: drop the update
-    peak_tflops: Optional[float] = None  # per-device peak for MFU (None = by device kind)
+    peak_tflops: float | None = None  # per-device peak for MFU (None = by device kind)
     # [first, last]: trace host steps first..last (1-based, inclusive) of every stage with
     # jax.profiler into <run>/<stage>/profile (TensorBoard's profile plugin, Perfetto); [] = off.
     profile_steps: list[int] = field(default_factory=list)
@@ -148,11 +148,11 @@ class DistributedConfig:
 
     # auto: SLURM/TPU/env detected; "off"; "on" (explicit below). YAML's bare on/off (booleans)
     # mean "on"/"off".
-    enabled: Union[Literal["auto", "on", "off"], bool] = "auto"
-    coordinator_address: Optional[str] = None
-    num_processes: Optional[int] = None
-    process_id: Optional[int] = None
-    local_device_ids: Optional[list[int]] = None
+    enabled: Literal["auto", "on", "off"] | bool = "auto"
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    local_device_ids: list[int] | None = None
 
 
 @dataclass
@@ -160,12 +160,12 @@ class DemoSection:
     """`demo:` the bundled demo's data generator (qilin_jax.demo_data.make_demo) and targets."""
 
     data_dir: str = "data/demo/generated"  # relative to the working directory
-    seed: Optional[int] = None
-    image_size: Optional[int] = None
-    n_align: Optional[int] = None
-    n_instruct: Optional[int] = None
-    n_heldout: Optional[int] = None
-    n_csv: Optional[int] = None
+    seed: int | None = None
+    image_size: int | None = None
+    n_align: int | None = None
+    n_instruct: int | None = None
+    n_heldout: int | None = None
+    n_csv: int | None = None
     targets: dict[str, float] = field(default_factory=lambda: {"location": 0.9, "modality": 0.9})
 
     def validate(self, where: str = "demo") -> None:

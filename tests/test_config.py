@@ -66,7 +66,10 @@ def test_base_loop_is_an_error(tmp_path):
         load_config(str(tmp_path / "a.yaml"))
 
 
-@pytest.mark.parametrize("path", sorted(p for p in glob.glob("configs/**/*.yaml", recursive=True) if "/bench/" not in p))
+SHIPPED = sorted(p for p in glob.glob("configs/**/*.yaml", recursive=True) if "/bench/" not in p)
+
+
+@pytest.mark.parametrize("path", SHIPPED)
 def test_shipped_configs_load(path):
     cfg = load_config(path)
     cfg.model_config()
@@ -123,7 +126,8 @@ SECTION_ERRORS = {
         (["stages.0.warmup_ratio=1.5"], "stages.0.warmup_ratio must be in [0, 1)"),
     ],
     "stage data": [
-        (["stages.0.data.bacth_size=2"], "stages.0.data.bacth_size: unknown key (did you mean stages.0.data.batch_size?)"),
+        (["stages.0.data.bacth_size=2"],
+         "stages.0.data.bacth_size: unknown key (did you mean stages.0.data.batch_size?)"),
         (["stages.0.data.seq_buckets=[64,x]"], "stages.0.data.seq_buckets.1: expected int, got 'x'"),
         (["stages.0.data.seq_buckets=[8]"], "stages.0.data.seq_buckets: the longest row (8) cannot hold one image"),
         (["stages.0.data.image_tokens=9"], "stages.0.data.image_tokens=9 (stage 'stage1') contradicts the model"),
@@ -151,10 +155,12 @@ SECTION_ERRORS = {
         (["train.profile_steps=[5,2]"], "train.profile_steps must be [] or [first, last]"),
     ],
     "distributed": [
-        (["distributed.num_process=2"], "distributed.num_process: unknown key (did you mean distributed.num_processes?)"),
+        (["distributed.num_process=2"],
+         "distributed.num_process: unknown key (did you mean distributed.num_processes?)"),
         (["distributed.local_device_ids=[0,a]"], "distributed.local_device_ids.1: expected int, got 'a'"),
         (["distributed.enabled=sometimes"], "distributed.enabled: expected one of 'auto', 'on', 'off' or bool"),
-        (["distributed.num_processes=2", "distributed.process_id=2"], "distributed.process_id must be in [0, num_processes=2)"),
+        (["distributed.num_processes=2", "distributed.process_id=2"],
+         "distributed.process_id must be in [0, num_processes=2)"),
     ],
     "eval": [
         (["eval.tempurature=0.5"], "eval.tempurature: unknown key (did you mean eval.temperature?)"),

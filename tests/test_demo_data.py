@@ -1,4 +1,4 @@
-"""Tests of the bundled demo task generator (qilin_jax/demo_data) and the demo tokenizer (qilin_jax/demo_data/tokenizer)."""
+"""Tests of the bundled demo task generator and the demo tokenizer (qilin_jax/demo_data)."""
 
 from __future__ import annotations
 
@@ -293,7 +293,7 @@ def test_tokenizer_covers_demo_text(tok):
     for x in set(templates.iter_texts(seed=11, n=300)) | set(templates.all_template_strings()):
         for line in x.split("\n"):
             assert not byte_ids & set(tok(line, add_special_tokens=False).input_ids), line
-    for q, answers in ANSWER_SETS.items():
+    for answers in ANSWER_SETS.values():
         for a in answers:
             assert len(tok(a, add_special_tokens=False).input_ids) <= 2, a
 

@@ -133,7 +133,8 @@ def _render_us(rng, x, y) -> tuple[np.ndarray, np.ndarray]:
     r = np.sqrt((x - ax) ** 2 + (y - ay) ** 2)
     ang = np.arctan2(x - ax, y - ay)
     half = np.deg2rad(rng.uniform(48, 52))
-    fan = np.clip((half - np.abs(ang)) / 0.03, 0, 1) * np.clip((r - 0.14) / 0.02, 0, 1) * np.clip((1.04 - r) / 0.02, 0, 1)
+    fan = (np.clip((half - np.abs(ang)) / 0.03, 0, 1) * np.clip((r - 0.14) / 0.02, 0, 1)
+           * np.clip((1.04 - r) / 0.02, 0, 1))
     tissue = 0.42 + _smooth_noise(rng, *x.shape, 12) * 0.08 - (r - 0.5) * 0.15  # depth attenuation
     speckle = rng.rayleigh(1.0, x.shape).astype(np.float32) / 1.25
     img = 0.02 + fan * tissue * (1 - SPECKLE + SPECKLE * speckle)

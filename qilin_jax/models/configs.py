@@ -133,7 +133,7 @@ class QilinConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "model") -> "QilinConfig":
+    def from_dict(cls, d: dict[str, Any], where: str = "model") -> QilinConfig:
         """A QilinConfig from a mapping (config.json); errors name the key under `where`."""
         return parse_dataclass(cls, d, where)
 
