@@ -234,3 +234,44 @@ def test_bundled_config_by_name_and_pkg_paths():
     assert find_config("qilin_med_vl_13b/stage2").endswith(os.path.join("qilin_med_vl_13b", "stage2.yaml"))
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("no_such_config")
+
+
+def test_a_new_section_is_parsed_by_declaring_a_field():
+    """What a future section (e.g. `serve:` or `train.lora`) gets from its annotations alone."""
+    from dataclasses import dataclass, field
+    from typing import Literal
+
+    from qilin_jax.config_parse import parse_dataclass
+
+    @dataclass
+    class Lora:
+        rank: int = 8
+        alpha: float = 16.0
+        targets: list[str] = field(default_factory=lambda: ["q_proj"])
+
+    @dataclass
+    class Serve:
+        port: int = 8000
+        mode: Literal["chat", "completion"] = "chat"
+        lora: Lora | None = None
+        limits: dict[str, int] = field(default_factory=dict)
+
+    @dataclass
+    class Run:
+        serve: Serve = field(default_factory=Serve)
+
+    run = parse_dataclass(Run, {"serve": {"port": 9000, "lora": {"rank": 4, "alpha": "2e1"}, "limits": {"rps": 5}}})
+    assert run.serve == Serve(port=9000, lora=Lora(rank=4, alpha=20.0), limits={"rps": 5})
+    assert parse_dataclass(Run, {}).serve.lora is None
+    for bad, message in [
+        ({"serve": {"lora": {"rnak": 4}}}, "serve.lora.rnak: unknown key (did you mean serve.lora.rank?)"),
+        ({"serve": {"lora": {"targets": ["q_proj", 3.5]}}}, "serve.lora.targets.1: expected str, got 3.5"),
+        ({"serve": {"limits": {"rps": "many"}}}, "serve.limits.rps: expected int, got 'many'"),
+        ({"serve": {"mode": "batch"}}, "serve.mode: expected one of 'chat', 'completion', got 'batch'"),
+        ({"serve": {"port": True}}, "serve.port: expected int, got True (bool)"),
+        ({"serve": {"lora": 4}}, "serve.lora: expected mapping (Lora) or null, got 4"),
+        ({"serve": []}, "serve: expected a mapping (Serve), got []"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            parse_dataclass(Run, bad)
+        assert message in str(e.value), str(e.value)
