@@ -1,6 +1,6 @@
 """Data pipeline benchmark: samples/s per CPU core for the full path, and padding waste.
 
-    python bench/data.py [--samples 192] [--tokenizer data/tokenizer] [--workers 0]
+    python bench/data.py [--samples 192] [--tokenizer qilin_jax/demo_data/tokenizer] [--workers 0]
 
 1. Throughput: writes `--samples` ChiMed-VL-like samples (JPEGs of 336x336 up to 1600x1200,
    ~10% with 2-3 images to composite, Chinese Q/A with ChiMed-VL-Instruction lengths) to a
@@ -167,7 +167,7 @@ def main(argv=None):
     """Runs the benchmark and prints the JSON line and the summary."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=192)
-    ap.add_argument("--tokenizer", default=str(REPO / "data" / "tokenizer"))
+    ap.add_argument("--tokenizer", default=str(REPO / "qilin_jax" / "demo_data" / "tokenizer"))
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--lengths", type=int, default=20000, help="samples in the padding simulation")
     a = ap.parse_args(argv)

@@ -9,13 +9,13 @@ process, with MFU against a matmul peak measured in the same run on the same dev
 Method: both frameworks are built and warmed up (our compile and torch's first-call costs
 excluded), then each repeat runs jax stage 1, torch stage 1, jax stage 2, torch stage 2 and a
 large matmul in each framework after each stage (4096^3 float32 on CPU, ~1-3 s like a step;
-8192^3 bfloat16 on GPU); every figure is the median over repeats. Each step is a full optimizer update: forward, backward
-over the stage's trainable parameters, global-norm clipping (1.0), AdamW, and (ours) the
-warmup-cosine schedule and the non-finite guard. MFU = step_flops (qilin_jax/train/flops.py,
-the formula the training loop logs) / step time / measured matmul peak; our step is credited
-with the LM head only on the positions it computes (the supervised ones when
-`loss_supervised_only` is on; `mfu_all_positions` is the usual every-position formula), torch's
-with every position (it computes them all).
+8192^3 bfloat16 on GPU); every figure is the median over repeats. Each step is a full
+optimizer update: forward, backward over the stage's trainable parameters, global-norm
+clipping (1.0), AdamW, and (ours) the warmup-cosine schedule and the non-finite guard. MFU =
+step_flops (qilin_jax/train/flops.py, the formula the training loop logs) / step time /
+measured matmul peak; our step is credited with the LM head only on the positions it computes
+(the supervised ones when `loss_supervised_only` is on; `mfu_all_positions` is the usual
+every-position formula), torch's with every position (it computes them all).
 
 Compute settings come from the config's `platform:` section by jax's default backend (GPU:
 bfloat16, cuDNN flash attention, full remat, chunked cross-entropy; torch gets bf16 autocast,
@@ -28,7 +28,6 @@ stage2_speedup_vs_torch, mfu) and a one-line summary.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -51,33 +50,40 @@ STAGES = {
 
 
 def load_bench_config(path: str, plat: str, overrides: dict | None = None):
-    """(QilinConfig with the platform's compute settings and `overrides`, the raw bench dict)."""
-    from qilin_jax.config import build_model_config, load_yaml
+    """(QilinConfig with the platform's compute settings and `overrides`, the raw bench dict).
+
+    The preset, `model.overrides`, `platform.<plat>` and `overrides` are merged by the run
+    config's rule and parsed by its parser (qilin_jax.models.configs.with_overrides), so an
+    unknown or mistyped setting is an error naming its key."""
+    from qilin_jax.config import ConfigError, load_yaml
+    from qilin_jax.models.configs import from_preset, with_overrides
 
     raw = load_yaml(path)
     m = raw["model"]
-    cfg = build_model_config(m.get("preset", "qilin_med_vl_13b"), m.get("overrides"))
     platforms = raw.get("platform", {})
     if platforms and plat not in platforms:
         raise SystemExit(f"{path}: no `platform: {plat}:` settings (has: {', '.join(platforms)})")
-    settings = dict(platforms.get(plat, {}), **(overrides or {}))
-    unknown = sorted(k for k in settings if k not in {f.name for f in dataclasses.fields(cfg)})
-    if unknown:
-        raise SystemExit(f"{path}: unknown compute setting(s) {unknown} for platform {plat!r}")
-    return dataclasses.replace(cfg, **settings), raw
+    try:
+        cfg = from_preset(m.get("preset", "qilin_med_vl_13b"), m.get("overrides"), where="model.overrides")
+        cfg = with_overrides(cfg, platforms.get(plat, {}), where=f"platform.{plat}")
+        cfg = with_overrides(cfg, overrides, where="override")
+    except ConfigError as e:
+        raise SystemExit(f"{path}: unknown compute setting or wrong value for platform {plat!r}: {e}") from None
+    return cfg, raw
 
 
 def parse_overrides(items) -> dict:
-    """`key=value` pairs (YAML-typed values) from --override."""
-    import yaml
+    """`key=value` pairs (YAML-typed values, dotted keys such as text.num_hidden_layers=2) from
+    --override, as a mapping (the run config's override syntax)."""
+    from qilin_jax.config import ConfigError, apply_overrides
 
-    out = {}
     for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
+        if "=" not in item or item.startswith("="):
             raise SystemExit(f"--override {item!r}: expected key=value, e.g. attention=xla")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
+    try:
+        return apply_overrides({}, list(items or []))
+    except ConfigError as e:
+        raise SystemExit(f"--override: {e}") from None
 
 
 def make_batch(cfg, rows: int, text_tokens: int, pad_last_row: int, seed: int = 0) -> dict:
@@ -132,7 +138,7 @@ class JaxSide:
             t_sh, f_sh = partition(parts.shardings, mask)
             tx, schedule = make_optimizer(stage, 1000)
             # Copy: the state is donated, and the parameters are shared by both stages.
-            state = jax.jit(lambda t: init_state(jax.tree.map(lambda x: x + 0, t), tx))(trainable)
+            state = jax.jit(lambda t: init_state(jax.tree.map(lambda x: x + 0, t), tx))(trainable)  # noqa: B023 (called here)
             state_sh = train_state_shardings(state.opt_state, t_sh, mesh)
             state = jax.device_put(state, state_sh)
             step = compile_train_step(parts.graphdef, tx, schedule, state_shardings=state_sh,

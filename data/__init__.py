@@ -1,1 +1,1 @@
-"""Datasets shipped with qilin-jax: builders, the bundled demo task and the demo tokenizer."""
+"""TFDS dataset builders (ChiMed-VL, PMC-VQA); the demo task and its tokenizer are qilin_jax.demo_data."""

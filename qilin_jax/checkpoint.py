@@ -40,27 +40,23 @@ class CheckpointError(ValueError):
 def model_config_from_dict(d: dict[str, Any]):
     """A QilinConfig from a config mapping: QilinConfig.to_dict() itself, or a run config
     whose `model` section holds it, or names {"preset": name, "overrides": {...}} (the
-    qilin_jax.config ModelSection; other QilinConfig fields next to `preset` override too)."""
+    qilin_jax.config ModelSection; other QilinConfig fields next to `preset` override too),
+    merged by the run config's own rule (qilin_jax.models.configs.from_preset)."""
     import dataclasses
 
-    from qilin_jax.models import QilinConfig, model_preset
+    from qilin_jax.models.configs import QilinConfig, from_preset
 
+    where = "model"
     if "model" in d and isinstance(d["model"], dict):
         d = d["model"]
     d = dict(d)
     preset = d.pop("preset", None)
     if preset is None:
-        return QilinConfig.from_dict(d)
+        return QilinConfig.from_dict(d, where)
     fields = {f.name for f in dataclasses.fields(QilinConfig)}
     overrides = {k: v for k, v in d.items() if k in fields}
     overrides.update(d.get("overrides") or {})
-    base = model_preset(preset).to_dict()
-    for k, v in overrides.items():  # nested: {"text": {"vocab_size": ...}} merges into the preset
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            base[k] = {**base[k], **v}
-        else:
-            base[k] = v
-    return QilinConfig.from_dict(base)
+    return from_preset(preset, overrides, where="model.overrides")
 
 
 def read_config(ckpt_dir):

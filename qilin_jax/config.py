@@ -1,27 +1,60 @@
-"""The run configuration: YAML files validated into typed dataclasses.
+"""The run configuration: YAML files parsed into typed dataclasses.
 
 A config file may name a `base:` file (relative to itself) and restate only what changes;
-mappings merge deeply, lists and scalars replace. Command-line overrides are dotted paths:
-`train.steps=10`, `stages.1.learning_rate=2e-5`, `model.dtype=bfloat16`. Unknown keys,
-wrong types and impossible combinations are errors that name the key.
+mappings merge deeply, lists and scalars replace. Command-line overrides are dotted paths
+whose values are read as YAML: `stages.0.max_steps=10`, `stages.1.learning_rate=2e-5`,
+`model.overrides.dtype=bfloat16`, `eval.batch_size=16`, `data.seq_buckets=[64,128]`.
+Every section is parsed from its dataclass's annotations by qilin_jax.config_parse.parse
+(a new section is a new field); unknown keys, wrong types and impossible combinations are
+ConfigErrors that name the full dotted key.
+
+`data`, `eval`, `chat`, `batch` and `demo` stay mappings in RunConfig (each stage merges its
+own `data:` over the top-level one and unset data fields are derived from the model; the
+tasks fill in defaults such as the run folder), but are parsed against their dataclasses
+(DataConfig, EvalConfig, ChatConfig, BatchConfig, DemoSection) when the config is loaded.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import os
-import types
-import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Literal
 
 import yaml
 
-from qilin_jax.models.configs import PRESETS, QilinConfig, model_preset
+from qilin_jax.config_parse import ConfigError, FieldError, merge, parse_dataclass
+from qilin_jax.models.configs import QilinConfig, from_preset
+
+__all__ = ["ConfigError", "RunConfig", "StageConfig", "build_model_config", "deep_merge", "dump_config",
+           "load_config", "load_yaml", "apply_overrides", "resolve_path", "find_config", "validate"]
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+# Config files shipped inside the package (a wheel has them at qilin_jax/configs); in a checkout
+# they are the repository's configs/ folder.
+BUNDLED_CONFIG_DIRS = (os.path.join(PACKAGE_DIR, "configs"), os.path.join(os.path.dirname(PACKAGE_DIR), "configs"))
+TASKS = ("prepare_demo", "train", "eval", "chat", "batch", "report")
 
 
-class ConfigError(ValueError):
-    """A config value is missing, unknown, mistyped or contradicts another."""
+def resolve_path(path: str) -> str:
+    """A path of a config with `pkg:` resolved: `pkg:demo_data/tokenizer` is that folder inside
+    the installed qilin_jax package (the demo tokenizer), wherever the run starts from."""
+    if isinstance(path, str) and path.startswith("pkg:"):
+        return os.path.join(PACKAGE_DIR, path[4:])
+    return path
+
+
+def find_config(name: str) -> str:
+    """The file of `--config NAME`: an existing path, else a config bundled with the package
+    (`demo`, `demo.yaml`, `qilin_med_vl_13b/stage2`)."""
+    if os.path.exists(name):
+        return name
+    rel = name if name.endswith((".yaml", ".yml")) else name + ".yaml"
+    rel = rel[len("configs/"):] if rel.startswith("configs/") else rel
+    for d in BUNDLED_CONFIG_DIRS:
+        if os.path.isfile(os.path.join(d, rel)):
+            return os.path.join(d, rel)
+    return name  # load_yaml reports the missing file
 
 
 @dataclass
@@ -30,11 +63,12 @@ class ModelSection:
 
     preset: str = "tiny"  # a key of qilin_jax.models.configs.PRESETS
     # Overrides of QilinConfig fields on top of the preset (vision/text are merged per key).
-    overrides: dict = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict)
     # A checkpoint written by `python -m converters to-jax` or by training; its config wins
     # over preset/overrides for shapes (dtype/attention/remat/loss_chunk/loss_supervised_only may still be set).
-    checkpoint: Optional[str] = None
-    tokenizer: str = "data/tokenizer"  # a local HF tokenizer directory
+    checkpoint: str | None = None
+    # A local HF tokenizer directory; `pkg:demo_data/tokenizer` is the demo's, inside the package.
+    tokenizer: str = "pkg:demo_data/tokenizer"
 
 
 @dataclass
@@ -44,7 +78,7 @@ class StageConfig:
     name: str = "stage1"
     # Parameter-path regexes ("adapter/.*", "llm/.*"): trainable; everything else is frozen
     # (no gradient computation, no optimizer state).
-    trainable: list = field(default_factory=lambda: ["adapter/.*"])
+    trainable: list[str] = field(default_factory=lambda: ["adapter/.*"])
     learning_rate: float = 1e-3
     warmup_ratio: float = 0.03  # warmup steps = ceil(ratio * total steps) (HF Trainer)
     min_lr_ratio: float = 0.0  # cosine decays to this fraction of the peak (release: 0)
@@ -55,8 +89,8 @@ class StageConfig:
     max_grad_norm: float = 1.0  # global-norm clipping (HF Trainer default); 0 = off
     grad_accum_steps: int = 1
     num_epochs: float = 1.0  # over this stage's data (steps computed from the data size)
-    max_steps: Optional[int] = None  # when set, overrides num_epochs
-    data: dict = field(default_factory=dict)  # overrides of the top-level `data:` section
+    max_steps: int | None = None  # when set, overrides num_epochs
+    data: dict[str, Any] = field(default_factory=dict)  # overrides of the top-level `data:` section
     # Where the weights come from: "previous" (the previous stage's result, or model.* for
     # the first stage) or a checkpoint path whose trainable parts are loaded.
     init_from: str = "previous"
@@ -69,7 +103,7 @@ class MeshConfig:
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
-    rules: dict = field(default_factory=dict)  # logical name -> mesh axis / list / null
+    rules: dict[str, Any] = field(default_factory=dict)  # logical name -> mesh axis / list / null
 
 
 @dataclass
@@ -97,11 +131,11 @@ class LoggingConfig:
 class TrainConfig:
     """`train:` run-wide training behaviour."""
 
-    nan_policy: str = "stop"  # stop: error, keep the last good checkpoint | skip: drop the update
-    peak_tflops: Optional[float] = None  # per-device peak for MFU (None = by device kind)
+    nan_policy: Literal["stop", "skip"] = "stop"  # stop: error, keep the last good checkpoint | skip: drop the update
+    peak_tflops: float | None = None  # per-device peak for MFU (None = by device kind)
     # [first, last]: trace host steps first..last (1-based, inclusive) of every stage with
     # jax.profiler into <run>/<stage>/profile (TensorBoard's profile plugin, Perfetto); [] = off.
-    profile_steps: list = field(default_factory=list)
+    profile_steps: list[int] = field(default_factory=list)
     # Compute the template's preamble (BOS, system prompt, first role tag: 45 tokens of Vicuna
     # v1) once per batch instead of once per row; exact (train.shared_prefix.split_shared_prefix).
     # Pays off for short rows on CPU; the rows' attention is then the XLA one, not flash.
@@ -112,11 +146,39 @@ class TrainConfig:
 class DistributedConfig:
     """`distributed:` multi-host set-up through jax.distributed."""
 
-    enabled: str = "auto"  # auto: SLURM/TPU/env detected; "off"; "on" (explicit below)
-    coordinator_address: Optional[str] = None
-    num_processes: Optional[int] = None
-    process_id: Optional[int] = None
-    local_device_ids: Optional[list] = None
+    # auto: SLURM/TPU/env detected; "off"; "on" (explicit below). YAML's bare on/off (booleans)
+    # mean "on"/"off".
+    enabled: Literal["auto", "on", "off"] | bool = "auto"
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    local_device_ids: list[int] | None = None
+
+
+@dataclass
+class DemoSection:
+    """`demo:` the bundled demo's data generator (qilin_jax.demo_data.make_demo) and targets."""
+
+    data_dir: str = "data/demo/generated"  # relative to the working directory
+    seed: int | None = None
+    image_size: int | None = None
+    n_align: int | None = None
+    n_instruct: int | None = None
+    n_heldout: int | None = None
+    n_csv: int | None = None
+    targets: dict[str, float] = field(default_factory=lambda: {"location": 0.9, "modality": 0.9})
+
+    def validate(self, where: str = "demo") -> None:
+        """Raise ConfigError naming the option that is out of range."""
+        for name in ("n_align", "n_instruct", "n_heldout", "n_csv"):
+            n = getattr(self, name)
+            if n is not None and n < 1:
+                raise ConfigError(f"{where}.{name} must be >= 1, got {n}")
+        if self.image_size is not None and self.image_size < 16:
+            raise ConfigError(f"{where}.image_size must be >= 16, got {self.image_size}")
+        for q, t in self.targets.items():
+            if not 0 <= t <= 1:
+                raise ConfigError(f"{where}.targets.{q} must be an accuracy in [0, 1], got {t}")
 
 
 @dataclass
@@ -127,19 +189,19 @@ class RunConfig:
     output_dir: str = "runs"  # the run folder is output_dir/name
     seed: int = 0
     # What main.py does, in order: prepare_demo, train, eval, chat, batch, report.
-    tasks: list = field(default_factory=lambda: ["train"])
+    tasks: list[str] = field(default_factory=lambda: ["train"])
     model: ModelSection = field(default_factory=ModelSection)
-    data: dict = field(default_factory=dict)  # qilin_jax.data.config.DataConfig fields
-    stages: list = field(default_factory=list)  # list[StageConfig]
+    data: dict[str, Any] = field(default_factory=dict)  # qilin_jax.data.config.DataConfig fields
+    stages: list[StageConfig] = field(default_factory=list)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    eval: dict = field(default_factory=dict)  # qilin_jax.infer.config.EvalConfig fields
-    chat: dict = field(default_factory=dict)  # qilin_jax.infer.config.ChatConfig fields
-    batch: dict = field(default_factory=dict)  # qilin_jax.infer.config.BatchConfig fields
-    demo: dict = field(default_factory=dict)  # options of the bundled demo (configs/demo.yaml)
+    eval: dict[str, Any] = field(default_factory=dict)  # qilin_jax.infer.config.EvalConfig fields
+    chat: dict[str, Any] = field(default_factory=dict)  # qilin_jax.infer.config.ChatConfig fields
+    batch: dict[str, Any] = field(default_factory=dict)  # qilin_jax.infer.config.BatchConfig fields
+    demo: dict[str, Any] = field(default_factory=dict)  # DemoSection fields (configs/demo.yaml)
 
     @property
     def run_dir(self) -> str:
@@ -150,10 +212,16 @@ class RunConfig:
         return build_model_config(self.model.preset, self.model.overrides)
 
     def stage_data(self, stage: StageConfig):
-        """The DataConfig of a stage: top-level `data:` merged with the stage's `data:`."""
+        """The DataConfig of a stage: top-level `data:` merged with the stage's `data:`; an error
+        names the key where it is set (`stages.<i>.data.<key>` or `data.<key>`)."""
         from qilin_jax.data.config import DataConfig
 
-        merged = deep_merge(copy.deepcopy(self.data), stage.data)
+        i = next((n for n, s in enumerate(self.stages) if s is stage), None)
+
+        def key(name: str) -> str:
+            return f"stages.{i}.data.{name}" if i is not None and name in stage.data else f"data.{name}"
+
+        merged = merge(copy.deepcopy(self.data), stage.data)
         # The model is the one source of truth for image geometry and the image token.
         mc = self.model_config()
         derived = {"image_size": mc.vision.image_size, "patch_size": mc.vision.patch_size,
@@ -162,53 +230,26 @@ class RunConfig:
             if merged.get(k) is None:
                 merged[k] = v
             elif merged[k] != v:
-                raise ConfigError(f"data.{k}={merged[k]} (stage {stage.name!r}) contradicts the model "
+                raise ConfigError(f"{key(k)}={merged[k]} (stage {stage.name!r}) contradicts the model "
                                   f"({v}); remove it from `data:` to take the model's value")
         try:
-            return DataConfig.from_dict(merged)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"data (stage {stage.name!r}): {e}") from e
+            return DataConfig.from_dict(merged, where="data")
+        except FieldError as e:
+            name = e.field.split(".", 1)[-1]
+            raise ConfigError(f"{key(name)}: {e.message} (stage {stage.name!r}: `data:` merged with "
+                              "the stage's `data:`)") from None
 
     def to_dict(self) -> dict:
+        """The config as plain dicts and lists (YAML)."""
         return dataclasses.asdict(self)
-
-
-_QILIN_FIELDS = {f.name for f in dataclasses.fields(QilinConfig)}
-# TextConfig fields filled from others in __post_init__ when None, and what they derive from.
-_TEXT_DERIVED = {"head_dim": ("hidden_size", "num_attention_heads"),
-                 "num_key_value_heads": ("num_attention_heads",)}
 
 
 def build_model_config(preset: str, overrides: dict | None = None) -> QilinConfig:
     """A QilinConfig from a preset name and field overrides (vision/text merged per key)."""
-    if preset not in PRESETS:
-        raise ConfigError(f"model.preset: unknown preset {preset!r}; known: {sorted(PRESETS)}")
-    base = model_preset(preset).to_dict()
-    overrides = overrides or {}
-    unknown = sorted(set(overrides) - _QILIN_FIELDS)
-    if unknown:
-        raise ConfigError(f"model.overrides: unknown key(s) {unknown}; known: {sorted(_QILIN_FIELDS)}")
-    # The preset's derived text fields (head_dim = hidden / heads, kv heads = heads) are
-    # recomputed when what they derive from is overridden and they are not.
-    text_over = overrides.get("text") or {}
-    for derived, inputs in _TEXT_DERIVED.items():
-        if derived not in text_over and any(k in text_over for k in inputs):
-            base["text"][derived] = None
-    merged = deep_merge(base, overrides)
-    try:
-        return QilinConfig.from_dict(merged)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"model.overrides: {e}") from e
+    return from_preset(preset, overrides, where="model.overrides")
 
 
-def deep_merge(base: dict, update: dict) -> dict:
-    """Merge `update` into `base` recursively (dicts merge; anything else replaces)."""
-    for k, v in (update or {}).items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            deep_merge(base[k], v)
-        else:
-            base[k] = copy.deepcopy(v)
-    return base
+deep_merge = merge  # the one merge rule (qilin_jax.config_parse.merge), under its older name
 
 
 def load_yaml(path: str, _seen: tuple = ()) -> dict:
@@ -228,12 +269,8 @@ def load_yaml(path: str, _seen: tuple = ()) -> dict:
     base = raw.pop("base", None)
     if base:
         base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
-        return deep_merge(load_yaml(base_path, _seen + (path,)), raw)
+        return merge(load_yaml(base_path, _seen + (path,)), raw)
     return raw
-
-
-def _parse_scalar(text: str):
-    return yaml.safe_load(text) if text != "" else ""
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -242,7 +279,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.path=value")
         key, text = item.split("=", 1)
-        value = _parse_scalar(text)
+        value = yaml.safe_load(text) if text != "" else ""
         node: Any = raw
         parts = key.split(".")
         for i, p in enumerate(parts[:-1]):
@@ -252,8 +289,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                 except (ValueError, IndexError):
                     raise ConfigError(f"override {key}: {'.'.join(parts[:i + 1])} is not an index "
                                       f"of a list of {len(node)}") from None
-            else:
+            elif isinstance(node, dict):
                 node = node.setdefault(p, {})
+            else:
+                raise ConfigError(f"override {key}: {'.'.join(parts[:i])} is not a mapping")
         last = parts[-1]
         if isinstance(node, list):
             try:
@@ -267,66 +306,25 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def _type_ok(value, tp) -> bool:
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return True
-    if origin in (Union, types.UnionType):
-        return any(_type_ok(value, a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return value is None
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if origin is not None:
-        return isinstance(value, origin)
-    return isinstance(value, tp)
-
-
-def _accepts_float(tp) -> bool:
-    if tp is float:
-        return True
-    return typing.get_origin(tp) in (Union, types.UnionType) and float in typing.get_args(tp)
-
-
 def from_dict(cls, d: dict, where: str = ""):
     """Build dataclass `cls` from a dict, checking keys and types; errors name the key path."""
-    if not isinstance(d, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(d).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ConfigError(f"{where + '.' if where else ''}{unknown[0]}: unknown key "
-                          f"(known keys of {where or 'the top level'}: {sorted(names)})")
-    kwargs = {}
-    for name, value in d.items():
-        tp = hints[name]
-        key = f"{where}.{name}" if where else name
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = from_dict(tp, value, key)
-            continue
-        if _accepts_float(tp):
-            if isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            elif isinstance(value, str):
-                # YAML 1.1 reads 2e-5 (no dot) as a string; take it as the number it means.
-                try:
-                    value = float(value)
-                except ValueError:
-                    pass
-        if not _type_ok(value, tp):
-            raise ConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
-        kwargs[name] = value
-    return cls(**kwargs)
+    return parse_dataclass(cls, d, where)
+
+
+def _section_schemas() -> dict:
+    from qilin_jax.data.config import DataConfig
+    from qilin_jax.infer.config import BatchConfig, ChatConfig, EvalConfig
+
+    return {"eval": EvalConfig, "chat": ChatConfig, "batch": BatchConfig, "demo": DemoSection,
+            "data": DataConfig}
 
 
 def validate(cfg: RunConfig) -> RunConfig:
-    """Check cross-field rules; convert `stages` entries to StageConfig."""
-    stages = []
-    for i, s in enumerate(cfg.stages):
-        st = s if isinstance(s, StageConfig) else from_dict(StageConfig, s, f"stages.{i}")
+    """Check every section's keys and types and the cross-field rules; returns `cfg` with
+    `stages` entries as StageConfig and `distributed.enabled` as a string."""
+    stages = [parse_dataclass(StageConfig, s, f"stages.{i}") if isinstance(s, dict) else s
+              for i, s in enumerate(cfg.stages)]
+    for i, st in enumerate(stages):
         if not st.trainable:
             raise ConfigError(f"stages.{i}.trainable: a stage must train something")
         if st.learning_rate <= 0:
@@ -337,52 +335,67 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"stages.{i}.grad_accum_steps must be >= 1")
         if st.max_steps is not None and st.max_steps < 1:
             raise ConfigError(f"stages.{i}.max_steps must be >= 1")
-        if any(t.startswith("vision") for t in st.trainable) and st.name not in ("stage0",):
-            pass  # allowed (e.g. a demo-only stage 0), but off the release recipe
-        stages.append(st)
+        if st.num_epochs <= 0:
+            raise ConfigError(f"stages.{i}.num_epochs must be > 0")
     cfg.stages = stages
     names = [s.name for s in stages]
     if len(set(names)) != len(names):
         raise ConfigError(f"stages: names must be unique, got {names}")
-    known_tasks = {"prepare_demo", "train", "eval", "chat", "batch", "report"}
-    bad = [t for t in cfg.tasks if t not in known_tasks]
-    if bad:
-        raise ConfigError(f"tasks: unknown task(s) {bad}; known: {sorted(known_tasks)}")
+    for i, t in enumerate(cfg.tasks):
+        if t not in TASKS:
+            raise ConfigError(f"tasks.{i}: unknown task {t!r}; known: {list(TASKS)}")
     if "train" in cfg.tasks and not stages:
-        raise ConfigError("tasks has 'train' but `stages:` is empty")
-    if cfg.train.nan_policy not in ("stop", "skip"):
-        raise ConfigError(f"train.nan_policy must be 'stop' or 'skip', got {cfg.train.nan_policy!r}")
+        raise ConfigError("stages: tasks has 'train' but `stages:` is empty")
     ps = cfg.train.profile_steps
-    if ps and not (isinstance(ps, (list, tuple)) and len(ps) == 2
-                   and all(isinstance(x, int) and not isinstance(x, bool) for x in ps) and 1 <= ps[0] <= ps[1]):
+    if ps and not (len(ps) == 2 and 1 <= ps[0] <= ps[1]):
         raise ConfigError(f"train.profile_steps must be [] or [first, last] with 1 <= first <= last "
                           f"(steps of each stage, 1-based), got {ps!r}")
-    if not isinstance(cfg.train.shared_prefix, bool):
-        raise ConfigError(f"train.shared_prefix must be true or false, got {cfg.train.shared_prefix!r}")
-    if cfg.distributed.enabled not in ("auto", "on", "off"):
-        raise ConfigError("distributed.enabled must be auto, on or off")
+    if isinstance(cfg.distributed.enabled, bool):  # YAML reads a bare on/off as a boolean
+        cfg.distributed.enabled = "on" if cfg.distributed.enabled else "off"
     if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
-        raise ConfigError("mesh: at most one of data/fsdp/tensor may be -1")
+        raise ConfigError("mesh: at most one of data/fsdp/tensor may be -1 (the rest of the devices)")
+    for axis in ("data", "fsdp", "tensor"):
+        n = getattr(cfg.mesh, axis)
+        if n == 0 or n < -1:
+            raise ConfigError(f"mesh.{axis} must be -1 (the rest) or >= 1, got {n}")
+    if cfg.checkpoint.every_steps < 0:
+        raise ConfigError(f"checkpoint.every_steps must be >= 0 (0: only the final checkpoint), "
+                          f"got {cfg.checkpoint.every_steps}")
+    if cfg.checkpoint.keep < 1:
+        raise ConfigError(f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}")
+    d = cfg.distributed
+    if d.num_processes is not None and d.process_id is not None and not 0 <= d.process_id < d.num_processes:
+        raise ConfigError(f"distributed.process_id must be in [0, num_processes={d.num_processes}), "
+                          f"got {d.process_id}")
+    if cfg.logging.every_steps < 1:
+        raise ConfigError(f"logging.every_steps must be >= 1, got {cfg.logging.every_steps}")
+    cfg.model.tokenizer = resolve_path(cfg.model.tokenizer)
+    if cfg.model.checkpoint:
+        cfg.model.checkpoint = resolve_path(cfg.model.checkpoint)
     cfg.model_config()  # raises ConfigError on bad model settings
-    from qilin_jax.infer.config import BatchConfig, ChatConfig, EvalConfig, section_from_dict
-
-    for name, cls in (("eval", EvalConfig), ("chat", ChatConfig), ("batch", BatchConfig)):
-        if name in cfg.tasks or getattr(cfg, name):
+    schemas = _section_schemas()
+    for name, cls in schemas.items():
+        section = parse_dataclass(cls, getattr(cfg, name), name)  # keys and types
+        used = name in cfg.tasks or (name == "demo" and {"prepare_demo", "report"} & set(cfg.tasks))
+        if used:
             try:
-                section = section_from_dict(cls, getattr(cfg, name), name)
-                if name in cfg.tasks:
-                    section.validate(name)
-            except (TypeError, ValueError) as e:
-                raise ConfigError(str(e)) from e
+                section.validate(name)
+            except ConfigError:
+                raise
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+    for i, st in enumerate(stages):
+        parse_dataclass(schemas["data"], st.data, f"stages.{i}.data")  # keys and types
     for st in stages:
         cfg.stage_data(st)
     return cfg
 
 
 def load_config(path: str, overrides: list[str] | None = None) -> RunConfig:
-    """Load, merge (`base:`), override and validate a run config."""
-    raw = apply_overrides(load_yaml(path), list(overrides or []))
-    return validate(from_dict(RunConfig, raw))
+    """Load (a path, or the name of a bundled config such as `demo`), merge (`base:`), override
+    and validate a run config."""
+    raw = apply_overrides(load_yaml(find_config(path)), list(overrides or []))
+    return validate(parse_dataclass(RunConfig, raw))
 
 
 def dump_config(cfg: RunConfig, path: str) -> None:

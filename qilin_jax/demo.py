@@ -39,7 +39,7 @@ def prepare(cfg: RunConfig) -> dict:
     out = opts.pop("data_dir", "data/demo/generated")
     opts.pop("targets", None)
     meta_path = os.path.join(out, "meta.json")
-    from data.demo import make_demo
+    from qilin_jax.demo_data import make_demo
 
     if os.path.exists(meta_path):
         meta = json.load(open(meta_path, encoding="utf-8"))

@@ -22,7 +22,7 @@ from tests.infer_fixtures import random_model, tiny_config  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    """The demo tokenizer (data/tokenizer; see tests/data_fixtures.py for the fallback)."""
+    """The demo tokenizer (qilin_jax/demo_data/tokenizer; see tests/data_fixtures.py for the fallback)."""
     return load_tokenizer()
 
 
@@ -35,7 +35,7 @@ def tiny_model():
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory):
     """A small demo data set: 10 held-out samples (2 per question type), 6 CSV rows."""
-    from data.demo.make_demo import generate
+    from qilin_jax.demo_data.make_demo import generate
 
     out = tmp_path_factory.mktemp("demo")
     generate(out, seed=0, n_align=0, n_instruct=0, n_heldout=10, n_csv=6)

@@ -576,7 +576,7 @@ def test_blockwise_conversion_matches_whole(ref, files, tmp_path, monkeypatch):
 def test_model_config_from_run_config():
     from qilin_jax.checkpoint import model_config_from_dict
     cfg = model_config_from_dict({"model": {"preset": "tiny", "overrides": {"text": {"vocab_size": 256}},
-                                            "checkpoint": None, "tokenizer": "data/tokenizer"}})
+                                            "checkpoint": None, "tokenizer": "pkg:demo_data/tokenizer"}})
     assert cfg.text.vocab_size == 256 and cfg.text.hidden_size == 64
 
 

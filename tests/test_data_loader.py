@@ -262,7 +262,7 @@ def test_config_from_dict_and_validation():
     cfg = DataConfig.from_dict({"template": "plain", "image_mode": "square", "seq_buckets": [640, 1024]})
     assert cfg.resolved_image_tokens() == 576 and cfg.image_slots() == 1
     assert DataConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ValueError, match="unknown data config key"):
+    with pytest.raises(ValueError, match=r"data.batchsize: unknown key \(did you mean data.batch_size\?\)"):
         DataConfig.from_dict({"batchsize": 3})
     with pytest.raises(ValueError, match="template"):
         DataConfig.from_dict({"template": "vicuna"})

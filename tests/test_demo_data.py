@@ -1,4 +1,4 @@
-"""Tests of the bundled demo task generator (data/demo) and the demo tokenizer (data/tokenizer)."""
+"""Tests of the bundled demo task generator and the demo tokenizer (qilin_jax/demo_data)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.demo import make_demo, templates
-from data.demo.make_demo import ANSWER_SETS, CHANCE, QTYPES, generate, normalize_answer
+from qilin_jax.demo_data import make_demo, templates
+from qilin_jax.demo_data.make_demo import ANSWER_SETS, CHANCE, QTYPES, generate, normalize_answer
 
 REPO = Path(__file__).resolve().parents[1]
-TOKENIZER_DIR = REPO / "data" / "tokenizer"
+TOKENIZER_DIR = REPO / "qilin_jax" / "demo_data" / "tokenizer"
 SMALL = dict(n_align=30, n_instruct=60, n_heldout=25, image_size=64, n_csv=10)
 OPTION_RE = re.compile(r"^([ABCD]):(.+)$")
 
@@ -293,7 +293,7 @@ def test_tokenizer_covers_demo_text(tok):
     for x in set(templates.iter_texts(seed=11, n=300)) | set(templates.all_template_strings()):
         for line in x.split("\n"):
             assert not byte_ids & set(tok(line, add_special_tokens=False).input_ids), line
-    for q, answers in ANSWER_SETS.items():
+    for answers in ANSWER_SETS.values():
         for a in answers:
             assert len(tok(a, add_special_tokens=False).input_ids) <= 2, a
 
@@ -301,7 +301,7 @@ def test_tokenizer_covers_demo_text(tok):
 def test_tokenizer_matches_sentencepiece_and_script(tmp_path, tok):
     import sentencepiece as spm
 
-    from data.tokenizer import make_tokenizer
+    from qilin_jax.demo_data.tokenizer import make_tokenizer
 
     sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER_DIR / "tokenizer.model"))
     for x in list(templates.iter_texts(seed=3, n=50)):

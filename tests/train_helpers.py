@@ -30,7 +30,7 @@ def make_data(out: Path, *, n_align: int = 48, n_instruct: int = 48) -> Path:
     out = Path(out)
     if (out / "meta.json").exists():
         return out
-    from data.demo.make_demo import generate
+    from qilin_jax.demo_data.make_demo import generate
 
     generate(out, n_align=n_align, n_instruct=n_instruct, n_heldout=8, image_size=32, n_csv=0)
     return out
@@ -70,7 +70,7 @@ def base_config(data_dir: Path, out_dir: Path, *, name: str = "run", steps=(6, 6
         "name": name,
         "output_dir": str(out_dir),
         "tasks": ["train"],
-        "model": {"preset": "tiny", "tokenizer": str(REPO / "data" / "tokenizer"),
+        "model": {"preset": "tiny", "tokenizer": str(REPO / "qilin_jax" / "demo_data" / "tokenizer"),
                   "overrides": {"text": {"vocab_size": 4000}, "image_token_id": 4000},
                   "checkpoint": str(make_model(data_dir / "model"))},
         "data": {"format": "llava_json", "paths": [str(data_dir / "alignment.json")],

@@ -1,6 +1,6 @@
 """Check a dataset before training: skipped rows by reason, token lengths, padding estimate.
 
-    python -m qilin_jax.data.inspect --tokenizer data/tokenizer \
+    python -m qilin_jax.data.inspect --tokenizer qilin_jax/demo_data/tokenizer \
         --paths ChiMed-VL-Instruction.json --image_folder pmc_oa/images [--template v1] \
         [--format llava_json|pmc_vqa_csv|tfds] [--limit 2000] [--no-images]
 

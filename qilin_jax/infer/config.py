@@ -6,7 +6,6 @@ The decoding fields are shared (`DecodeOptions`) and mean the same in every sect
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,10 +149,9 @@ class EvalConfig(DecodeOptions):
 
 
 def section_from_dict(cls, d: dict[str, Any] | None, section: str):
-    """An instance of a config dataclass from a mapping; unknown keys raise naming the section."""
-    d = dict(d or {})
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ValueError(f"{section}: unknown key(s) {unknown}; known: {sorted(names)}")
-    return cls(**d)
+    """An instance of a config dataclass from a mapping: the run config's parser
+    (qilin_jax.config_parse), so unknown keys and wrong types raise ConfigError naming
+    `section.key`."""
+    from qilin_jax.config_parse import parse_dataclass
+
+    return parse_dataclass(cls, dict(d or {}), section)

@@ -155,15 +155,12 @@ def evaluate_pmc_vqa(model, tokenizer, cfg: EvalConfig, *, mesh=None) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# The demo task (data/demo)
+# The demo task (qilin_jax/demo_data)
 
 
 def _demo_helpers():
-    try:
-        from data.demo import make_demo
-    except ImportError as e:
-        raise ImportError("the demo evaluation needs the repository's data/demo package; run from "
-                          f"the repository root ({e})") from e
+    from qilin_jax.demo_data import make_demo  # ships with the package (no checkout needed)
+
     return make_demo
 
 
@@ -206,7 +203,7 @@ def evaluate_demo(model, tokenizer, heldout_json: str, image_folder: str = "", *
             golds[rid] = row
         except (KeyError, StopIteration, TypeError) as e:
             reqs.append(Request(rid, [], origin=origin, reason="bad_record",
-                                error=f"held-out row lacks {e}; regenerate with data/demo/make_demo.py"))
+                                error=f"held-out row lacks {e}; regenerate with qilin_jax/demo_data/make_demo.py"))
     t0 = time.time()
     res = _generate(model, tokenizer, reqs, cfg, cfg.output_dir or None, mesh, "demo eval")
     preds = []

@@ -2,15 +2,21 @@
 
 Field names follow the HF `transformers` configs users already know (hidden_size,
 num_attention_heads, ...), so a `config.json` from a PyTorch checkpoint maps over directly.
+The configs are frozen (a model's shapes are fixed once it is built): change one with
+`dataclasses.replace`, or build one from a preset and a mapping of overrides with
+`from_preset`. Their fields are checked against their annotations on construction
+(qilin_jax.config_parse), so a wrong type or choice names the field.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+from qilin_jax.config_parse import ConfigError, FieldError, check_fields, merge, parse_dataclass
 
 
-@dataclass
+@dataclass(frozen=True)
 class VisionConfig:
     """CLIP vision transformer (defaults: ViT-L/14-336)."""
 
@@ -26,10 +32,13 @@ class VisionConfig:
     # Initialisation of the learned position embeddings: "normal" (std 0.02, as HF CLIP) or
     # "sincos2d" (2-D sine-cosine, big_vision's choice for ViTs trained from scratch: a strong
     # position signal from step 0). Only matters for training from scratch (the demo).
-    position_embedding_init: str = "normal"
+    position_embedding_init: Literal["normal", "sincos2d"] = "normal"
 
     def __hash__(self):  # hashable (nnx graph definitions are jit-static), dict fields included
         return hash(repr(self))
+
+    def __post_init__(self):
+        check_fields(self)
 
     @property
     def num_patches(self) -> int:
@@ -40,7 +49,7 @@ class VisionConfig:
         return self.hidden_size // self.num_attention_heads
 
 
-@dataclass
+@dataclass(frozen=True)
 class TextConfig:
     """LLaMA-2 decoder (defaults: Llama-2-13B / FlagAlpha Llama2-Chinese-13b-Chat)."""
 
@@ -66,36 +75,36 @@ class TextConfig:
         return hash(repr(self))
 
     def __post_init__(self):
+        check_fields(self)
         if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
         if self.head_dim is None:
-            self.head_dim = self.hidden_size // self.num_attention_heads
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"text.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                f"text.num_key_value_heads ({self.num_key_value_heads})")
+            raise FieldError("num_attention_heads", f"{self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads ({self.num_key_value_heads})")
 
 
-@dataclass
+@dataclass(frozen=True)
 class QilinConfig:
     """The whole model: vision tower, adapter, decoder and how they are joined."""
 
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     # "mlp2x_gelu" is what the released weights use; "linear" is what the paper describes.
-    adapter: str = "mlp2x_gelu"
+    adapter: Literal["mlp2x_gelu", "linear"] = "mlp2x_gelu"
     # HF-llava convention: every image occupies num_patches consecutive positions holding this
     # id. For a 32000-vocab LLaMA it is 32000 (the first id past the vocab, as HF llava adds it).
     image_token_id: int = 32000
     vision_feature_layer: int = -2
-    vision_feature_select_strategy: str = "default"  # "default" drops CLS, "full" keeps it
+    vision_feature_select_strategy: Literal["default", "full"] = "default"  # "default" drops CLS
     # Compute dtype; parameters are always stored in float32 (master weights).
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # Attention implementation: "auto" (cudnn on GPU in bf16/fp16, splash on TPU, xla else),
     # "xla", "cudnn", "splash" ("xla_reference": jax.nn.dot_product_attention, for comparison).
-    attention: str = "auto"
+    attention: Literal["auto", "xla", "xla_reference", "cudnn", "splash"] = "auto"
     # Rematerialisation of each decoder/vision block in training: "none", "full", "save_dots".
-    remat: str = "none"
+    remat: Literal["none", "full", "save_dots"] = "none"
     # Sequence chunk for the memory-lean cross-entropy (0 = whole sequence at once).
     loss_chunk: int = 0
     # Run the LM head only on supervised positions (gathered into the smallest of a few
@@ -106,29 +115,12 @@ class QilinConfig:
         return hash(repr(self))
 
     def __post_init__(self):
-        if isinstance(self.vision, dict):
-            self.vision = VisionConfig(**self.vision)
-        if isinstance(self.text, dict):
-            self.text = TextConfig(**self.text)
-        if self.adapter not in ("linear", "mlp2x_gelu"):
-            raise ValueError(f"model.adapter must be 'linear' or 'mlp2x_gelu', got {self.adapter!r}")
-        if self.vision_feature_select_strategy not in ("default", "full"):
-            raise ValueError("model.vision_feature_select_strategy must be 'default' or 'full'")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.remat not in ("none", "full", "save_dots"):
-            raise ValueError(f"model.remat must be none, full or save_dots, got {self.remat!r}")
-        if self.attention not in ("auto", "xla", "xla_reference", "cudnn", "splash"):
-            raise ValueError(f"model.attention must be auto, xla, xla_reference, cudnn or splash, "
-                             f"got {self.attention!r}")
-        if not isinstance(self.loss_supervised_only, bool):
-            raise ValueError(f"model.loss_supervised_only must be true or false, "
-                             f"got {self.loss_supervised_only!r}")
+        check_fields(self)  # types and choices (Literal); vision/text given as mappings are parsed
         if self.loss_chunk < 0:
-            raise ValueError(f"model.loss_chunk must be >= 0, got {self.loss_chunk}")
+            raise FieldError("loss_chunk", f"must be >= 0, got {self.loss_chunk}")
         n = self.vision.num_hidden_layers
         if not -n - 1 <= self.vision_feature_layer <= n:
-            raise ValueError(f"model.vision_feature_layer {self.vision_feature_layer} is outside "
+            raise FieldError("vision_feature_layer", f"{self.vision_feature_layer} is outside "
                              f"[-{n + 1}, {n}] for a {n}-layer vision tower")
 
     @property
@@ -137,11 +129,13 @@ class QilinConfig:
         return self.vision.num_patches + (1 if self.vision_feature_select_strategy == "full" else 0)
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as plain dicts (config.json)."""
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "QilinConfig":
-        return cls(**d)
+    def from_dict(cls, d: dict[str, Any], where: str = "model") -> QilinConfig:
+        """A QilinConfig from a mapping (config.json); errors name the key under `where`."""
+        return parse_dataclass(cls, d, where)
 
 
 def _qilin_13b(**kw) -> QilinConfig:
@@ -175,9 +169,43 @@ PRESETS = {
 }
 
 
-def model_preset(name: str, **overrides) -> QilinConfig:
-    """Return the QilinConfig of a named preset (see PRESETS), with top-level overrides."""
+# TextConfig fields filled from others in __post_init__ when None, and what they derive from.
+_TEXT_DERIVED = {"head_dim": ("hidden_size", "num_attention_heads"),
+                 "num_key_value_heads": ("num_attention_heads",)}
+
+
+class UnknownPreset(ConfigError, KeyError):
+    """A preset name that is not a key of PRESETS."""
+
+    __str__ = ValueError.__str__
+
+
+def with_overrides(cfg: QilinConfig, overrides: dict | None, where: str = "model.overrides") -> QilinConfig:
+    """`cfg` with a mapping of field overrides merged in (`vision` / `text` per key; the one
+    merge rule, qilin_jax.config_parse.merge); errors name the key under `where`.
+
+    The derived text fields (head_dim = hidden / heads, kv heads = heads) follow an overridden
+    width or head count unless they are overridden too."""
+    base = cfg.to_dict()
+    overrides = overrides or {}
+    text_over = overrides.get("text")
+    if isinstance(text_over, dict):
+        for derived, inputs in _TEXT_DERIVED.items():
+            if derived not in text_over and any(k in text_over for k in inputs):
+                base["text"][derived] = None
+    return parse_dataclass(QilinConfig, merge(base, overrides), where)
+
+
+def from_preset(name: str, overrides: dict | None = None, where: str = "model.overrides") -> QilinConfig:
+    """The QilinConfig of preset `name` with a mapping of field overrides (`with_overrides`)."""
     if name not in PRESETS:
-        raise KeyError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
-    cfg = PRESETS[name]()
-    return dataclasses.replace(cfg, **overrides) if overrides else cfg
+        key = where.removesuffix("overrides") + "preset" if where.endswith("overrides") else "preset"
+        raise UnknownPreset(f"{key}: unknown preset {name!r}; known: {sorted(PRESETS)}")
+    return with_overrides(PRESETS[name](), overrides, where)
+
+
+def model_preset(name: str, **overrides) -> QilinConfig:
+    """Return the QilinConfig of a named preset (see PRESETS), with field overrides (values
+    may be mappings or VisionConfig/TextConfig instances; see `from_preset`)."""
+    over = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in overrides.items()}
+    return from_preset(name, over, where="model_preset")

@@ -1,7 +1,7 @@
 """Text side of the bundled demo task: vocabulary, caption/question templates, answer sets.
 
 Everything the demo generator writes as text comes from this module, so the demo tokenizer
-(data/tokenizer/make_tokenizer.py) can import it and cover all of it. Locations are IMAGE
+(qilin_jax/demo_data/tokenizer/make_tokenizer.py) can import it and cover all of it. Locations are IMAGE
 quadrants as seen on screen (not patient left/right, which radiology mirrors).
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 

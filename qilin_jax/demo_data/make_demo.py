@@ -1,6 +1,6 @@
 """Generate the bundled demo task: synthetic medical-style images with Chinese captions and VQA.
 
-    python -m data.demo.make_demo --out data/demo/generated --seed 0
+    python -m qilin_jax.demo_data.make_demo --out data/demo/generated --seed 0
 
 Writes into the output folder:
   images/*.png             grayscale PNGs (CT-like, X-ray-like, ultrasound-like, MR-like)
@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data.demo import templates as T
-from data.demo.templates import (  # noqa: F401  (re-exported for evaluation code)
+from qilin_jax.demo_data import templates as T
+from qilin_jax.demo_data.templates import (  # noqa: F401  (re-exported for evaluation code)
     ANSWER_SETS,
     CHANCE,
     QTYPES,
@@ -133,7 +133,8 @@ def _render_us(rng, x, y) -> tuple[np.ndarray, np.ndarray]:
     r = np.sqrt((x - ax) ** 2 + (y - ay) ** 2)
     ang = np.arctan2(x - ax, y - ay)
     half = np.deg2rad(rng.uniform(48, 52))
-    fan = np.clip((half - np.abs(ang)) / 0.03, 0, 1) * np.clip((r - 0.14) / 0.02, 0, 1) * np.clip((1.04 - r) / 0.02, 0, 1)
+    fan = (np.clip((half - np.abs(ang)) / 0.03, 0, 1) * np.clip((r - 0.14) / 0.02, 0, 1)
+           * np.clip((1.04 - r) / 0.02, 0, 1))
     tissue = 0.42 + _smooth_noise(rng, *x.shape, 12) * 0.08 - (r - 0.5) * 0.15  # depth attenuation
     speckle = rng.rayleigh(1.0, x.shape).astype(np.float32) / 1.25
     img = 0.02 + fan * tissue * (1 - SPECKLE + SPECKLE * speckle)
@@ -416,7 +417,7 @@ def generate(out_dir: str | Path, seed: int = 0, n_align: int = 2000, n_instruct
     n_files = sum(1 for _ in img_dir.glob("*.png"))
     total_bytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and p.name != "meta.json")
     meta = {
-        "generator": "data.demo.make_demo",
+        "generator": "qilin_jax.demo_data.make_demo",
         "generator_version": GENERATOR_VERSION,
         "seed": seed,
         "image_size": image_size,

@@ -1,10 +1,10 @@
 """Train the small demo SentencePiece tokenizer (LLaMA-like settings) and write an HF tokenizer dir.
 
-    python -m data.tokenizer.make_tokenizer [--out data/tokenizer] [--vocab-size 4000]
+    python -m qilin_jax.demo_data.tokenizer.make_tokenizer [--out qilin_jax/demo_data/tokenizer] [--vocab-size 4000]
 
 The corpus is built here, deterministically: the paper's Appendix A.1 prompts, the conversation
 templates (Vicuna v1, llava_v1, LLaMA-2), PMC-VQA instructions, all text the demo generator
-(data/demo/templates.py) can produce, and general Chinese/English medical sentences below.
+(qilin_jax/demo_data/templates.py) can produce, and general Chinese/English medical sentences below.
 Settings follow the LLaMA-2 tokenizer: BPE, byte fallback, split digits, identity
 normalisation, dummy prefix, whitespace kept, unk/bos/eos = 0/1/2, no pad. No `<image>` token
 is added: like HF llava for LLaMA, the image token id is len(tokenizer).
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from data.demo import templates
+from qilin_jax.demo_data import templates
 
 HERE = Path(__file__).resolve().parent
 VOCAB_SIZE = 4000
