@@ -42,6 +42,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -237,15 +238,20 @@ def measure(fn, batch: int, prompt: int, new_tokens: int, repeats: int, min_seco
     """Prefill and decode tokens/s of a generate callable (bench/generate.py's method)."""
     from bench.generate import _best_time
 
+    start = time.perf_counter()
     got = fn(new_tokens)  # warm-up (our compile) and a check that exactly N tokens come back
+    warmup = time.perf_counter() - start
     if got.shape != (batch, new_tokens):
         raise RuntimeError(f"generate returned shape {got.shape}, expected {(batch, new_tokens)}")
     fn(1)
     t1 = _best_time(lambda: fn(1), repeats, min_seconds)
     tn = _best_time(lambda: fn(new_tokens), repeats, min_seconds)
-    return {"prefill_s": round(t1, 5), "generate_s": round(tn, 5),
+    if tn <= t1:  # noise larger than N - 1 decode steps: no decode speed can be read from it
+        raise RuntimeError(f"generating {new_tokens} tokens ({tn:.4g} s) was not slower than 1 ({t1:.4g} s): "
+                           f"raise --repeats / --min-seconds or --new-tokens")
+    return {"prefill_s": round(t1, 5), "generate_s": round(tn, 5), "warmup_s": round(warmup, 3),
             "prefill_tokens_per_s": batch * prompt / t1,
-            "decode_tokens_per_s": batch * (new_tokens - 1) / max(tn - t1, 1e-9)}
+            "decode_tokens_per_s": batch * (new_tokens - 1) / (tn - t1)}
 
 
 def main(argv=None) -> dict:
@@ -302,8 +308,11 @@ def main(argv=None) -> dict:
             os.replace(tmp, args.partial)
 
     ours = theirs = None
+    out["init_s"] = {}
     if "jax" in frameworks:
+        start = time.perf_counter()
         ours = init_on_device(cfg)
+        out["init_s"]["jax"] = round(time.perf_counter() - start, 3)
         out["weight_bytes"] = decode_weight_bytes(ours)
         stats = dev.memory_stats() or {}
         if "bytes_in_use" in stats:
@@ -314,7 +323,9 @@ def main(argv=None) -> dict:
 
         tdev = "cuda" if plat == "gpu" and torch.cuda.is_available() else "cpu"
         out["torch"], out["transformers"], out["torch_device"] = torch.__version__, transformers.__version__, tdev
+        start = time.perf_counter()
         theirs = torch_model(cfg, tdev)
+        out["init_s"]["torch"] = round(time.perf_counter() - start, 3)
         if "weight_bytes" not in out:  # the same tensors, in the torch layout
             named = dict(theirs.named_parameters())
             out["weight_bytes"] = int(sum(p.numel() * p.element_size() for k, p in named.items()
@@ -331,14 +342,14 @@ def main(argv=None) -> dict:
             r = measure(Ours(ours, ids, new_tokens), B, prompt, new_tokens, args.repeats, args.min_seconds)
             row.update(decode_tokens_per_s=r["decode_tokens_per_s"], prefill_tokens_per_s=r["prefill_tokens_per_s"],
                        decode_fraction_of_roofline=r["decode_tokens_per_s"] / roof,
-                       seconds={"prefill_s": r["prefill_s"], "generate_s": r["generate_s"]})
+                       seconds={k: r[k] for k in ("prefill_s", "generate_s", "warmup_s")})
         if theirs is not None:
             r = measure(Theirs(theirs, ids, out["torch_device"]), B, prompt, new_tokens, args.repeats,
                         args.min_seconds)
             row.update(torch_decode_tokens_per_s=r["decode_tokens_per_s"],
                        torch_prefill_tokens_per_s=r["prefill_tokens_per_s"],
                        torch_decode_fraction_of_roofline=r["decode_tokens_per_s"] / roof,
-                       torch_seconds={"prefill_s": r["prefill_s"], "generate_s": r["generate_s"]})
+                       torch_seconds={k: r[k] for k in ("prefill_s", "generate_s", "warmup_s")})
         if ours is not None and theirs is not None:
             row["decode_ratio_vs_torch"] = row["decode_tokens_per_s"] / row["torch_decode_tokens_per_s"]
             row["prefill_ratio_vs_torch"] = row["prefill_tokens_per_s"] / row["torch_prefill_tokens_per_s"]

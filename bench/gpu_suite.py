@@ -260,7 +260,7 @@ def part_decode(dry_run: bool, work: Path) -> dict:
     from bench import decode_13b as D
 
     argv = ["--partial", str(work / "decode.partial.json")]
-    argv += (["--size", "tiny", "--repeats", "1", "--min-seconds", "0", "--bandwidth-mb", "64"] if dry_run
+    argv += (["--size", "tiny", "--repeats", "3", "--min-seconds", "0.2", "--bandwidth-mb", "64"] if dry_run
              else ["--size", "13b", "--repeats", "2"])
     return _captured_json(D.main, argv)[0]
 
