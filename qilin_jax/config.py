@@ -126,7 +126,7 @@ class RunConfig:
     name: str = "run"
     output_dir: str = "runs"  # the run folder is output_dir/name
     seed: int = 0
-    # What main.py does, in order: prepare_demo, train, eval, chat, batch, report.
+    # What main.py does, in order: prepare_demo, train, eval, chat, batch, report, serve.
     tasks: list = field(default_factory=lambda: ["train"])
     model: ModelSection = field(default_factory=ModelSection)
     data: dict = field(default_factory=dict)  # qilin_jax.data.pipeline.DataConfig fields
@@ -139,6 +139,7 @@ class RunConfig:
     eval: dict = field(default_factory=dict)  # qilin_jax.infer.config.EvalConfig fields
     chat: dict = field(default_factory=dict)  # qilin_jax.infer.config.ChatConfig fields
     batch: dict = field(default_factory=dict)  # qilin_jax.infer.config.BatchConfig fields
+    serve: dict = field(default_factory=dict)  # qilin_jax.serve.config.ServeConfig fields
     demo: dict = field(default_factory=dict)  # options of the bundled demo (configs/demo.yaml)
 
     @property
@@ -344,7 +345,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     names = [s.name for s in stages]
     if len(set(names)) != len(names):
         raise ConfigError(f"stages: names must be unique, got {names}")
-    known_tasks = {"prepare_demo", "train", "eval", "chat", "batch", "report"}
+    known_tasks = {"prepare_demo", "train", "eval", "chat", "batch", "report", "serve"}
     bad = [t for t in cfg.tasks if t not in known_tasks]
     if bad:
         raise ConfigError(f"tasks: unknown task(s) {bad}; known: {sorted(known_tasks)}")
@@ -374,6 +375,15 @@ def validate(cfg: RunConfig) -> RunConfig:
                     section.validate(name)
             except (TypeError, ValueError) as e:
                 raise ConfigError(str(e)) from e
+    if "serve" in cfg.tasks or cfg.serve:
+        from qilin_jax.serve.config import ServeConfig
+
+        try:
+            section = section_from_dict(ServeConfig, cfg.serve, "serve")
+            if "serve" in cfg.tasks:
+                section.validate("serve")
+        except (TypeError, ValueError) as e:
+            raise ConfigError(str(e)) from e
     for st in stages:
         cfg.stage_data(st)
     return cfg
