@@ -149,7 +149,7 @@ def parse_messages(messages) -> tuple[list[dict], str, list[tuple]]:
         else:
             turns.append({"from": who, "value": text})
     if not turns or turns[-1]["from"] != "human":
-        raise APIError(400, "the last message must be a user message (the question to answer)", "messages")
+        raise APIError(400, "messages: the last message must be a user message (the question to answer)", "messages")
     return turns, system, images
 
 
@@ -318,7 +318,7 @@ class Server:
         n_prompt = len(ids)
         room = self.engine.max_len - n_prompt
         if room < 1:
-            raise APIError(400, f"the prompt is {n_prompt} tokens; the context is {self.engine.max_len} "
+            raise APIError(400, f"messages: the prompt is {n_prompt} tokens; the context is {self.engine.max_len} "
                                 "tokens, which leaves no room for an answer", "messages",
                            "context_length_exceeded")
         if max_tokens is None:
@@ -366,7 +366,7 @@ class Server:
             while True:
                 try:
                     ev = await asyncio.wait_for(q.get(), timeout=0.5)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     if await request.is_disconnected():
                         req.cancel()
                         self.metrics.disconnects.inc()
@@ -522,7 +522,7 @@ class Server:
         """Compile every program and start the engine; /health turns 200 after this."""
         try:
             self.engine.start()
-        except Exception as e:  # noqa: BLE001  reported by /health, logged in full
+        except Exception as e:
             self.warmup_error = f"{type(e).__name__}: {e}"
             log.exception("serve: warm-up failed")
             raise

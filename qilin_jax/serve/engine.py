@@ -28,7 +28,7 @@ import itertools
 import logging
 import threading
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -263,7 +263,8 @@ class Engine:
         dtype = DTYPES[cfg.dtype]
         kw = {}
         if mesh is not None:
-            from jax.sharding import NamedSharding, PartitionSpec as P
+            from jax.sharding import NamedSharding
+            from jax.sharding import PartitionSpec as P
 
             data, tensor = mesh.shape.get("data", 1), mesh.shape.get("tensor", 1)
             spec = P(None, "data" if self.slots % data == 0 and data > 1 else None, None,
@@ -376,12 +377,13 @@ class Engine:
             self.thread.join(timeout=30)
 
     def submit(self, req: Request) -> Request:
-        """Queue a request; QueueFull when `max_queue` are already waiting."""
+        """Queue a request; QueueFull when `max_queue` are already waiting for a slot."""
         self.check(len(req.ids), req.max_tokens)
         with self.cond:
             if self.stopping:
                 raise QueueFull("the server is shutting down")
-            if len(self.waiting) >= self.max_queue and self.slots_in_use() + len(self.waiting) >= self.slots:
+            # max_queue waiting beyond those the free slots will take at the next step
+            if len(self.waiting) >= self.max_queue + self.slots - self.slots_in_use():
                 raise QueueFull(f"{len(self.waiting)} requests are waiting for a slot")
             req.submitted = time.perf_counter()
             self.waiting.append(req)
@@ -411,7 +413,7 @@ class Engine:
                 self._drop_cancelled()
                 if self.slots_in_use():
                     self._step()
-            except Exception as e:  # noqa: BLE001  a failing step ends its requests, not the server
+            except Exception as e:
                 log.exception("serve: engine step failed")
                 for s, r in enumerate(self.slot_req):
                     if r is not None:
@@ -439,7 +441,7 @@ class Engine:
                 return
             try:
                 self._insert(s, req)
-            except Exception as e:  # noqa: BLE001  a bad request fails alone
+            except Exception as e:
                 log.exception("serve: prefill failed for request %d", req.id)
                 self.slot_req[s] = None
                 self._end(req, "error", f"{type(e).__name__}: {e}")
@@ -518,7 +520,7 @@ class Engine:
         if self.on_finish is not None:
             try:
                 self.on_finish(req)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("serve: on_finish hook failed")
 
     @staticmethod
@@ -526,6 +528,6 @@ class Engine:
         if req.on_event is not None:
             try:
                 req.on_event(ev)
-            except Exception:  # noqa: BLE001  a broken consumer must not stop the engine
+            except Exception:
                 log.exception("serve: event consumer of request %d failed", req.id)
                 req.cancel()

@@ -92,11 +92,10 @@ async function ask(question) {
   const out = addMessage("assistant", "");
   out.dataset.done = "0";
   const messages = state.messages.concat([userMessage(question)]);
-  const body = {
-    model: state.model, messages: messages, stream: true,
-    max_tokens: parseInt($("max-tokens").value, 10) || 256,
-    temperature: parseFloat($("temperature").value) || 0,
-  };
+  const body = { model: state.model, messages: messages, stream: true,
+                 temperature: parseFloat($("temperature").value) || 0 };
+  const maxTokens = parseInt($("max-tokens").value, 10);
+  if (maxTokens > 0) body.max_tokens = maxTokens;  // else the server's default (serve.max_new_tokens)
   const resp = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(body) });
   if (!resp.ok) {
     out.className = "msg error";
