@@ -108,14 +108,18 @@ def _prefill_insert(graphdef, state, layers, k, v, ids, n, pixels, slot, tempera
     T = ids.shape[1]
     pos = jnp.arange(T, dtype=jnp.int32)[None]
     mask = (pos < n).astype(jnp.int32)
-    cache = KVCache.init(cfg, 1, T, k.dtype)
+    cache = KVCache.init(cfg, 1, T, jax.tree.leaves(k)[0].dtype)
     emb = model.embed_inputs(ids, pixels)
     hidden, cache = model.llm(emb, segment_ids=mask, position_ids=pos, cache=cache, layers=layers)
     last = jax.lax.dynamic_slice_in_dim(hidden, n - 1, 1, axis=1)
     logits = model.llm.logits(last)[:, 0]
     tok = sample_rows(logits, temperature, top_p, seed, jnp.zeros((1,), jnp.int32))
-    k = jax.lax.dynamic_update_slice(k, cache.k, (0, slot, 0, 0, 0))
-    v = jax.lax.dynamic_update_slice(v, cache.v, (0, slot, 0, 0, 0))
+    if isinstance(k, tuple):  # one array per layer (CPU)
+        k = tuple(jax.lax.dynamic_update_slice(a, cache.k[i], (slot, 0, 0, 0)) for i, a in enumerate(k))
+        v = tuple(jax.lax.dynamic_update_slice(a, cache.v[i], (slot, 0, 0, 0)) for i, a in enumerate(v))
+    else:
+        k = jax.lax.dynamic_update_slice(k, cache.k, (0, slot, 0, 0, 0))
+        v = jax.lax.dynamic_update_slice(v, cache.v, (0, slot, 0, 0, 0))
     return k, v, tok
 
 
@@ -132,20 +136,31 @@ def _decode(graphdef, state, layers, k, v, tok, lens, temperature, top_p, seed, 
     cos, sin = rope_cos_sin(lens[:, None], cfg)
     mask = (jnp.arange(window)[None, :] <= lens[:, None])[:, None, None, :]  # [S, 1, 1, W]
 
+    def attend(p, h, q, kw, vw):
+        out = attention(q, kw.astype(dtype), vw.astype(dtype), mask=mask, causal=False, implementation="xla")
+        return _out_mlp(p, h, out, cfg, dtype)
+
     def block(p, h, k, v, i):
         q, kk, vv = _qkv(p, h, cfg, cos, sin, dtype)
-        # In-place writes of one position per row into the stacked cache; the attention reads
+        # One position per row written in place into the stacked cache; the attention reads
         # only the first `window` positions of this layer.
         k = k.at[i, rows, lens].set(kk[:, 0].astype(k.dtype))
         v = v.at[i, rows, lens].set(vv[:, 0].astype(v.dtype))
         kw = jax.lax.dynamic_slice(k, (i, 0, 0, 0, 0), (1, S, window) + k.shape[3:])[0]
         vw = jax.lax.dynamic_slice(v, (i, 0, 0, 0, 0), (1, S, window) + v.shape[3:])[0]
-        out = attention(q, kw.astype(dtype), vw.astype(dtype), mask=mask, causal=False, implementation="xla")
-        return _out_mlp(p, h, out, cfg, dtype), k, v
+        return attend(p, h, q, kw, vw), k, v
 
-    if layers is not None:  # CPU: unstacked layers read in place (llama.layer_list)
+    if layers is not None:
+        # CPU: unstacked layers read in place (llama.layer_list), and one cache array per
+        # layer: a write into a stacked cache between reads of it made XLA:CPU copy the whole
+        # cache at every layer (~10x slower steps on the medium bench model).
+        ks, vs = list(k), list(v)
         for i, p in enumerate(layers):
-            x, k, v = block(p, x, k, v, i)
+            q, kk, vv = _qkv(p, x, cfg, cos, sin, dtype)
+            ks[i] = ks[i].at[rows, lens].set(kk[:, 0].astype(ks[i].dtype))
+            vs[i] = vs[i].at[rows, lens].set(vv[:, 0].astype(vs[i].dtype))
+            x = attend(p, x, q, ks[i][:, :window], vs[i][:, :window])
+        k, v = tuple(ks), tuple(vs)
     else:
         def body(carry, xs):
             h, k, v = carry
@@ -261,22 +276,31 @@ class Engine:
         text = cfg.text
         shape = (text.num_hidden_layers, self.slots, self.max_len, text.num_key_value_heads, text.head_dim)
         dtype = DTYPES[cfg.dtype]
+        per_layer = self.layers is not None  # CPU: one cache array per layer (see _decode)
+        sh = None
         kw = {}
         if mesh is not None:
             from jax.sharding import NamedSharding
             from jax.sharding import PartitionSpec as P
 
             data, tensor = mesh.shape.get("data", 1), mesh.shape.get("tensor", 1)
-            spec = P(None, "data" if self.slots % data == 0 and data > 1 else None, None,
-                     "tensor" if text.num_key_value_heads % tensor == 0 and tensor > 1 else None, None)
-            sh = NamedSharding(mesh, spec)
+            spec = ("data" if self.slots % data == 0 and data > 1 else None, None,
+                    "tensor" if text.num_key_value_heads % tensor == 0 and tensor > 1 else None, None)
+            sh = NamedSharding(mesh, P(*spec) if per_layer else P(None, *spec))
+            cache_sh = (sh,) * shape[0] if per_layer else sh
             # Fixed output shardings: a cache that came back sharded differently would be a new
             # input signature, i.e. a compilation on the request path.
-            kw = dict(out_shardings=(sh, sh, NamedSharding(mesh, P())))
-            self.k = jax.device_put(jnp.zeros(shape, dtype), sh)
-            self.v = jax.device_put(jnp.zeros(shape, dtype), sh)
+            kw = dict(out_shardings=(cache_sh, cache_sh, NamedSharding(mesh, P())))
+
+        def zeros(shp):
+            x = jnp.zeros(shp, dtype)
+            return x if sh is None else jax.device_put(x, sh)
+
+        if per_layer:
+            self.k = tuple(zeros(shape[1:]) for _ in range(shape[0]))
+            self.v = tuple(zeros(shape[1:]) for _ in range(shape[0]))
         else:
-            self.k, self.v = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+            self.k, self.v = zeros(shape), zeros(shape)
         self._prefill = jax.jit(_prefill_insert, static_argnums=(0,), donate_argnums=(3, 4), **kw)
         self._decode = jax.jit(_decode, static_argnums=(0,), static_argnames=("window",),
                                donate_argnums=(3, 4), **kw)
