@@ -543,6 +543,8 @@ class Server:
                  self.cfg.port, self.cfg.model_name)
         try:
             server.run()
+        except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
+            pass
         finally:
             self.engine.stop()
 

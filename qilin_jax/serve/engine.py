@@ -293,8 +293,9 @@ class Engine:
             kw = dict(out_shardings=(cache_sh, cache_sh, NamedSharding(mesh, P())))
 
         def zeros(shp):
-            x = jnp.zeros(shp, dtype)
-            return x if sh is None else jax.device_put(x, sh)
+            # Placed explicitly (committed), like the programs' outputs that replace them: an
+            # uncommitted first cache would be a second input signature.
+            return jax.device_put(jnp.zeros(shp, dtype), sh if sh is not None else jax.devices()[0])
 
         if per_layer:
             self.k = tuple(zeros(shape[1:]) for _ in range(shape[0]))
