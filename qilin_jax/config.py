@@ -33,7 +33,7 @@ PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # Config files shipped inside the package (a wheel has them at qilin_jax/configs); in a checkout
 # they are the repository's configs/ folder.
 BUNDLED_CONFIG_DIRS = (os.path.join(PACKAGE_DIR, "configs"), os.path.join(os.path.dirname(PACKAGE_DIR), "configs"))
-TASKS = ("prepare_demo", "train", "eval", "chat", "batch", "report")
+TASKS = ("prepare_demo", "train", "eval", "chat", "batch", "report", "serve")
 
 
 def resolve_path(path: str) -> str:
@@ -188,7 +188,7 @@ class RunConfig:
     name: str = "run"
     output_dir: str = "runs"  # the run folder is output_dir/name
     seed: int = 0
-    # What main.py does, in order: prepare_demo, train, eval, chat, batch, report.
+    # What main.py does, in order: prepare_demo, train, eval, chat, batch, report, serve.
     tasks: list[str] = field(default_factory=lambda: ["train"])
     model: ModelSection = field(default_factory=ModelSection)
     data: dict[str, Any] = field(default_factory=dict)  # qilin_jax.data.config.DataConfig fields
@@ -201,6 +201,7 @@ class RunConfig:
     eval: dict[str, Any] = field(default_factory=dict)  # qilin_jax.infer.config.EvalConfig fields
     chat: dict[str, Any] = field(default_factory=dict)  # qilin_jax.infer.config.ChatConfig fields
     batch: dict[str, Any] = field(default_factory=dict)  # qilin_jax.infer.config.BatchConfig fields
+    serve: dict[str, Any] = field(default_factory=dict)  # qilin_jax.serve.config.ServeConfig fields
     demo: dict[str, Any] = field(default_factory=dict)  # DemoSection fields (configs/demo.yaml)
 
     @property
@@ -314,9 +315,10 @@ def from_dict(cls, d: dict, where: str = ""):
 def _section_schemas() -> dict:
     from qilin_jax.data.config import DataConfig
     from qilin_jax.infer.config import BatchConfig, ChatConfig, EvalConfig
+    from qilin_jax.serve.config import ServeConfig
 
-    return {"eval": EvalConfig, "chat": ChatConfig, "batch": BatchConfig, "demo": DemoSection,
-            "data": DataConfig}
+    return {"eval": EvalConfig, "chat": ChatConfig, "batch": BatchConfig, "serve": ServeConfig,
+            "demo": DemoSection, "data": DataConfig}
 
 
 def validate(cfg: RunConfig) -> RunConfig:
