@@ -199,9 +199,7 @@ class Ours:
         self.ids, self.mask, self.slots = G._prepare(model, ids, None, new_tokens, None)
         self.graphdef, self.state = nnx.split(model)
         # Mirror `generate`: unstacked layers on CPU, the scan over stacked layers elsewhere.
-        self.layers = G.cached_layers(model, self.graphdef, self.state)
-        self.unstack = (self.layers is None and G._unstack_decode(self.state)
-                        and new_tokens >= G.UNSTACK_MIN_NEW_TOKENS)
+        self.layers, self.unstack = G.decode_layers(model, self.graphdef, self.state, new_tokens)
         self.args = (jnp.asarray(self.ids), jnp.asarray(self.mask))
         self.max_tokens = G.bucket(new_tokens)
         self.pad = model.config.text.pad_token_id

@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 from qilin_jax.infer.common import IncrementalDecoder
-from qilin_jax.infer.generate import _layer_list_jit, _unstack_decode, cached_layers, prompt_length_bucket
+from qilin_jax.infer.generate import decode_layers, prompt_length_bucket
 from qilin_jax.models.attention import attention
 from qilin_jax.models.common import DTYPES, rms_norm, scan_layers, stacked_values
 from qilin_jax.models.llama import KVCache, _out_mlp, _qkv, rope_cos_sin
@@ -269,10 +269,8 @@ class Engine:
         self.image_shape = (1, 3, cfg.vision.image_size, cfg.vision.image_size)
 
         self.graphdef, self.state = nnx.split(model)
-        layers = cached_layers(model, self.graphdef, self.state)
-        if layers is None and _unstack_decode(self.state):
-            layers = _layer_list_jit(self.graphdef, self.state)  # a long-lived server unstacks once
-        self.layers = layers
+        # Step-by-step decoding (max_new_tokens None): on CPU a long-lived server unstacks once.
+        self.layers, _ = decode_layers(model, self.graphdef, self.state, None)
         text = cfg.text
         shape = (text.num_hidden_layers, self.slots, self.max_len, text.num_key_value_heads, text.head_dim)
         dtype = DTYPES[cfg.dtype]
