@@ -64,7 +64,7 @@ def server():
     from qilin_jax.serve.config import ServeConfig
     from tests.infer_fixtures import REPO, random_model, tiny_config
 
-    tok = AutoTokenizer.from_pretrained(str(REPO / "data" / "tokenizer"))
+    tok = AutoTokenizer.from_pretrained(str(REPO / "qilin_jax" / "demo_data" / "tokenizer"))
     cfg = ServeConfig(checkpoint="", slots=4, max_context=256, prompt_buckets=[64, 128], max_queue=64,
                       api_key=API_KEY, max_new_tokens=16, max_body_mb=1.0)
     srv = Server(random_model(tiny_config(), seed=0), tok, cfg)

@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 from qilin_jax.infer.generate import generate
 from qilin_jax.infer.sharded import inference_mesh, shard_model
 from qilin_jax.serve.engine import Engine, Request, compile_count
-from tests.infer_fixtures import random_model, tiny_config, tokenizer  # noqa: F401
+from tests.infer_fixtures import random_model, tiny_config
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 
