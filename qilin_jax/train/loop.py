@@ -27,6 +27,7 @@ from qilin_jax.data.conversation import IGNORE_INDEX
 from qilin_jax.models import QilinConfig, QilinMedVL
 from qilin_jax.train.checkpointing import TrainCheckpointer
 from qilin_jax.train.flops import device_peak_tflops, step_flops
+from qilin_jax.train.lora import prepare_stage as prepare_lora_stage
 from qilin_jax.train.optim import check_patterns, combine, make_optimizer, partition, trainable_mask
 from qilin_jax.train.step import TrainState, compile_train_step, init_state, stack_micro
 
@@ -465,8 +466,9 @@ def run_stage(cfg: RunConfig, stage: StageConfig, parts: ModelParts, params: dic
                  ", the whole source" if packing_estimate["whole_source"] else "", total, stage.num_epochs)
 
     check_patterns(params, stage.trainable, f"stages.{stage.name}.trainable")
-    tx, schedule = make_optimizer(stage, total)
-    state, frozen, state_sh, f_sh = init_stage_state(parts, params, stage.trainable, tx, mesh,
+    parts, params, patterns, lr_scales, lora_dropout = prepare_lora_stage(cfg, stage, parts, params, mesh, rules)
+    tx, schedule = make_optimizer(stage, total, lr_scales)
+    state, frozen, state_sh, f_sh = init_stage_state(parts, params, patterns, tx, mesh,
                                                      seed=cfg.seed)
 
     ckpt = TrainCheckpointer(os.path.join(stage_dir, "checkpoints"), keep=cfg.checkpoint.keep,
@@ -578,7 +580,7 @@ def run_stage(cfg: RunConfig, stage: StageConfig, parts: ModelParts, params: dic
                 b_sh = batch_shardings(mesh, rules, global_shape_example(micro))
                 step_fns[key] = (compile_train_step(
                     parts.graphdef, tx, schedule, state_shardings=state_sh, frozen_shardings=f_sh,
-                    batch_shardings=b_sh, packed=bool(data_cfg.packing)), b_sh)
+                    batch_shardings=b_sh, packed=bool(data_cfg.packing), lora_dropout=lora_dropout), b_sh)
             step_fn, b_sh = step_fns[key]
             gb = to_global(micro, b_sh)
             profiler.before(host_step + 1)
