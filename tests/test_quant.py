@@ -71,6 +71,9 @@ def test_4bit_bounds_and_nearest_level(kind):
 def test_bad_shapes_and_kinds():
     with pytest.raises(ValueError, match="multiple of the group"):
         Q.quantize(jnp.zeros((96, 8)), "int4")
+    codes, scale = Q.quantize(jnp.ones((192, 8)), "int4")  # 192: groups of 64
+    assert scale.shape == (3, 8)
+    np.testing.assert_array_equal(Q.dequantize(codes, scale, "int4"), np.ones((192, 8)))
     with pytest.raises(ValueError, match="unknown kind"):
         Q.quantize(jnp.zeros((128, 8)), "fp3")
 

@@ -4,9 +4,10 @@ fly inside `llama._proj` (the matmul itself runs in the compute dtype).
 Kinds (a matrix W [in, out] of one layer; stacked over layers like every decoder parameter):
 - int8: per output channel, symmetric: scale[o] = max|W[:, o]| / 127, q = round(W / scale)
   in [-127, 127], stored int8 [in, out] and scale [1, out].
-- int4: symmetric with a scale per group of GROUP input rows and output column:
-  scale[g, o] = max|W[g*G:(g+1)*G, o]| / 7, q in [-7, 7], two per byte (input rows 2i and 2i+1
-  in the low and high nibble): uint8 [in/2, out] and scale [in/G, out].
+- int4: symmetric with a scale per group of G input rows and output column (G = 128, or 64
+  when `in` is not a multiple of 128): scale[g, o] = max|W[g*G:(g+1)*G, o]| / 7, q in
+  [-7, 7], two per byte (input rows 2i and 2i+1 in the low and high nibble): uint8
+  [in/2, out] and scale [in/G, out].
 - nf4: QLoRA's NormalFloat4: blocks of BLOCK (64) consecutive input rows per output column
   (the contiguous runs of a torch [out, in] weight, as bitsandbytes blocks them) scaled by
   their absmax to [-1, 1] and rounded to the nearest of the 16 NF4 levels; indices two per
@@ -38,17 +39,21 @@ NF4_LEVELS = np.array([
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _group(kind: str) -> int:
-    return {"int4": GROUP, "nf4": BLOCK}[kind]
+def _group(kind: str, d_in: int) -> int:
+    """Input rows per scale: NF4 blocks of 64; int4 groups of 128, or 64 when `d_in` is not a
+    multiple of 128 (e.g. the demo model's 704-wide MLP)."""
+    if kind == "nf4":
+        return BLOCK
+    return GROUP if d_in % GROUP == 0 else BLOCK
 
 
 def check_shape(kind: str, d_in: int) -> None:
     """Raise a ValueError when a matrix with `d_in` input rows cannot be quantized as `kind`."""
     if kind not in KINDS:
         raise ValueError(f"quantize: unknown kind {kind!r}; known: {', '.join(KINDS)}")
-    if kind != "int8" and d_in % _group(kind):
+    if kind != "int8" and d_in % _group(kind, d_in):
         raise ValueError(f"quantize {kind}: input size {d_in} is not a multiple of the group "
-                         f"size {_group(kind)}")
+                         f"size {_group(kind, d_in)}")
 
 
 def _pack(q):
@@ -71,8 +76,8 @@ def quantize(w, kind: str) -> tuple[jax.Array, jax.Array]:
         scale = jnp.max(jnp.abs(w), axis=-2, keepdims=True) / 127.0
         safe = jnp.where(scale > 0, scale, 1.0)
         return jnp.clip(jnp.round(w / safe), -127, 127).astype(jnp.int8), scale
-    g = _group(kind)
     *lead, d_in, d_out = w.shape
+    g = _group(kind, d_in)
     blocks = w.reshape(*lead, d_in // g, g, d_out)
     absmax = jnp.max(jnp.abs(blocks), axis=-2, keepdims=True)
     safe = jnp.where(absmax > 0, absmax, 1.0)
@@ -97,8 +102,8 @@ def dequantize(codes, scale, kind: str, dtype=jnp.float32):
         vals = q.astype(jnp.float32) - 8.0
     else:
         vals = jnp.asarray(NF4_LEVELS)[q.astype(jnp.int32)]
-    g = _group(kind)
     *lead, d_in, d_out = vals.shape
+    g = d_in // scale.shape[-2]  # the group size the scales were made with
     vals = vals.reshape(*lead, d_in // g, g, d_out) * scale.astype(jnp.float32)[..., None, :]
     return vals.reshape(*lead, d_in, d_out).astype(dtype)
 
