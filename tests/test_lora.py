@@ -250,6 +250,10 @@ def test_export_merge_and_import_through_the_cli(ref, tmp_path):
     err = R.rel_err(np.asarray(merged(ids, px, mask).logits)[valid], want[valid])
     assert err <= 1e-5, err
 
+    # A plain export would silently drop the adapters: refused, naming the two ways out.
+    assert cli(["to-torch", "--src", str(ck), "--dst", str(tmp_path / "hf"), "--format", "hf-llava"]) == 2
+    assert not (tmp_path / "hf").exists()
+
     # to-torch --format peft: PeftModel.from_pretrained on the base gives our logits.
     assert cli(["to-torch", "--src", str(ck), "--dst", str(tmp_path / "peft_out"), "--format", "peft"]) == 0
     tm = R.build("llava", cfg, seed=99)
