@@ -1,4 +1,4 @@
-"""Command line: `python -m converters to-jax|to-torch|inspect ...` (the names are a contract)."""
+"""Command line: `python -m converters to-jax|to-torch|merge-lora|inspect ...` (the names are a contract)."""
 from __future__ import annotations
 
 import argparse
@@ -23,14 +23,18 @@ def _parser() -> argparse.ArgumentParser:
                    help="stored parameter dtype (default float32, the model's master dtype)")
     j.add_argument("--preset", help="model preset to check against instead of inferring the config")
     j.add_argument("--seed", type=int, default=0, help="seed of a randomly initialised adapter")
+    j.add_argument("--lora", help="PEFT LoRA adapter dir (adapter_config.json + adapter_model.*) "
+                                  "to load onto --src: the checkpoint carries the adapters")
     j.add_argument("--overwrite", action="store_true", help="replace a non-empty --dst")
 
     t = sub.add_parser("to-torch", help="qilin-jax checkpoint dir -> PyTorch checkpoint")
     t.add_argument("--src", required=True, help="qilin-jax checkpoint dir (converter or training output)")
     t.add_argument("--dst", required=True, help="output dir")
-    t.add_argument("--format", required=True, choices=["hf-llava", "llava"],
+    t.add_argument("--format", required=True, choices=["hf-llava", "llava", "peft"],
                    help="hf-llava: transformers LlavaForConditionalGeneration; llava: the original "
-                        "LLaVA/Qilin release layout (also for the linear adapter)")
+                        "LLaVA/Qilin release layout (also for the linear adapter); peft: the LoRA "
+                        "adapters (+ the projector as modules_to_save) of a LoRA checkpoint or run, "
+                        "for peft.PeftModel.from_pretrained on LlavaForConditionalGeneration")
     t.add_argument("--tokenizer", help="dir with tokenizer files to copy (default: src/tokenizer/)")
     t.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="output dtype (default: as stored)")
@@ -39,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--no-vision", action="store_true",
                    help="llava format: leave the vision tower out (LLaVA loads it from mm_vision_tower)")
     t.add_argument("--overwrite", action="store_true", help="replace a non-empty --dst")
+
+    m = sub.add_parser("merge-lora", help="LoRA checkpoint or run folder -> plain checkpoint "
+                                          "with the adapters folded into the LLM")
+    m.add_argument("--src", required=True, help="qilin-jax checkpoint dir or run folder (its last stage)")
+    m.add_argument("--dst", required=True, help="output dir")
+    m.add_argument("--overwrite", action="store_true", help="replace a non-empty --dst")
 
     i = sub.add_parser("inspect", help="say what a PyTorch checkpoint holds")
     i.add_argument("--src", required=True)
@@ -52,7 +62,14 @@ def main(argv=None) -> int:
         if args.cmd == "to-jax":
             from converters.to_jax import to_jax
             to_jax(args.src, args.dst, vision=args.vision, projector=args.projector,
-                   dtype=args.dtype, preset=args.preset, seed=args.seed, overwrite=args.overwrite)
+                   dtype=args.dtype, preset=args.preset, seed=args.seed, overwrite=args.overwrite,
+                   lora=args.lora)
+        elif args.cmd == "merge-lora":
+            from converters.peft import merge_lora
+            merge_lora(args.src, args.dst, overwrite=args.overwrite)
+        elif args.cmd == "to-torch" and args.format == "peft":
+            from converters.peft import export_peft
+            export_peft(args.src, args.dst, overwrite=args.overwrite)
         elif args.cmd == "to-torch":
             from converters.to_torch import to_torch
             to_torch(args.src, args.dst, format=args.format, tokenizer=args.tokenizer,

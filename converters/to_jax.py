@@ -155,8 +155,10 @@ def convert_tensor(info, path, layer, kind, writer, out_dt) -> int:
 
 
 def to_jax(src, dst, *, vision=None, projector=None, dtype: str = "float32",
-           preset: str | None = None, seed: int = 0, overwrite: bool = False, log=print) -> dict:
-    """Convert PyTorch checkpoint(s) into a qilin-jax checkpoint dir; returns a report dict."""
+           preset: str | None = None, seed: int = 0, overwrite: bool = False, log=print,
+           lora: str | None = None) -> dict:
+    """Convert PyTorch checkpoint(s) into a qilin-jax checkpoint dir; returns a report dict.
+    `lora`: a PEFT LoRA adapter dir stored with the weights (and its projector, if it has one)."""
     from qilin_jax.checkpoint import PARAMS_ITEM, staged_dir, write_config
     from qilin_jax.models import model_preset
 
@@ -204,6 +206,23 @@ def to_jax(src, dst, *, vision=None, projector=None, dtype: str = "float32",
         by_key = {i.key: i for i in s.infos}
         plans.append((s, [(by_key[k], path, layer, kind) for k, path, layer, kind in plan]))
 
+    lora_arrays, lora_adapter = {}, {}
+    if lora:
+        from converters.peft import read_peft
+
+        lora_arrays, lora_adapter, _ = read_peft(lora, cfg.text.num_hidden_layers)
+        lora_arrays = {"llm/layers/" + k: v for k, v in lora_arrays.items()}
+        for path, v in lora_arrays.items():
+            if path.endswith(("_lora_a", "_lora_b")):
+                base = expected_shapes(cfg)[path[:-7]]
+                dims = (base[0], base[1]) if path.endswith("_lora_a") else (base[0], base[2])
+                got = (v.shape[0], v.shape[1]) if path.endswith("_lora_a") else (v.shape[0], v.shape[2])
+                if got != dims:
+                    raise ConversionError(f"{lora}: {path} has shape {v.shape}, which does not fit "
+                                          f"{path[:-7]} {base} of the model")
+        if lora_adapter:
+            notices.append(f"{lora}: the projector (modules_to_save) replaces the adapter of the base")
+
     for n in notices:
         log(f"notice: {n}")
 
@@ -219,9 +238,14 @@ def to_jax(src, dst, *, vision=None, projector=None, dtype: str = "float32",
             for info, path, layer, kind in plan:
                 bytes_read += convert_tensor(info, path, layer, kind, writer, out_dt)
                 n_read += 1
-        if "adapter" not in parts:
+        if "adapter" not in parts and not lora_adapter:
             for path, arr in random_adapter(cfg, seed).items():
                 writer.write(path, arr)
+        for name, arr in lora_adapter.items():
+            writer.write("adapter/" + name, arr)
+        for path, arr in lora_arrays.items():
+            writer.create(path, arr.shape, out_dt, stacked=True)
+            writer.write(path, arr)
         writer.close()
         write_config(cfg, tmp)
         copied = _copy_tokenizer([main.path] + ([vision] if vision else []), tmp)

@@ -202,6 +202,10 @@ def to_torch(src, dst, *, format: str = "hf-llava", tokenizer=None, dtype: str |
     reader = ParamReader(item, prefix, suffix)
     key_fmt = FORMATS[format]
     plan = _plan(cfg, key_fmt, include_vision)
+    if any(n.endswith("_lora_a") for n in reader.names):
+        raise ConversionError(f"{item}: the checkpoint carries LoRA adapters, which a {format} "
+                              "checkpoint cannot hold: fold them in first (python -m converters "
+                              "merge-lora) or export them with --format peft")
     missing = sorted({p for _, p, _, _ in plan if p not in reader.names})
     if missing:
         raise ConversionError(f"{item}: parameter(s) {', '.join(missing)} missing from the checkpoint")

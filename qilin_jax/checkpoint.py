@@ -239,7 +239,7 @@ def _unnest(prefix: tuple, tree):
     return tree
 
 
-def load_pretrained(ckpt_dir, *, dtype=None, mesh=None, rules=None, config=None):
+def load_pretrained(ckpt_dir, *, dtype=None, mesh=None, rules=None, config=None, quantize=None):
     """A QilinMedVL with the weights of a checkpoint directory (config read from it).
 
     dtype: parameter dtype in memory (default float32, the model's master dtype; bfloat16
@@ -247,6 +247,9 @@ def load_pretrained(ckpt_dir, *, dtype=None, mesh=None, rules=None, config=None)
     of `qilin_jax.sharding.state_shardings` (each process reads only its own shards);
     without a mesh everything lands on the first local device. config: overrides the
     checkpoint's config (e.g. to change the compute dtype or attention implementation).
+    quantize: "int8" | "int4" | "nf4": the LLM's matrices quantized after loading
+    (models/quant.py; without a mesh the float weights are read into host memory, never onto
+    the accelerator). A checkpoint saved quantized, or with LoRA adapters, loads as such.
     """
     import jax
     import jax.numpy as jnp
@@ -260,17 +263,28 @@ def load_pretrained(ckpt_dir, *, dtype=None, mesh=None, rules=None, config=None)
     if not ckpt_dir.is_dir():
         raise CheckpointError(f"{ckpt_dir}: no such checkpoint directory")
     cfg = config if config is not None else read_config(ckpt_dir)
-    item_dir, prefix, suffix = find_params_item(ckpt_dir)
     pdt = jnp.dtype(dtype if dtype is not None else jnp.float32)
 
-    abstract = nnx.eval_shape(lambda: QilinMedVL(cfg, rngs=nnx.Rngs(0)))
+    item_dir, prefix, suffix = find_params_item(ckpt_dir)
+    stored = orbax_array_shapes(item_dir)
+    have = {k[len(prefix): len(k) - len(suffix)]: v for k, v in stored.items()
+            if k[: len(prefix)] == prefix and len(k) > len(prefix) and k[len(prefix)] in PARTS}
+    # LoRA adapters stored with the weights (a LoRA training stage's output) are part of the model.
+    # So are quantized matrices (a checkpoint saved after `quantize`).
+    from qilin_jax.models import lora as lora_mod
+    from qilin_jax.models import quant
+
+    layer_shapes = {k[2]: v for k, v in have.items() if len(k) == 3 and k[:2] == ("llm", "layers")}
+    abstract = nnx.eval_shape(lambda: lora_mod.attach_like(
+        quant.attach_like(QilinMedVL(cfg, rngs=nnx.Rngs(0)), layer_shapes), layer_shapes))
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     if mesh is not None:
         from qilin_jax.sharding import DEFAULT_RULES, state_shardings
 
         shardings = state_shardings(params, mesh, rules or DEFAULT_RULES).to_pure_dict()
     else:
-        one = SingleDeviceSharding(jax.local_devices()[0])
+        device = jax.local_devices()[0]
+        one = SingleDeviceSharding(jax.devices("cpu")[0] if quantize else device)
         shardings = jax.tree.map(lambda _: one, params.to_pure_dict())
     shapes = params.to_pure_dict()
 
@@ -278,9 +292,6 @@ def load_pretrained(ckpt_dir, *, dtype=None, mesh=None, rules=None, config=None)
     # Orbax would silently pad or truncate an array restored to another global shape).
     want = {tuple(str(p.key) for p in path): tuple(x.shape)
             for path, x in jax.tree_util.tree_leaves_with_path(shapes)}
-    stored = orbax_array_shapes(item_dir)
-    have = {k[len(prefix): len(k) - len(suffix)]: v for k, v in stored.items()
-            if k[: len(prefix)] == prefix and len(k) > len(prefix) and k[len(prefix)] in PARTS}
     missing = sorted("/".join(k) for k in set(want) - set(have))
     extra = sorted("/".join(k) for k in set(have) - set(want))
     if missing or extra:
@@ -295,11 +306,12 @@ def load_pretrained(ckpt_dir, *, dtype=None, mesh=None, rules=None, config=None)
         raise CheckpointError(f"{item_dir}: {len(bad)} parameter shape(s) do not fit the config "
                               f"({_config_source(ckpt_dir, config)}): " + "; ".join(bad[:4]))
 
-    def leaf(sds, sh):
-        t = jax.ShapeDtypeStruct(sds.shape, pdt, sharding=sh)
+    def leaf(path, sds, sh):  # quantized codes keep their integer type, their scales float32
+        keep = sds.dtype != jnp.float32 or str(path[-1].key).endswith(quant.SCALE)
+        t = jax.ShapeDtypeStruct(sds.shape, sds.dtype if keep else pdt, sharding=sh)
         return {"value": t} if suffix else t
 
-    target = jax.tree.map(leaf, shapes, shardings)
+    target = jax.tree_util.tree_map_with_path(leaf, shapes, shardings)
     restore_args = jax.tree.map(
         lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, dtype=t.dtype, global_shape=t.shape),
         target)
@@ -316,4 +328,17 @@ def load_pretrained(ckpt_dir, *, dtype=None, mesh=None, rules=None, config=None)
         restored = jax.tree.map(lambda d: d["value"], restored,
                                 is_leaf=lambda d: isinstance(d, dict) and set(d) == {"value"})
     nnx.replace_by_pure_dict(params, restored)
-    return nnx.merge(graphdef, params, rest)
+    model = nnx.merge(graphdef, params, rest)
+    if quantize and quantize != quant.model_kind(model):
+        if quant.model_kind(model) is not None:
+            raise CheckpointError(f"{ckpt_dir}: stored quantized as {quant.model_kind(model)}; "
+                                  f"it cannot be re-quantized as {quantize}")
+        quant.quantize_model(model, quantize)
+        state = nnx.state(model)
+        if mesh is not None:
+            from qilin_jax.sharding import DEFAULT_RULES, state_shardings
+
+            nnx.update(model, jax.device_put(state, state_shardings(state, mesh, rules or DEFAULT_RULES)))
+        else:
+            nnx.update(model, jax.device_put(state, device))
+    return model

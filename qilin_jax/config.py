@@ -69,6 +69,10 @@ class ModelSection:
     checkpoint: str | None = None
     # A local HF tokenizer directory; `pkg:demo_data/tokenizer` is the demo's, inside the package.
     tokenizer: str = "pkg:demo_data/tokenizer"
+    # Weight-only quantization of the LLM's matrices at load time (models/quant.py): int8,
+    # int4 or nf4; null = as stored. Chat, batch, eval and serve run on it; training stages with
+    # `lora: true` train adapters over it (QLoRA). A checkpoint saved quantized loads as such.
+    quantize: Literal["int8", "int4", "nf4"] | None = None
 
 
 @dataclass
@@ -94,6 +98,9 @@ class StageConfig:
     # Where the weights come from: "previous" (the previous stage's result, or model.* for
     # the first stage) or a checkpoint path whose trainable parts are loaded.
     init_from: str = "previous"
+    # Train LoRA adapters (`train.lora`) on the frozen LLM; `trainable` then lists what trains
+    # in full beside them (e.g. ["adapter/.*"], or [] for the adapters alone).
+    lora: bool = False
 
 
 @dataclass
@@ -128,6 +135,24 @@ class LoggingConfig:
 
 
 @dataclass
+class LoraConfig:
+    """`train.lora:` the adapters of stages with `lora: true` (PEFT's LoRA; models/lora.py).
+    Defaults: LLaVA-1.5's finetune_lora.sh."""
+
+    rank: int = 128
+    alpha: float = 256.0
+    dropout: float = 0.05
+    use_rslora: bool = False  # scaling alpha / sqrt(rank) instead of alpha / rank
+    # Decoder matrices that get an adapter (regexes over q_proj k_proj v_proj o_proj gate_proj
+    # up_proj down_proj): every linear layer of the LLM; never lm_head, the ViT or the adapter.
+    targets: list[str] = field(default_factory=lambda: [".*_proj"])
+    # Learning rate of the stage's `trainable` parameters, trained in full beside the adapters
+    # (LLaVA: the projector at 2e-5 while the adapters take the stage's 2e-4); null = the
+    # stage's learning_rate. Both follow the stage's schedule.
+    trainable_learning_rate: float | None = None
+
+
+@dataclass
 class TrainConfig:
     """`train:` run-wide training behaviour."""
 
@@ -140,6 +165,7 @@ class TrainConfig:
     # v1) once per batch instead of once per row; exact (train.shared_prefix.split_shared_prefix).
     # Pays off for short rows on CPU; the rows' attention is then the XLA one, not flash.
     shared_prefix: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -327,8 +353,11 @@ def validate(cfg: RunConfig) -> RunConfig:
     stages = [parse_dataclass(StageConfig, s, f"stages.{i}") if isinstance(s, dict) else s
               for i, s in enumerate(cfg.stages)]
     for i, st in enumerate(stages):
-        if not st.trainable:
+        if not st.trainable and not st.lora:
             raise ConfigError(f"stages.{i}.trainable: a stage must train something")
+        if st.lora and any(t.startswith("llm") for t in st.trainable):
+            raise ConfigError(f"stages.{i}: a LoRA stage keeps the LLM frozen; remove the llm "
+                              f"patterns from trainable {st.trainable}")
         if st.learning_rate <= 0:
             raise ConfigError(f"stages.{i}.learning_rate must be > 0")
         if not 0 <= st.warmup_ratio < 1:
@@ -354,6 +383,19 @@ def validate(cfg: RunConfig) -> RunConfig:
                           f"(steps of each stage, 1-based), got {ps!r}")
     if isinstance(cfg.distributed.enabled, bool):  # YAML reads a bare on/off as a boolean
         cfg.distributed.enabled = "on" if cfg.distributed.enabled else "off"
+    lc = cfg.train.lora
+    if lc.rank < 1 or lc.alpha <= 0 or not 0 <= lc.dropout < 1 or not lc.targets:
+        raise ConfigError(f"train.lora: need rank >= 1, alpha > 0, 0 <= dropout < 1 and targets, "
+                          f"got rank={lc.rank} alpha={lc.alpha} dropout={lc.dropout} targets={lc.targets}")
+    if lc.trainable_learning_rate is not None and lc.trainable_learning_rate <= 0:
+        raise ConfigError("train.lora.trainable_learning_rate must be > 0 (or null)")
+    if any(st.lora for st in stages):
+        from qilin_jax.models.lora import resolve_targets
+
+        try:
+            resolve_targets(lc.targets)
+        except ValueError as e:
+            raise ConfigError(f"train.lora.targets: {e}") from None
     if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
         raise ConfigError("mesh: at most one of data/fsdp/tensor may be -1 (the rest of the devices)")
     for axis in ("data", "fsdp", "tensor"):

@@ -22,7 +22,8 @@ def trained_checkpoint(cfg: RunConfig) -> str | None:
 
 def load_model(cfg: RunConfig, checkpoint: str | None = None, *, tensor_parallel: int = 1):
     """The model to evaluate/chat with: a checkpoint (in the config's compute dtype, straight onto
-    the inference mesh, never whole in float32 on one device), or the config's random init."""
+    the inference mesh, never whole in float32 on one device), or the config's random init;
+    its LLM matrices quantized when `model.quantize` is set."""
     from flax import nnx
 
     from qilin_jax.infer.sharded import load_for_inference
@@ -31,9 +32,14 @@ def load_model(cfg: RunConfig, checkpoint: str | None = None, *, tensor_parallel
     ckpt = checkpoint or trained_checkpoint(cfg)
     if ckpt:
         dtype = cfg.model.overrides.get("dtype", "float32")
-        return load_for_inference(ckpt, dtype=dtype, tensor_parallel=tensor_parallel)
+        return load_for_inference(ckpt, dtype=dtype, tensor_parallel=tensor_parallel, quantize=cfg.model.quantize)
     log.warning("no checkpoint: using randomly initialised weights")
-    return QilinMedVL(cfg.model_config(), rngs=nnx.Rngs(cfg.seed))
+    model = QilinMedVL(cfg.model_config(), rngs=nnx.Rngs(cfg.seed))
+    if cfg.model.quantize:
+        from qilin_jax.models.quant import quantize_model
+
+        quantize_model(model, cfg.model.quantize)
+    return model
 
 
 def load_tokenizer(cfg: RunConfig):

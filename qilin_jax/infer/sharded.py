@@ -82,9 +82,11 @@ def prepare(model: nnx.Module, tensor_parallel: int = 1):
     return shard_model(model, mesh), mesh
 
 
-def load_for_inference(ckpt_dir, *, dtype: str = "bfloat16", tensor_parallel: int = 1, config=None):
+def load_for_inference(ckpt_dir, *, dtype: str = "bfloat16", tensor_parallel: int = 1, config=None,
+                       quantize: str | None = None):
     """A checkpoint ready for generation: parameters and compute in `dtype`, restored straight onto
-    the inference mesh (tensor_parallel: 1 = one device, -1 = all devices), never whole on one device."""
+    the inference mesh (tensor_parallel: 1 = one device, -1 = all devices), never whole on one device;
+    `quantize` (int8/int4/nf4): the LLM's matrices weight-only quantized (models/quant.py)."""
     import dataclasses
 
     from qilin_jax.checkpoint import load_pretrained, read_config
@@ -92,4 +94,5 @@ def load_for_inference(ckpt_dir, *, dtype: str = "bfloat16", tensor_parallel: in
     cfg = config if config is not None else read_config(ckpt_dir)
     cfg = dataclasses.replace(cfg, dtype=dtype)
     mesh = inference_mesh(tensor_parallel) if tensor_parallel != 1 else None
-    return load_pretrained(ckpt_dir, dtype=dtype, mesh=mesh, rules=INFERENCE_RULES, config=cfg)
+    return load_pretrained(ckpt_dir, dtype=dtype, mesh=mesh, rules=INFERENCE_RULES, config=cfg,
+                           quantize=quantize)

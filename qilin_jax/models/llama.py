@@ -15,6 +15,8 @@ from flax import nnx
 from qilin_jax.models.attention import attention, make_mask, resolve_implementation
 from qilin_jax.models.common import DTYPES, dense, dense_t, param, rms_norm, scan_layers, stacked_values
 from qilin_jax.models.configs import TextConfig
+from qilin_jax.models.lora import lora_delta
+from qilin_jax.models.quant import dense_weight
 from qilin_jax.sharding import constrain
 
 
@@ -91,10 +93,17 @@ MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "dow
 
 def _proj(x, p, name: str, dtype):
     """x times the layer's matrix `name`: stored [in, out] (the model) or [out, in] as
-    `<name>_t` (`layer_list`'s decode copy); which one is known at trace time."""
+    `<name>_t` (`layer_list`'s decode copy) or quantized (`<name>_int8|_int4|_nf4`,
+    models/quant.py); which one is known at trace time. A LoRA adapter on it
+    (`<name>_lora_a/_b`, models/lora.py) is added."""
     if name in p:
-        return dense(x, p[name].astype(dtype))
-    return dense_t(x, p[name + "_t"].astype(dtype))
+        y = dense(x, p[name].astype(dtype))
+    elif name + "_t" in p:
+        y = dense_t(x, p[name + "_t"].astype(dtype))
+    else:  # stored quantized (models/quant.py): dequantized here, one layer at a time
+        y = dense(x, dense_weight(p, name, dtype))
+    delta = lora_delta(x, p, name, dtype)  # None without a LoRA adapter on this matrix
+    return y if delta is None else y + delta
 
 
 def _qkv(p, x, cfg: TextConfig, cos, sin, dtype):

@@ -35,6 +35,7 @@ from qilin_jax.train.distributed import (
     to_global,
 )
 from qilin_jax.train.flops import device_peak_tflops, step_flops
+from qilin_jax.train.lora import prepare_stage as prepare_lora_stage
 from qilin_jax.train.metrics import MetricsWriter, StepProfiler, StepWindow, head_tokens, progress_postfix
 from qilin_jax.train.optim import check_patterns, combine, make_optimizer
 from qilin_jax.train.shared_prefix import stage_shared_prefix
@@ -213,8 +214,9 @@ def run_stage(
         )
 
     check_patterns(params, stage.trainable, f"stages.{stage.name}.trainable")
-    tx, schedule = make_optimizer(stage, total)
-    state, frozen, state_sh, f_sh = init_stage_state(parts, params, stage.trainable, tx, mesh, seed=cfg.seed)
+    parts, params, patterns, lr_scales, lora_dropout = prepare_lora_stage(cfg, stage, parts, params, mesh, rules)
+    tx, schedule = make_optimizer(stage, total, lr_scales)
+    state, frozen, state_sh, f_sh = init_stage_state(parts, params, patterns, tx, mesh, seed=cfg.seed)
 
     ckpt = TrainCheckpointer(
         os.path.join(stage_dir, "checkpoints"), keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
@@ -287,6 +289,7 @@ def run_stage(
                         frozen_shardings=f_sh,
                         batch_shardings=b_sh,
                         packed=bool(data_cfg.packing),
+                        lora_dropout=lora_dropout,
                     ),
                     b_sh,
                 )

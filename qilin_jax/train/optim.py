@@ -73,9 +73,26 @@ def _optax_tree(name: str):
 _safe_increment = getattr(optax, "safe_increment", None) or optax.safe_int32_increment
 
 
+def scale_by_path(updates, lr_scales):
+    """`updates` times the multiplier of the first (regex, multiplier) of `lr_scales` whose
+    regex fully matches the parameter's path (1 where none does)."""
+    rx = [(re.compile(p), float(m)) for p, m in lr_scales]
+
+    def one(path, u):
+        name = path_str(path)
+        m = next((m for r, m in rx if r.fullmatch(name)), 1.0)
+        return u if m == 1.0 else u * jnp.asarray(m, u.dtype)
+
+    return jax.tree_util.tree_map_with_path(one, updates)
+
+
 def guarded_adamw(schedule, *, b1: float, b2: float, eps: float, weight_decay: float,
-                  max_grad_norm: float, eps_root: float = 0.0) -> GuardedAdamW:
-    """`GuardedAdamW` for these hyper-parameters (`max_grad_norm` <= 0: no clipping)."""
+                  max_grad_norm: float, eps_root: float = 0.0, lr_scales=()) -> GuardedAdamW:
+    """`GuardedAdamW` for these hyper-parameters (`max_grad_norm` <= 0: no clipping).
+
+    lr_scales: (path regex, multiplier) pairs: those parameters' learning rate is the schedule's
+    times the multiplier (torch param groups with their own lr under one LambdaLR; clipping is
+    over all parameters together, as in HF Trainer). `reference` ignores them."""
     clip = optax.clip_by_global_norm(max_grad_norm) if max_grad_norm and max_grad_norm > 0 else None
     adamw = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, eps_root=eps_root, weight_decay=weight_decay)
     reference = optax.chain(clip, adamw) if clip is not None else optax.chain(adamw)
@@ -97,6 +114,8 @@ def guarded_adamw(schedule, *, b1: float, b2: float, eps: float, weight_decay: f
         if weight_decay:
             updates = jax.tree.map(lambda g, p: g + weight_decay * p, updates, params)
         step_size = -1 * schedule(sched.count)
+        if lr_scales:
+            updates = scale_by_path(updates, lr_scales)
         updates = jax.tree.map(
             lambda g: jnp.where(finite, jnp.array(step_size, dtype=g.dtype) * g, jnp.zeros_like(g)),
             updates)
@@ -108,15 +127,17 @@ def guarded_adamw(schedule, *, b1: float, b2: float, eps: float, weight_decay: f
     return GuardedAdamW(reference.init, update, reference)
 
 
-def make_optimizer(stage, total_steps: int) -> tuple[GuardedAdamW, callable]:
+def make_optimizer(stage, total_steps: int, lr_scales=()) -> tuple[GuardedAdamW, callable]:
     """AdamW + global-norm clipping with the stage's schedule; returns (tx, schedule).
+    `lr_scales`: per-path learning-rate multipliers (`guarded_adamw`).
 
     `tx` is a `GuardedAdamW`: optax's `clip_by_global_norm -> adamw` in state and numbers, with
     the train step's non-finite guard folded into the update (`tx.reference` is the plain chain).
     """
     schedule = warmup_cosine(stage.learning_rate, total_steps, stage.warmup_ratio, stage.min_lr_ratio)
     tx = guarded_adamw(schedule, b1=stage.b1, b2=stage.b2, eps=stage.eps,
-                       weight_decay=stage.weight_decay, max_grad_norm=stage.max_grad_norm)
+                       weight_decay=stage.weight_decay, max_grad_norm=stage.max_grad_norm,
+                       lr_scales=tuple(lr_scales))
     return tx, schedule
 
 

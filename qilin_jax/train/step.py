@@ -19,6 +19,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from qilin_jax.models.lora import dropout_scope
 from qilin_jax.train.optim import GuardedAdamW, combine, keep_where
 
 BATCH_KEYS = ("input_ids", "labels", "attention_mask", "segment_ids", "position_ids",
@@ -39,12 +40,14 @@ def init_state(trainable, tx, seed: int = 0) -> TrainState:
     return TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable), jax.random.PRNGKey(seed))
 
 
-def loss_terms(graphdef, trainable, frozen, micro, *, packed: bool):
-    """(sum of token losses, supervised token count) of one micro-batch."""
+def loss_terms(graphdef, trainable, frozen, micro, *, packed: bool, rng=None, lora_dropout: float = 0.0):
+    """(sum of token losses, supervised token count) of one micro-batch (LoRA inputs dropped
+    with probability `lora_dropout`, masks drawn from `rng`)."""
     model = nnx.merge(graphdef, combine(trainable, frozen))
-    out = model(micro["input_ids"], micro.get("pixel_values"), labels=micro["labels"],
-                segment_ids=micro["segment_ids"], position_ids=micro.get("position_ids"),
-                packed=packed, return_logits=False, prefix_ids=micro.get("prefix_ids"))
+    with dropout_scope(rng, lora_dropout):
+        out = model(micro["input_ids"], micro.get("pixel_values"), labels=micro["labels"],
+                    segment_ids=micro["segment_ids"], position_ids=micro.get("position_ids"),
+                    packed=packed, return_logits=False, prefix_ids=micro.get("prefix_ids"))
     n = out.num_tokens.astype(jnp.float32)
     return out.loss * n, n
 
@@ -65,18 +68,25 @@ def apply_gradients(tx, params, opt_state, grads, loss):
     return keep_where(finite, optax.apply_updates(params, updates), params), new_opt, grad_norm, finite
 
 
-def train_step(graphdef, tx, schedule, state: TrainState, frozen, batch, *, packed: bool = False):
+def train_step(graphdef, tx, schedule, state: TrainState, frozen, batch, *, packed: bool = False,
+               lora_dropout: float = 0.0):
     """One optimizer update over a batch with a leading micro-batch axis [accum, batch, ...]."""
-    grad_fn = jax.value_and_grad(functools.partial(loss_terms, graphdef, packed=packed), has_aux=True)
+    drop = {"lora_dropout": lora_dropout} if lora_dropout else {}
+    grad_fn = jax.value_and_grad(functools.partial(loss_terms, graphdef, packed=packed, **drop),
+                                 has_aux=True)
+    accum = jax.tree.leaves(batch)[0].shape[0]
 
-    def micro_step(carry, micro):
+    def micro_step(carry, xs):
         g_acc, l_acc, n_acc = carry
-        (lsum, n), g = grad_fn(state.trainable, frozen, micro)
+        micro, i = xs
+        rng = {"rng": jax.random.fold_in(state.rng, i)} if drop else {}  # LoRA dropout masks
+        (lsum, n), g = grad_fn(state.trainable, frozen, micro, **rng)
         g_acc = jax.tree.map(jnp.add, g_acc, g)
         return (g_acc, l_acc + lsum, n_acc + n), None
 
     zeros = jax.tree.map(jnp.zeros_like, state.trainable)
-    (grads, lsum, n), _ = jax.lax.scan(micro_step, (zeros, jnp.zeros(()), jnp.zeros(())), batch)
+    (grads, lsum, n), _ = jax.lax.scan(micro_step, (zeros, jnp.zeros(()), jnp.zeros(())),
+                                       (batch, jnp.arange(accum, dtype=jnp.int32)))
     n = jnp.maximum(n, 1.0)
     grads = jax.tree.map(lambda g: g / n, grads)
     loss = lsum / n
@@ -90,9 +100,9 @@ def train_step(graphdef, tx, schedule, state: TrainState, frozen, batch, *, pack
 
 
 def compile_train_step(graphdef, tx, schedule, *, state_shardings=None, frozen_shardings=None,
-                       batch_shardings=None, packed: bool = False):
+                       batch_shardings=None, packed: bool = False, lora_dropout: float = 0.0):
     """jax.jit of train_step with explicit in/out shardings (when given) and donated state."""
-    fn = functools.partial(train_step, graphdef, tx, schedule, packed=packed)
+    fn = functools.partial(train_step, graphdef, tx, schedule, packed=packed, lora_dropout=lora_dropout)
     if state_shardings is None:
         return jax.jit(fn, donate_argnums=(0,))
     metric_sh = jax.sharding.NamedSharding(jax.tree.leaves(state_shardings)[0].mesh,
