@@ -390,6 +390,12 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"train.shared_prefix must be true or false, got {cfg.train.shared_prefix!r}")
     if cfg.model.quantize not in (None, "int8", "int4", "nf4"):
         raise ConfigError(f"model.quantize must be int8, int4, nf4 or null, got {cfg.model.quantize!r}")
+    if cfg.model.quantize and "train" in cfg.tasks:
+        for i, st in enumerate(stages):
+            if any(t.startswith("llm") for t in st.trainable):
+                raise ConfigError(f"stages.{i}.trainable {st.trainable}: a quantized LLM "
+                                  f"(model.quantize={cfg.model.quantize}) cannot train in full; "
+                                  "train LoRA adapters over it (lora: true) or drop model.quantize")
     lc = cfg.train.lora
     if lc.rank < 1 or lc.alpha <= 0 or not 0 <= lc.dropout < 1 or not lc.targets:
         raise ConfigError(f"train.lora: need rank >= 1, alpha > 0, 0 <= dropout < 1 and targets, "
