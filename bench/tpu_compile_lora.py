@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile only: no chip is opened
 
-from bench import tpu_compile as T  # noqa: E402
+from bench import tpu_compile as T
 
 GB = T.GB
 # name: (topology, chips used, HBM bytes per chip); "-1": one chip of the topology.
@@ -96,7 +96,8 @@ def compile_decode(target: str, kind: str, *, batch: int, slots: int) -> dict:
     import jax
     import jax.numpy as jnp
     from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from qilin_jax import sharding as S
     from qilin_jax.infer.sharded import INFERENCE_RULES
@@ -182,7 +183,7 @@ def compile_lora_step(target: str, kind: str | None, *, rank: int, seq: int, row
     rows = rows_per_chip * n
     accum = max(1, GLOBAL_BATCH // rows)
     S_ = cfg.vision.image_size
-    i32 = lambda: jax.ShapeDtypeStruct((accum, rows, seq), jnp.int32)  # noqa: E731
+    i32 = lambda: jax.ShapeDtypeStruct((accum, rows, seq), jnp.int32)
     batch = {"input_ids": i32(), "labels": i32(), "segment_ids": i32(), "position_ids": i32(),
              "pixel_values": jax.ShapeDtypeStruct((accum, rows, 1, 3, S_, S_), jnp.float32)}
     b_sh = L.batch_shardings(mesh, rules, batch)
@@ -242,7 +243,7 @@ def main(argv=None) -> None:
     print("program  target  quantize  per-chip GB / HBM  fits")
     for r in rows:
         total = r.get("total_gb", r.get("temp_gb_required"))
-        print(f"{r['program']:7s} {r['target']:7s} {str(r.get('quantize', 'bf16')):8s} "
+        print(f"{r['program']:7s} {r['target']:7s} {r.get('quantize', 'bf16')!s:8s} "
               f"{total if total is not None else '-'} / {r.get('hbm_gb')}  {r.get('fits')}")
 
 

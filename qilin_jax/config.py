@@ -383,6 +383,12 @@ def validate(cfg: RunConfig) -> RunConfig:
                           f"(steps of each stage, 1-based), got {ps!r}")
     if isinstance(cfg.distributed.enabled, bool):  # YAML reads a bare on/off as a boolean
         cfg.distributed.enabled = "on" if cfg.distributed.enabled else "off"
+    if cfg.model.quantize and "train" in cfg.tasks:
+        for i, st in enumerate(stages):
+            if any(t.startswith("llm") for t in st.trainable):
+                raise ConfigError(f"stages.{i}.trainable {st.trainable}: a quantized LLM "
+                                  f"(model.quantize={cfg.model.quantize}) cannot train in full; "
+                                  "train LoRA adapters over it (lora: true) or drop model.quantize")
     lc = cfg.train.lora
     if lc.rank < 1 or lc.alpha <= 0 or not 0 <= lc.dropout < 1 or not lc.targets:
         raise ConfigError(f"train.lora: need rank >= 1, alpha > 0, 0 <= dropout < 1 and targets, "

@@ -94,8 +94,11 @@ def test_config_contract(tmp_path, tmp_path_factory):
     assert cfg.train.lora.rank == 16 and cfg.train.lora.alpha == 32.0 and cfg.stages[1].lora
     assert L.resolve_targets(cfg.train.lora.targets) == ["q_proj", "v_proj"]
     assert load_config(path, ["stages.1.trainable=[]"]).stages[1].trainable == []  # adapters alone
+    assert load_config(path, ["model.quantize=nf4"]).model.quantize == "nf4"  # QLoRA
     for bad, msg in ((["train.lora.rank=0"], "rank"), (["train.lora.targets=[qproj]"], "qproj"),
                      (["stages.1.trainable=[llm/.*]"], "keeps the LLM frozen"),
-                     (["stages.0.trainable=[]"], "must train something")):
+                     (["stages.0.trainable=[]"], "must train something"),
+                     (["model.quantize=nf4", "stages.0.trainable=[llm/.*]"], "cannot train in full"),
+                     (["model.quantize=int3"], "model.quantize")):
         with pytest.raises(ConfigError, match=msg):
             load_config(path, bad)

@@ -221,7 +221,7 @@ def test_qlora_holds_the_frozen_base_in_the_compute_dtype():
     run.model.quantize = "nf4"
     run.train.lora = LoraConfig(rank=2, alpha=4.0)
     st = StageConfig(name="s", trainable=["adapter/.*"], lora=True)
-    parts2, p2, patterns, _, _ = prepare_stage(run, st, parts, params, mesh, S.DEFAULT_RULES)
+    parts2, p2, _, _, _ = prepare_stage(run, st, parts, params, mesh, S.DEFAULT_RULES)
     lay = p2["llm"]["layers"]
     assert lay["q_proj_nf4"].dtype == jnp.uint8 and lay["q_proj_qscale"].dtype == jnp.float32
     assert lay["q_proj_lora_a"].dtype == jnp.float32 and p2["adapter"]["linear_1"].dtype == jnp.float32
