@@ -5,6 +5,7 @@ data), train (every stage of `stages:`), eval, chat, batch, report (the demo's r
 loss plot). The last line printed is `run folder: <path>`. The same entry point is installed
 as the `qilin-jax` command and `python -m qilin_jax` (qilin_jax/cli.py).
 """
+
 from __future__ import annotations
 
 import sys

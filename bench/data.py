@@ -34,9 +34,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from PIL import Image  # noqa: E402
-
 import grain  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from qilin_jax.data.config import DataConfig  # noqa: E402
 from qilin_jax.data.grain_ops import Batches, FilterSkips, Rows  # noqa: E402
@@ -73,7 +72,7 @@ class TextMaker:
 
     def __call__(self, rng, n):
         start = int(rng.integers(0, len(self.ids) - n - 1))
-        return self.tok.decode(self.ids[start:start + n]).replace("<image>", "")
+        return self.tok.decode(self.ids[start : start + n]).replace("<image>", "")
 
 
 def make_dataset(root: Path, n: int, tok, seed: int = 0):
@@ -97,14 +96,16 @@ def make_dataset(root: Path, n: int, tok, seed: int = 0):
             name = f"PMC{i:06d}_Fig{k + 1}_{i}.jpg"
             Image.fromarray(arr.astype(np.uint8)).save(img_dir / name, "JPEG", quality=90)
             names.append(name)
-        rows.append({
-            "id": f"bench{i}",
-            "image": names if n_img > 1 else names[0],
-            "conversations": [
-                {"from": "human", "value": "<image>\n" + text(rng, int(q[i]))},
-                {"from": "gpt", "value": text(rng, int(a[i]))},
-            ],
-        })
+        rows.append(
+            {
+                "id": f"bench{i}",
+                "image": names if n_img > 1 else names[0],
+                "conversations": [
+                    {"from": "human", "value": "<image>\n" + text(rng, int(q[i]))},
+                    {"from": "gpt", "value": text(rng, int(a[i]))},
+                ],
+            }
+        )
         classes.append("336" if (w, h) == (336, 336) and n_img == 1 else "large")
     path = root / "instruction.json"
     path.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
@@ -113,9 +114,18 @@ def make_dataset(root: Path, n: int, tok, seed: int = 0):
 
 def throughput(path, img_dir, tok, workers: int, epochs: int = 2):
     """Returns (samples/s per core, seconds, samples) for the full loader path."""
-    cfg = DataConfig(paths=[path], image_folder=img_dir, template="v1", image_mode="pad",
-                       batch_size=8, num_epochs=epochs, worker_count=workers, read_threads=0,
-                       prefetch_buffer=0, drop_remainder=False)
+    cfg = DataConfig(
+        paths=[path],
+        image_folder=img_dir,
+        template="v1",
+        image_mode="pad",
+        batch_size=8,
+        num_epochs=epochs,
+        worker_count=workers,
+        read_threads=0,
+        prefetch_buffer=0,
+        drop_remainder=False,
+    )
     loader = make_loader(cfg, tok, process_index=0, process_count=1)
     next(loader)  # warm-up: first batch (worker start-up, caches) not timed
     done0 = loader.stats()["samples"]
@@ -130,8 +140,7 @@ def throughput(path, img_dir, tok, workers: int, epochs: int = 2):
 
 def per_sample_ms(path, img_dir, tok, classes, draft=None):
     """Returns mean ms per sample for SampleProcessor alone, by image size class."""
-    cfg = DataConfig(paths=[path], image_folder=img_dir, template="v1", image_mode="pad",
-                       jpeg_draft_size=draft)
+    cfg = DataConfig(paths=[path], image_folder=img_dir, template="v1", image_mode="pad", jpeg_draft_size=draft)
     from qilin_jax.data.sources import open_source
 
     src = open_source("llava_json", [path], img_dir)
@@ -147,15 +156,18 @@ def per_sample_ms(path, img_dir, tok, classes, draft=None):
 def padding(lengths, cfg: DataConfig) -> float:
     """Returns the loader's padding fraction for these sample lengths (1 image each)."""
     elements = [
-        {"input_ids": np.zeros(int(n), np.int32), "labels": np.zeros(int(n), np.int32),
-         "pixel_values": np.zeros((1, 3, 1, 1), np.float32), "epoch": 0}
+        {
+            "input_ids": np.zeros(int(n), np.int32),
+            "labels": np.zeros(int(n), np.int32),
+            "pixel_values": np.zeros((1, 3, 1, 1), np.float32),
+            "epoch": 0,
+        }
         for n in lengths
     ]
     slots = cfg.image_slots()
     it = grain.MapDataset.source(elements).to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     rows = Rows(FilterSkips(it), cfg.packing, cfg.row_length(), slots, cfg.pack_buffer)
-    collate = Collate(cfg.batch_size, cfg.seq_buckets, slots, 1,
-                        fixed_length=cfg.pack_length if cfg.packing else None)
+    collate = Collate(cfg.batch_size, cfg.seq_buckets, slots, 1, fixed_length=cfg.pack_length if cfg.packing else None)
     batches = Batches(rows, collate, cfg.batch_size, True)
     for _ in batches:
         pass

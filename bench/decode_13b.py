@@ -35,6 +35,7 @@ Prints one JSON line (contract keys: decode_tokens_per_s_b<B>, torch_decode_toke
 decode_fraction_of_roofline_b<B> for each batch B; every figure under "batches") and a
 one-line summary. `--partial PATH` rewrites PATH with the figures so far after each batch.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,8 +84,9 @@ def init_value(name: str) -> float | None:
 def _leaf_name(path) -> str:
     """The parameter's attribute name from a state pytree path (dict keys or attribute names;
     flax versions differ in what they add after it: `.value`, an index)."""
-    names = [n for n in (getattr(k, "key", getattr(k, "name", None)) for k in path)
-             if isinstance(n, str) and n != "value"]
+    names = [
+        n for n in (getattr(k, "key", getattr(k, "name", None)) for k in path) if isinstance(n, str) and n != "value"
+    ]
     return names[-1]
 
 
@@ -120,8 +122,10 @@ def init_on_device(cfg, seed: int = 0):
 
     leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
     keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-    values = [make(keys[i], shape=tuple(leaf.shape), fill=init_value(_leaf_name(path)))
-              for i, (path, leaf) in enumerate(leaves)]
+    values = [
+        make(keys[i], shape=tuple(leaf.shape), fill=init_value(_leaf_name(path)))
+        for i, (path, leaf) in enumerate(leaves)
+    ]
     state = jax.tree_util.tree_unflatten(treedef, values)
     jax.block_until_ready(state)
     return nnx.merge(graphdef, state)
@@ -206,9 +210,21 @@ class Ours:
 
     def __call__(self, n: int) -> np.ndarray:
         jnp, G = self.jax.numpy, self.G
-        out = G._generate_jit(self.graphdef, self.state, *self.args, None, jnp.int32(n), jnp.int32(-1),
-                              jnp.int32(self.pad), self.jax.random.PRNGKey(0), self.layers, slots=self.slots,
-                              max_tokens=self.max_tokens, sampling=G.SamplingConfig(), unstack=self.unstack)
+        out = G._generate_jit(
+            self.graphdef,
+            self.state,
+            *self.args,
+            None,
+            jnp.int32(n),
+            jnp.int32(-1),
+            jnp.int32(self.pad),
+            self.jax.random.PRNGKey(0),
+            self.layers,
+            slots=self.slots,
+            max_tokens=self.max_tokens,
+            sampling=G.SamplingConfig(),
+            unstack=self.unstack,
+        )
         return np.asarray(out)[:, :n]
 
 
@@ -225,11 +241,17 @@ class Theirs:
     def __call__(self, n: int) -> np.ndarray:
         torch = self.torch
         with torch.inference_mode():
-            out = self.model.generate(input_ids=self.ids, attention_mask=self.mask, max_new_tokens=n,
-                                      min_new_tokens=n, do_sample=False, pad_token_id=0)
+            out = self.model.generate(
+                input_ids=self.ids,
+                attention_mask=self.mask,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
+            )
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
-        return out[:, self.ids.shape[1]:].cpu().numpy()
+        return out[:, self.ids.shape[1] :].cpu().numpy()
 
 
 def measure(fn, batch: int, prompt: int, new_tokens: int, repeats: int, min_seconds: float = 1.0) -> dict:
@@ -245,11 +267,17 @@ def measure(fn, batch: int, prompt: int, new_tokens: int, repeats: int, min_seco
     t1 = _best_time(lambda: fn(1), repeats, min_seconds)
     tn = _best_time(lambda: fn(new_tokens), repeats, min_seconds)
     if tn <= t1:  # noise larger than N - 1 decode steps: no decode speed can be read from it
-        raise RuntimeError(f"generating {new_tokens} tokens ({tn:.4g} s) was not slower than 1 ({t1:.4g} s): "
-                           f"raise --repeats / --min-seconds or --new-tokens")
-    return {"prefill_s": round(t1, 5), "generate_s": round(tn, 5), "warmup_s": round(warmup, 3),
-            "prefill_tokens_per_s": batch * prompt / t1,
-            "decode_tokens_per_s": batch * (new_tokens - 1) / (tn - t1)}
+        raise RuntimeError(
+            f"generating {new_tokens} tokens ({tn:.4g} s) was not slower than 1 ({t1:.4g} s): "
+            f"raise --repeats / --min-seconds or --new-tokens"
+        )
+    return {
+        "prefill_s": round(t1, 5),
+        "generate_s": round(tn, 5),
+        "warmup_s": round(warmup, 3),
+        "prefill_tokens_per_s": batch * prompt / t1,
+        "decode_tokens_per_s": batch * (new_tokens - 1) / (tn - t1),
+    }
 
 
 def main(argv=None) -> dict:
@@ -259,12 +287,20 @@ def main(argv=None) -> dict:
     ap.add_argument("--prompt-tokens", type=int, default=None, help="per row (default 128; tiny 16)")
     ap.add_argument("--new-tokens", type=int, default=None, help="(default 128; tiny 16)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--min-seconds", type=float, default=1.0,
-                    help="time each figure over at least this many seconds of runs (and --repeats runs)")
+    ap.add_argument(
+        "--min-seconds",
+        type=float,
+        default=1.0,
+        help="time each figure over at least this many seconds of runs (and --repeats runs)",
+    )
     ap.add_argument("--frameworks", default="jax,torch")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    ap.add_argument("--hbm-bytes-per-s", type=float, default=None,
-                    help="roofline bandwidth (default: the spec of a known GPU, measured on CPU)")
+    ap.add_argument(
+        "--hbm-bytes-per-s",
+        type=float,
+        default=None,
+        help="roofline bandwidth (default: the spec of a known GPU, measured on CPU)",
+    )
     ap.add_argument("--bandwidth-mb", type=int, default=256, help="CPU bandwidth measurement size")
     ap.add_argument("--partial", default=None, help="rewrite this file with the figures so far after each batch")
     args = ap.parse_args(argv)
@@ -290,14 +326,34 @@ def main(argv=None) -> dict:
     else:
         bw, bw_source = hbm_bandwidth(dev.device_kind, plat, args.bandwidth_mb)
     t = cfg.text
-    out = {"bench": "decode_13b", "size": args.size, "platform": plat, "device": dev.device_kind,
-           "jax": jax.__version__, "dtype": args.dtype,
-           "text": {k: getattr(t, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                                               "num_key_value_heads", "intermediate_size", "vocab_size")},
-           "llm_params": param_count(cfg)["llm"], "prompt_tokens": prompt, "new_tokens": new_tokens,
-           "repeats": args.repeats, "min_seconds": args.min_seconds,
-           "hbm_bytes_per_s": bw, "hbm_bytes_per_s_source": bw_source,
-           "frameworks": frameworks, "batches": {}}
+    out = {
+        "bench": "decode_13b",
+        "size": args.size,
+        "platform": plat,
+        "device": dev.device_kind,
+        "jax": jax.__version__,
+        "dtype": args.dtype,
+        "text": {
+            k: getattr(t, k)
+            for k in (
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "intermediate_size",
+                "vocab_size",
+            )
+        },
+        "llm_params": param_count(cfg)["llm"],
+        "prompt_tokens": prompt,
+        "new_tokens": new_tokens,
+        "repeats": args.repeats,
+        "min_seconds": args.min_seconds,
+        "hbm_bytes_per_s": bw,
+        "hbm_bytes_per_s_source": bw_source,
+        "frameworks": frameworks,
+        "batches": {},
+    }
 
     def save_partial():
         if args.partial:
@@ -326,8 +382,9 @@ def main(argv=None) -> dict:
         out["init_s"]["torch"] = round(time.perf_counter() - start, 3)
         if "weight_bytes" not in out:  # the same tensors, in the torch layout
             named = dict(theirs.named_parameters())
-            out["weight_bytes"] = int(sum(p.numel() * p.element_size() for k, p in named.items()
-                                          if not k.endswith("embed_tokens.weight")))
+            out["weight_bytes"] = int(
+                sum(p.numel() * p.element_size() for k, p in named.items() if not k.endswith("embed_tokens.weight"))
+            )
     save_partial()
 
     for B in batches:
@@ -338,34 +395,47 @@ def main(argv=None) -> dict:
         row = {"kv_cache_bytes_per_step": kv, "bytes_per_step": per_step, "roofline_tokens_per_s": roof}
         if ours is not None:
             r = measure(Ours(ours, ids, new_tokens), B, prompt, new_tokens, args.repeats, args.min_seconds)
-            row.update(decode_tokens_per_s=r["decode_tokens_per_s"], prefill_tokens_per_s=r["prefill_tokens_per_s"],
-                       decode_fraction_of_roofline=r["decode_tokens_per_s"] / roof,
-                       seconds={k: r[k] for k in ("prefill_s", "generate_s", "warmup_s")})
+            row.update(
+                decode_tokens_per_s=r["decode_tokens_per_s"],
+                prefill_tokens_per_s=r["prefill_tokens_per_s"],
+                decode_fraction_of_roofline=r["decode_tokens_per_s"] / roof,
+                seconds={k: r[k] for k in ("prefill_s", "generate_s", "warmup_s")},
+            )
         if theirs is not None:
-            r = measure(Theirs(theirs, ids, out["torch_device"]), B, prompt, new_tokens, args.repeats,
-                        args.min_seconds)
-            row.update(torch_decode_tokens_per_s=r["decode_tokens_per_s"],
-                       torch_prefill_tokens_per_s=r["prefill_tokens_per_s"],
-                       torch_decode_fraction_of_roofline=r["decode_tokens_per_s"] / roof,
-                       torch_seconds={k: r[k] for k in ("prefill_s", "generate_s", "warmup_s")})
+            r = measure(Theirs(theirs, ids, out["torch_device"]), B, prompt, new_tokens, args.repeats, args.min_seconds)
+            row.update(
+                torch_decode_tokens_per_s=r["decode_tokens_per_s"],
+                torch_prefill_tokens_per_s=r["prefill_tokens_per_s"],
+                torch_decode_fraction_of_roofline=r["decode_tokens_per_s"] / roof,
+                torch_seconds={k: r[k] for k in ("prefill_s", "generate_s", "warmup_s")},
+            )
         if ours is not None and theirs is not None:
             row["decode_ratio_vs_torch"] = row["decode_tokens_per_s"] / row["torch_decode_tokens_per_s"]
             row["prefill_ratio_vs_torch"] = row["prefill_tokens_per_s"] / row["torch_prefill_tokens_per_s"]
         out["batches"][str(B)] = {k: (_sig(v) if isinstance(v, float) else v) for k, v in row.items()}
-        for k in ("decode_tokens_per_s", "torch_decode_tokens_per_s", "decode_fraction_of_roofline",
-                  "torch_decode_fraction_of_roofline", "decode_ratio_vs_torch"):
+        for k in (
+            "decode_tokens_per_s",
+            "torch_decode_tokens_per_s",
+            "decode_fraction_of_roofline",
+            "torch_decode_fraction_of_roofline",
+            "decode_ratio_vs_torch",
+        ):
             if k in row:
                 out[f"{k}_b{B}"] = _sig(row[k])
         save_partial()
 
     print(json.dumps(out))
-    print("; ".join(
-        f"batch {B}: ours {r.get('decode_tokens_per_s', float('nan')):.1f} tok/s "
-        f"({r.get('decode_fraction_of_roofline', float('nan')):.0%} of roofline), torch "
-        f"{r.get('torch_decode_tokens_per_s', float('nan')):.1f} tok/s "
-        f"({r.get('torch_decode_fraction_of_roofline', float('nan')):.0%}); roofline "
-        f"{r['roofline_tokens_per_s']:.1f} tok/s at {bw / 1e12:.2f} TB/s"
-        for B, r in out["batches"].items()) + f" [{args.size} on {dev.device_kind}]")
+    print(
+        "; ".join(
+            f"batch {B}: ours {r.get('decode_tokens_per_s', float('nan')):.1f} tok/s "
+            f"({r.get('decode_fraction_of_roofline', float('nan')):.0%} of roofline), torch "
+            f"{r.get('torch_decode_tokens_per_s', float('nan')):.1f} tok/s "
+            f"({r.get('torch_decode_fraction_of_roofline', float('nan')):.0%}); roofline "
+            f"{r['roofline_tokens_per_s']:.1f} tok/s at {bw / 1e12:.2f} TB/s"
+            for B, r in out["batches"].items()
+        )
+        + f" [{args.size} on {dev.device_kind}]"
+    )
     return out
 
 

@@ -31,6 +31,7 @@ settings with XLA attention, the decode on the `tiny` preset), the same JSON str
 `"dry_run": true`; tests/test_gpu_suite.py runs it. Output: --out PATH (a .json file) or
 DIR/<date>_<device>.json, DIR = --out or $OUT.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,27 +71,53 @@ BUDGET_S = 480
 DRY_RUN_LIMITS_S = {"env": 120, "parity": 400, "train_step": 400, "decode": 400}
 DRY_RUN_BUDGET_S = 1500
 # Parity limits of tests/test_models_parity.py (float32) and its bf16 case.
-PARITY_LIMITS = {"clip_hidden_states_max_rel": 1e-5, "llama_logits_rel": 1e-5, "llama_loss_rel": 1e-4,
-                 "llama_grads_max_rel": 1e-4, "llava_logits_rel": 1e-4, "llava_loss_rel": 1e-4,
-                 "llava_grads_max_rel": 1e-4, "llava_bf16_logits_rel_vs_fp32_torch": 2e-2}
+PARITY_LIMITS = {
+    "clip_hidden_states_max_rel": 1e-5,
+    "llama_logits_rel": 1e-5,
+    "llama_loss_rel": 1e-4,
+    "llama_grads_max_rel": 1e-4,
+    "llava_logits_rel": 1e-4,
+    "llava_loss_rel": 1e-4,
+    "llava_grads_max_rel": 1e-4,
+    "llava_bf16_logits_rel_vs_fp32_torch": 2e-2,
+}
 TRAIN_CONFIG = "configs/bench/gpu_13b_wide.yaml"
 # The dry run's train step: the GPU config's settings on a model small enough for a CPU.
 TINY_TRAIN_MODEL = {
     "preset": "qilin_med_vl_13b",
     "overrides": {
-        "vision": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                   "num_attention_heads": 2, "image_size": 28, "patch_size": 14},
-        "text": {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                 "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 256},
-        "image_token_id": 511}}
+        "vision": {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 28,
+            "patch_size": 14,
+        },
+        "text": {
+            "vocab_size": 512,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "max_position_embeddings": 256,
+        },
+        "image_token_id": 511,
+    },
+}
 
 
 def device_memory() -> dict:
     """Peak memory of this process: jax device 0, torch CUDA (None where unused) and host RSS."""
-    out = {"jax_peak_bytes": None, "jax_bytes_limit": None, "torch_peak_bytes": None,
-           "torch_peak_reserved_bytes": None,
-           # ru_maxrss is in KiB on Linux
-           "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    out = {
+        "jax_peak_bytes": None,
+        "jax_bytes_limit": None,
+        "torch_peak_bytes": None,
+        "torch_peak_reserved_bytes": None,
+        # ru_maxrss is in KiB on Linux
+        "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
     if "jax" in sys.modules:
         import jax
 
@@ -108,14 +135,17 @@ def device_memory() -> dict:
 
 # --- parts (each runs in a child process) -----------------------------------------------------
 
+
 def _gpu_missing(dry_run: bool) -> str | None:
     """Why a real run cannot go on (jax's backend is not the GPU), or None."""
     import jax
 
     if dry_run or jax.default_backend() == "gpu":
         return None
-    return (f"jax's backend is {jax.default_backend()!r}, not the GPU "
-            f"(JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS')!r}); use --dry-run on a CPU")
+    return (
+        f"jax's backend is {jax.default_backend()!r}, not the GPU "
+        f"(JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS')!r}); use --dry-run on a CPU"
+    )
 
 
 def _require_gpu(dry_run: bool):
@@ -138,11 +168,21 @@ def part_env(dry_run: bool, work: Path) -> dict:
 
     dev = jax.devices()[0]
     stats = dev.memory_stats() or {}
-    out = {"platform": jax.default_backend(), "device_kind": dev.device_kind, "device_count": jax.device_count(),
-           "device_memory_bytes": stats.get("bytes_limit"), "python": platform.python_version(),
-           "host": platform.node(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
-           "jaxlib": jaxlib.__version__, "flax": flax.__version__, "optax": optax.__version__,
-           "numpy": numpy.__version__, "pytest_available": importlib.util.find_spec("pytest") is not None}
+    out = {
+        "platform": jax.default_backend(),
+        "device_kind": dev.device_kind,
+        "device_count": jax.device_count(),
+        "device_memory_bytes": stats.get("bytes_limit"),
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "cpu_count": os.cpu_count(),
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "flax": flax.__version__,
+        "optax": optax.__version__,
+        "numpy": numpy.__version__,
+        "pytest_available": importlib.util.find_spec("pytest") is not None,
+    }
     try:
         import orbax.checkpoint as ocp
 
@@ -152,8 +192,12 @@ def part_env(dry_run: bool, work: Path) -> dict:
     import torch
     import transformers
 
-    out.update(torch=torch.__version__, torch_cuda=torch.version.cuda, transformers=transformers.__version__,
-               torch_cuda_available=torch.cuda.is_available())
+    out.update(
+        torch=torch.__version__,
+        torch_cuda=torch.version.cuda,
+        transformers=transformers.__version__,
+        torch_cuda_available=torch.cuda.is_available(),
+    )
     if torch.cuda.is_available():
         out["torch_device_name"] = torch.cuda.get_device_name(0)
         out["cudnn"] = torch.backends.cudnn.version()
@@ -161,8 +205,13 @@ def part_env(dry_run: bool, work: Path) -> dict:
 
     if shutil.which("nvidia-smi"):  # driver, clocks and power limit: what the figures ran under
         q = "name,driver_version,memory.total,clocks.max.sm,clocks.max.memory,power.limit"
-        smi = subprocess.run(["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader"], check=False,
-                             capture_output=True, text=True, timeout=20)
+        smi = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader"],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
         out["nvidia_smi"] = {"query": q, "output": (smi.stdout or smi.stderr).strip()}
     why = _gpu_missing(dry_run)
     if why:  # kept with the versions found: they say why
@@ -194,12 +243,15 @@ def part_parity(dry_run: bool, work: Path) -> dict:
             checks[key] = (value, PARITY_LIMITS[key])
     # bench/parity.py sets "highest"; read back where this jax version exposes the flag
     precision = str(getattr(jax.config, "jax_default_matmul_precision", "highest (set by bench/parity.py)"))
-    return {"torch_device": torch_device, "jax_matmul_precision": precision,
-            "bf16_attention": resolve_implementation("auto", jnp.bfloat16, packed=False, decoding=False),
-            "llama_variants": sorted(k[len("llama_"):] for k in raw if k.startswith("llama_")),
-            "checks": {k: {"max_rel_err": e, "limit": lim, "ok": bool(e <= lim)} for k, (e, lim) in checks.items()},
-            "all_within_limits": not errors and all(e <= lim for e, lim in checks.values()),
-            "errors": errors}
+    return {
+        "torch_device": torch_device,
+        "jax_matmul_precision": precision,
+        "bf16_attention": resolve_implementation("auto", jnp.bfloat16, packed=False, decoding=False),
+        "llama_variants": sorted(k[len("llama_") :] for k in raw if k.startswith("llama_")),
+        "checks": {k: {"max_rel_err": e, "limit": lim, "ok": bool(e <= lim)} for k, (e, lim) in checks.items()},
+        "all_within_limits": not errors and all(e <= lim for e, lim in checks.values()),
+        "errors": errors,
+    }
 
 
 def _captured_json(fn, argv) -> tuple[dict | None, str]:
@@ -232,8 +284,18 @@ def part_train_step(dry_run: bool, work: Path) -> dict:
         cfg_path = work / "train_step_tiny.yaml"
         cfg_path.write_text(yaml.safe_dump(raw))
         # The GPU settings (bf16, torch autocast, full remat, chunked CE); cuDNN needs a GPU.
-        argv = ["--config", str(cfg_path), "--settings", "gpu", "--override", "attention=xla",
-                "--repeats", "1", "--matmul-n", "256"]
+        argv = [
+            "--config",
+            str(cfg_path),
+            "--settings",
+            "gpu",
+            "--override",
+            "attention=xla",
+            "--repeats",
+            "1",
+            "--matmul-n",
+            "256",
+        ]
     else:
         argv = ["--config", str(ROOT / TRAIN_CONFIG)]
     out, _ = _captured_json(T.main, argv)
@@ -260,8 +322,11 @@ def part_decode(dry_run: bool, work: Path) -> dict:
     from bench import decode_13b as D
 
     argv = ["--partial", str(work / "decode.partial.json")]
-    argv += (["--size", "tiny", "--repeats", "3", "--min-seconds", "0.2", "--bandwidth-mb", "64"] if dry_run
-             else ["--size", "13b", "--repeats", "2"])
+    argv += (
+        ["--size", "tiny", "--repeats", "3", "--min-seconds", "0.2", "--bandwidth-mb", "64"]
+        if dry_run
+        else ["--size", "13b", "--repeats", "2"]
+    )
     return _captured_json(D.main, argv)[0]
 
 
@@ -291,6 +356,7 @@ def run_part(name: str, dry_run: bool, work: Path, out_file: Path) -> int:
 
 
 # --- the orchestrator (no jax/torch imports: each part gets a fresh process) ------------------
+
 
 def _child_env(dry_run: bool) -> dict:
     env = dict(os.environ)
@@ -337,21 +403,30 @@ def _summary(name: str, entry: dict) -> str:
         bits.append(f"{r.get('device_kind')} jax {r.get('jax')} torch {r.get('torch')}")
     elif name == "parity":
         worst = {k: v["max_rel_err"] for k, v in r.get("checks", {}).items()}
-        bits.append(f"all within limits: {r.get('all_within_limits')}; bf16 attention {r.get('bf16_attention')}; "
-                    f"bf16 logits {worst.get('llava_bf16_logits_rel_vs_fp32_torch', float('nan')):.2e}")
+        bits.append(
+            f"all within limits: {r.get('all_within_limits')}; bf16 attention {r.get('bf16_attention')}; "
+            f"bf16 logits {worst.get('llava_bf16_logits_rel_vs_fp32_torch', float('nan')):.2e}"
+        )
     elif name == "train_step":
         v = r.get("vs_peak", {})
-        bits.append(f"stage2 MFU {100 * v.get('stage2_mfu', float('nan')):.3g}% (torch "
-                    f"{100 * v.get('torch_stage2_mfu', float('nan')):.3g}%) of {v.get('peak_tflops')} TFLOP/s, "
-                    f"speedup vs torch {r.get('stage2_speedup_vs_torch')}")
+        bits.append(
+            f"stage2 MFU {100 * v.get('stage2_mfu', float('nan')):.3g}% (torch "
+            f"{100 * v.get('torch_stage2_mfu', float('nan')):.3g}%) of {v.get('peak_tflops')} TFLOP/s, "
+            f"speedup vs torch {r.get('stage2_speedup_vs_torch')}"
+        )
     elif name == "decode":
         for b, row in r.get("batches", {}).items():
-            bits.append(f"batch {b} {row.get('decode_tokens_per_s', float('nan')):.1f} tok/s "
-                        f"({100 * row.get('decode_fraction_of_roofline', float('nan')):.3g}% of roofline) vs torch "
-                        f"{row.get('torch_decode_tokens_per_s', float('nan')):.1f}")
+            bits.append(
+                f"batch {b} {row.get('decode_tokens_per_s', float('nan')):.1f} tok/s "
+                f"({100 * row.get('decode_fraction_of_roofline', float('nan')):.3g}% of roofline) vs torch "
+                f"{row.get('torch_decode_tokens_per_s', float('nan')):.1f}"
+            )
     m = entry.get("memory") or {}
-    peaks = [f"{k[:-len('_peak_bytes')]} {m[k] / 2**30:.1f} GiB" for k in ("jax_peak_bytes", "torch_peak_bytes")
-             if isinstance(m.get(k), (int, float))]
+    peaks = [
+        f"{k[: -len('_peak_bytes')]} {m[k] / 2**30:.1f} GiB"
+        for k in ("jax_peak_bytes", "torch_peak_bytes")
+        if isinstance(m.get(k), (int, float))
+    ]
     if peaks:
         bits.append("peak " + ", ".join(peaks))
     return "; ".join(bits)
@@ -373,34 +448,60 @@ def run_suite(args) -> int:
     if not out_arg:
         raise SystemExit("no output: pass --out PATH|DIR or set $OUT")
 
-    started = datetime.datetime.now(datetime.timezone.utc)
+    started = datetime.datetime.now(datetime.UTC)
     t0 = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="gpu_suite_"))
     env = _child_env(args.dry_run)
-    data = {"suite": "bench/gpu_suite.sh", "dry_run": args.dry_run,
-            "started_utc": started.isoformat(timespec="seconds"),
-            "device_kind": None, "budget_s": budget,
-            "spec": {"name": "NVIDIA H200 SXM", "bf16_dense_tflops": H200_BF16_DENSE_TFLOPS,
-                     "hbm_bytes_per_s": H200_HBM_BYTES_PER_S, "hbm_bytes": H200_HBM_BYTES},
-            "parts": {}, "errors": []}
+    data = {
+        "suite": "bench/gpu_suite.sh",
+        "dry_run": args.dry_run,
+        "started_utc": started.isoformat(timespec="seconds"),
+        "device_kind": None,
+        "budget_s": budget,
+        "spec": {
+            "name": "NVIDIA H200 SXM",
+            "bf16_dense_tflops": H200_BF16_DENSE_TFLOPS,
+            "hbm_bytes_per_s": H200_HBM_BYTES_PER_S,
+            "hbm_bytes": H200_HBM_BYTES,
+        },
+        "parts": {},
+        "errors": [],
+    }
     path = None
     for name in parts:
         left = budget - (time.monotonic() - t0)
         limit = min(limits[name], left - 2)
-        entry = {"limit_s": round(limit, 1), "wall_s": 0.0, "cpu_s": 0.0, "returncode": None, "timed_out": False,
-                 "result": None, "memory": None, "error": None}
+        entry = {
+            "limit_s": round(limit, 1),
+            "wall_s": 0.0,
+            "cpu_s": 0.0,
+            "returncode": None,
+            "timed_out": False,
+            "result": None,
+            "memory": None,
+            "error": None,
+        }
         if limit < 5:
             entry["error"] = f"skipped: {left:.0f}s left of the suite's {budget:.0f}s budget"
         else:
             part_out = work / f"{name}.result.json"
             log = work / f"{name}.log"
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--part", name, "--part-out", str(part_out),
-                   "--work", str(work)] + (["--dry-run"] if args.dry_run else [])
+            cmd = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--part",
+                name,
+                "--part-out",
+                str(part_out),
+                "--work",
+                str(work),
+            ] + (["--dry-run"] if args.dry_run else [])
             start = time.monotonic()
             usage = resource.getrusage(resource.RUSAGE_CHILDREN)
             with open(log, "wb") as lf:
-                proc = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                                        start_new_session=True)
+                proc = subprocess.Popen(
+                    cmd, stdout=lf, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True
+                )
                 try:
                     entry["returncode"] = proc.wait(timeout=limit)
                 except subprocess.TimeoutExpired:
@@ -434,21 +535,38 @@ def run_suite(args) -> int:
         path = path or _output_path(out_arg, data["device_kind"] or "unknown", args.dry_run, started)
         _write(path, data)
         print(_summary(name, entry), flush=True)
-    print(f"gpu suite: {len(parts) - len(data['errors'])}/{len(parts)} parts ok in {data['wall_s']:.0f}s "
-          f"(budget {budget:.0f}s); results: {path}", flush=True)
+    print(
+        f"gpu suite: {len(parts) - len(data['errors'])}/{len(parts)} parts ok in {data['wall_s']:.0f}s "
+        f"(budget {budget:.0f}s); results: {path}",
+        flush=True,
+    )
     return 0 if not data["errors"] else 1
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="a .json file, or a folder for <date>_<device>.json (default $OUT)")
-    ap.add_argument("--dry-run", "--tiny", dest="dry_run", action="store_true",
-                    help="every part at tiny sizes on the CPU (the rehearsal)")
+    ap.add_argument(
+        "--dry-run",
+        "--tiny",
+        dest="dry_run",
+        action="store_true",
+        help="every part at tiny sizes on the CPU (the rehearsal)",
+    )
     ap.add_argument("--parts", default=",".join(PARTS))
-    ap.add_argument("--limit", action="append", default=[], metavar="PART=SECONDS",
-                    help=f"a part's time limit (defaults {LIMITS_S})")
-    ap.add_argument("--budget-s", type=float, default=None,
-                    help=f"the whole suite's time limit (default {BUDGET_S}; dry run {DRY_RUN_BUDGET_S})")
+    ap.add_argument(
+        "--limit",
+        action="append",
+        default=[],
+        metavar="PART=SECONDS",
+        help=f"a part's time limit (defaults {LIMITS_S})",
+    )
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help=f"the whole suite's time limit (default {BUDGET_S}; dry run {DRY_RUN_BUDGET_S})",
+    )
     ap.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)  # child mode
     ap.add_argument("--part-out", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)

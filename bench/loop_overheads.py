@@ -20,6 +20,7 @@ the loop ends when the last save has finished. Variants, interleaved, median ove
 Reports wall time per variant, the checkpoint cost (variant - no_save) per save, and the
 state's size. Prints one JSON line and a one-line summary.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -99,11 +100,18 @@ def main(argv=None) -> None:
             shutil.rmtree(root, ignore_errors=True)
     med = {v: statistics.median(t) for v, t in times.items()}
     saves = args.steps // args.save_every
-    out = {"bench": "loop_overheads", "config": os.path.relpath(args.config, ROOT), "platform": plat,
-           "steps": args.steps, "save_every": args.save_every, "saves": saves,
-           "state_mb": round(state_bytes / 2**20, 1), "repeats": args.repeats,
-           "seconds": {v: round(t, 3) for v, t in med.items()},
-           "times_s": {v: [round(x, 3) for x in t] for v, t in times.items()}}
+    out = {
+        "bench": "loop_overheads",
+        "config": os.path.relpath(args.config, ROOT),
+        "platform": plat,
+        "steps": args.steps,
+        "save_every": args.save_every,
+        "saves": saves,
+        "state_mb": round(state_bytes / 2**20, 1),
+        "repeats": args.repeats,
+        "seconds": {v: round(t, 3) for v, t in med.items()},
+        "times_s": {v: [round(x, 3) for x in t] for v, t in times.items()},
+    }
     if "no_save" in med:
         base = med["no_save"]
         out["step_s"] = round(base / args.steps, 4)
@@ -115,8 +123,10 @@ def main(argv=None) -> None:
     print(json.dumps(out))
     parts = [f"{v} {t:.2f}s" for v, t in med.items()]
     if "async_save_cost_per_save_s" in out and "sync_save_cost_per_save_s" in out:
-        parts.append(f"per save of {out['state_mb']:.0f} MB: async {out['async_save_cost_per_save_s']:.2f}s, "
-                     f"sync {out['sync_save_cost_per_save_s']:.2f}s")
+        parts.append(
+            f"per save of {out['state_mb']:.0f} MB: async {out['async_save_cost_per_save_s']:.2f}s, "
+            f"sync {out['sync_save_cost_per_save_s']:.2f}s"
+        )
     print(f"{args.steps} steps, {saves} saves: " + "; ".join(parts))
 
 

@@ -14,6 +14,7 @@ decode tokens/s = (N - 1) / (tN - t1)) for float32 and each quantized kind, plus
 weight bytes, the greedy tokens' agreement with float32 and the mean logit KL on the prompt.
 Prints one JSON line and a one-line summary.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,13 @@ def build_step(cfg, batch, variant: str, rank: int):
     b_sh = L.batch_shardings(mesh, rules, micro)
     gbatch = L.to_global(micro, b_sh)
     lora = variant != "full"
-    st = StageConfig(name="stage2", trainable=["adapter/.*"] if lora else ["llm/.*", "adapter/.*"],
-                     learning_rate=2e-4, warmup_ratio=0.0, lora=lora)
+    st = StageConfig(
+        name="stage2",
+        trainable=["adapter/.*"] if lora else ["llm/.*", "adapter/.*"],
+        learning_rate=2e-4,
+        warmup_ratio=0.0,
+        lora=lora,
+    )
     run = RunConfig()
     run.train.lora = LoraConfig(rank=rank, alpha=2.0 * rank, dropout=0.05, trainable_learning_rate=2e-5)
     run.model.quantize = "nf4" if variant == "qlora" else None
@@ -59,8 +65,7 @@ def build_step(cfg, batch, variant: str, rank: int):
     state, frozen, state_sh, f_sh = L.init_stage_state(parts, params, patterns, tx, mesh)
     repl = NamedSharding(mesh, P())
     fn = functools.partial(train_step, parts.graphdef, tx, schedule, lora_dropout=dropout)
-    jitted = jax.jit(fn, donate_argnums=(0,), in_shardings=(state_sh, f_sh, b_sh),
-                     out_shardings=(state_sh, repl))
+    jitted = jax.jit(fn, donate_argnums=(0,), in_shardings=(state_sh, f_sh, b_sh), out_shardings=(state_sh, repl))
     compiled = jitted.lower(state, frozen, gbatch).compile()
     n = sum(int(x.size) for x in jax.tree.leaves(state.trainable))
     return compiled, state, frozen, gbatch, n
@@ -79,8 +84,11 @@ def bench_train(args) -> dict:
     for name in names:
         compiled, state, frozen, gb, n = build_step(cfg, batch, name, args.rank)
         m = compiled.memory_analysis()
-        out[name] = {"trainable_params": n, "argument_mb": round(m.argument_size_in_bytes / 2**20, 1),
-                     "temp_mb": round(m.temp_size_in_bytes / 2**20, 1)}
+        out[name] = {
+            "trainable_params": n,
+            "argument_mb": round(m.argument_size_in_bytes / 2**20, 1),
+            "temp_mb": round(m.temp_size_in_bytes / 2**20, 1),
+        }
         state, met = compiled(state, frozen, gb)  # warm-up
         jax.block_until_ready(met)
         built[name] = [compiled, state, frozen, gb]
@@ -96,9 +104,16 @@ def bench_train(args) -> dict:
     for n in names:
         out[n]["step_s"] = round(statistics.median(times[n]), 4)
         out[n]["vs_full"] = round(statistics.median(times[n]) / statistics.median(times["full"]), 3)
-    return {"model": {"hidden": cfg.text.hidden_size, "layers": cfg.text.num_hidden_layers,
-                      "seq": int(batch["input_ids"].shape[1]), "rows": int(batch["input_ids"].shape[0])},
-            "rank": args.rank, "variants": out}
+    return {
+        "model": {
+            "hidden": cfg.text.hidden_size,
+            "layers": cfg.text.num_hidden_layers,
+            "seq": int(batch["input_ids"].shape[1]),
+            "rows": int(batch["input_ids"].shape[0]),
+        },
+        "rank": args.rank,
+        "variants": out,
+    }
 
 
 def _best(fn, repeats: int, min_s: float = 1.0) -> float:
@@ -134,8 +149,10 @@ def bench_decode(args) -> dict:
         model = nnx.merge(g, jax.tree.map(jnp.array, s))
         if kind != "float32":
             Q.quantize_model(model, kind)
-        layer_bytes = sum(int(v.get_value().nbytes) for v in vars(model.llm.layers).values()
-                          if isinstance(v, nnx.Param))
+        layer_bytes = sum(
+            int(v.get_value().nbytes) for v in vars(model.llm.layers).values() if isinstance(v, nnx.Param)
+        )
+
         def run(n, m=model):
             return qilin_jax.generate(m, prompt, px, max_new_tokens=n, eos_token_id=-1)
 
@@ -148,10 +165,12 @@ def bench_decode(args) -> dict:
         kl = float(jnp.mean(jnp.sum(jnp.exp(lp) * (lp - lq), -1)))
         if ref_tokens is None:
             ref_tokens = toks
-        out[kind] = {"decode_tokens_per_s": round((args.new_tokens - 1) / max(tn - t1, 1e-9), 2),
-                     "decoder_weight_mb": round(layer_bytes / 2**20, 2),
-                     "greedy_agreement": round(float(np.mean(toks == ref_tokens)), 3),
-                     "logit_kl": kl}
+        out[kind] = {
+            "decode_tokens_per_s": round((args.new_tokens - 1) / max(tn - t1, 1e-9), 2),
+            "decoder_weight_mb": round(layer_bytes / 2**20, 2),
+            "greedy_agreement": round(float(np.mean(toks == ref_tokens)), 3),
+            "logit_kl": kl,
+        }
     f = out["float32"]["decode_tokens_per_s"]
     for row in out.values():
         row["vs_float32"] = round(row["decode_tokens_per_s"] / f, 3)

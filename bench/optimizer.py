@@ -11,6 +11,7 @@ Reported: time per update (median of interleaved repeats), its ratio, the compil
 temporaries and how many whole-array copies each makes, and whether both give the same
 parameters (they must: bit for bit). Prints one JSON line and a one-line summary.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,9 @@ def make_update(tx, guarded: bool):
     def update(state, grads_sum, n):
         params, opt = state
         grads = jax.tree.map(lambda g: g / n, grads_sum)
-        new_params, new_opt, _, _ = apply_gradients(tx if guarded else tx.reference, params, opt,
-                                                    grads, jnp.float32(0.0))
+        new_params, new_opt, _, _ = apply_gradients(
+            tx if guarded else tx.reference, params, opt, grads, jnp.float32(0.0)
+        )
         return new_params, new_opt
 
     return jax.jit(update, donate_argnums=(0,))
@@ -68,7 +70,7 @@ def main(argv=None) -> None:
     leaves, treedef = jax.tree.flatten(trainable)
     keys = jax.random.split(jax.random.PRNGKey(0), 2 * len(leaves))
     params = treedef.unflatten([jax.random.normal(k, x.shape, x.dtype) * 0.02 for k, x in zip(keys, leaves)])
-    grads = treedef.unflatten([jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys[len(leaves):], leaves)])
+    grads = treedef.unflatten([jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys[len(leaves) :], leaves)])
     n = jax.numpy.float32(280.0)
     stage = StageConfig(name=args.stage, trainable=STAGES[args.stage], learning_rate=1e-5, warmup_ratio=0.0)
     tx, _ = make_optimizer(stage, 1000)
@@ -80,8 +82,7 @@ def main(argv=None) -> None:
         compiled = fn.lower(state, grads, n).compile()
         text = compiled.as_text()
         m = compiled.memory_analysis()
-        mem[name] = {"temp_mb": round(m.temp_size_in_bytes / 2**20, 1),
-                     "copies": len(WHOLE_ARRAY_COPY.findall(text))}
+        mem[name] = {"temp_mb": round(m.temp_size_in_bytes / 2**20, 1), "copies": len(WHOLE_ARRAY_COPY.findall(text))}
         state = compiled(state, grads, n)  # warm-up
         jax.block_until_ready(state)
         sides[name], states[name] = compiled, state
@@ -92,22 +93,32 @@ def main(argv=None) -> None:
             states[name] = compiled(states[name], grads, n)
             jax.block_until_ready(states[name])
             times[name].append(time.perf_counter() - t)
-    same = all(np.array_equal(np.asarray(a), np.asarray(b))
-               for a, b in zip(jax.tree.leaves(states["guarded"]), jax.tree.leaves(states["reference"])))
+    same = all(
+        np.array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(jax.tree.leaves(states["guarded"]), jax.tree.leaves(states["reference"]))
+    )
     med = {k: statistics.median(v) for k, v in times.items()}
     n_params = sum(int(np.prod(x.shape)) for x in leaves)
     config = Path(args.config).resolve()
-    out = {"config": str(config.relative_to(ROOT)) if config.is_relative_to(ROOT) else args.config,
-           "platform": jax.default_backend(), "stage": args.stage,
-           "trainable_params": n_params, "repeats": args.repeats,
-           "guarded_s": round(med["guarded"], 6), "reference_s": round(med["reference"], 6),
-           "guarded_over_reference": round(med["guarded"] / med["reference"], 3),
-           "memory": mem, "same_result": same}
+    out = {
+        "config": str(config.relative_to(ROOT)) if config.is_relative_to(ROOT) else args.config,
+        "platform": jax.default_backend(),
+        "stage": args.stage,
+        "trainable_params": n_params,
+        "repeats": args.repeats,
+        "guarded_s": round(med["guarded"], 6),
+        "reference_s": round(med["reference"], 6),
+        "guarded_over_reference": round(med["guarded"] / med["reference"], 3),
+        "memory": mem,
+        "same_result": same,
+    }
     print(json.dumps(out))
-    print(f"optimizer update, {n_params / 1e6:.1f} M trainable ({args.stage}): guarded {med['guarded'] * 1e3:.1f} ms, "
-          f"optax chain + selects {med['reference'] * 1e3:.1f} ms ({out['guarded_over_reference']:.2f}x); "
-          f"temp {mem['guarded']['temp_mb']:.0f} vs {mem['reference']['temp_mb']:.0f} MB; "
-          f"copies {mem['guarded']['copies']} vs {mem['reference']['copies']}; same result: {same}")
+    print(
+        f"optimizer update, {n_params / 1e6:.1f} M trainable ({args.stage}): guarded {med['guarded'] * 1e3:.1f} ms, "
+        f"optax chain + selects {med['reference'] * 1e3:.1f} ms ({out['guarded_over_reference']:.2f}x); "
+        f"temp {mem['guarded']['temp_mb']:.0f} vs {mem['reference']['temp_mb']:.0f} MB; "
+        f"copies {mem['guarded']['copies']} vs {mem['reference']['copies']}; same result: {same}"
+    )
 
 
 if __name__ == "__main__":

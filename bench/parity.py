@@ -6,6 +6,7 @@ The tests (tests/test_models_parity.py, tests/test_generate.py) assert the thres
 prints the numbers behind them. `measure(torch_device="cuda", jit=True)` is the same
 comparison on a GPU (torch float32 there without TF32, our steps jitted): bench/gpu_suite.py.
 """
+
 import contextlib
 import dataclasses
 import json
@@ -35,15 +36,14 @@ except ImportError:  # a machine with the runtime dependencies but no pytest (e.
 
     class _Mark:
         def __getattr__(self, name):
-            return lambda *a, **k: (lambda f: f)
+            return lambda *a, **k: lambda f: f
 
     sys.modules["pytest"] = types.SimpleNamespace(mark=_Mark())
 from tests.test_models_parity import LLAMA_VARIANTS, _Holder, _llava_batch, tiny  # noqa: E402
 
 
 def max_grad_err(ref, ours):
-    errs = [R.rel_err(ours[p], g) for p, g in ref.items()
-            if np.linalg.norm(g) > 1e-6 and not p.endswith("k_bias")]
+    errs = [R.rel_err(ours[p], g) for p, g in ref.items() if np.linalg.norm(g) > 1e-6 and not p.endswith("k_bias")]
     return max(errs)
 
 
@@ -79,6 +79,7 @@ def measure(torch_device: str = "cpu", jit: bool = False, variants=None, errors:
 
     def clip():
         from qilin_jax.models.vit import VisionTransformer
+
         tm = R.build("clip", cfg).to(dev)
         h = _Holder("vision", VisionTransformer(cfg.vision, rngs=nnx.Rngs(1)))
         R.to_jax("clip", tm, h, cfg)
@@ -90,12 +91,14 @@ def measure(torch_device: str = "cpu", jit: bool = False, variants=None, errors:
             return m.vision(x, layer=cfg.vision.num_hidden_layers, all_hidden_states=True)
 
         ours = (nnx.jit(vision) if jit else vision)(h, jnp.asarray(px))
-        out["clip_hidden_states_max_rel"] = max(R.rel_err(ours[i], x.cpu().numpy())
-                                                for i, x in enumerate(ref.hidden_states))
+        out["clip_hidden_states_max_rel"] = max(
+            R.rel_err(ours[i], x.cpu().numpy()) for i, x in enumerate(ref.hidden_states)
+        )
 
     def llama(name):
         from qilin_jax.models.llama import LlamaModel
         from qilin_jax.models.qilin import cross_entropy, shift_labels
+
         c = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, **LLAMA_VARIANTS[name]))
         tm = R.build("llama", c, seed=3)
         hold = _Holder("llm", LlamaModel(c.text, rngs=nnx.Rngs(2)))
@@ -111,8 +114,9 @@ def measure(torch_device: str = "cpu", jit: bool = False, variants=None, errors:
 
         def f(m):
             seg = jnp.asarray(mask, jnp.int32)
-            hdn, _ = m.llm(m.llm.embed(jnp.asarray(ids)), segment_ids=seg,
-                           position_ids=jnp.maximum(jnp.cumsum(seg, 1) - 1, 0))
+            hdn, _ = m.llm(
+                m.llm.embed(jnp.asarray(ids)), segment_ids=seg, position_ids=jnp.maximum(jnp.cumsum(seg, 1) - 1, 0)
+            )
             t, n = cross_entropy(hdn, m.llm.head_kernel(), shift_labels(jnp.asarray(labels)))
             return t / n, m.llm.logits(hdn)
 
@@ -121,8 +125,10 @@ def measure(torch_device: str = "cpu", jit: bool = False, variants=None, errors:
         out[f"llama_{name}"] = {
             "logits_rel": R.rel_err(np.asarray(logits)[v], o.logits.detach().cpu().numpy()[v]),
             "loss_rel": R.rel_err(loss, o.loss.item()),
-            "grads_max_rel": max_grad_err(R.torch_grads_flat("llama", tm, c),
-                                          nested_to_flat(nnx.state(g, nnx.Param).to_pure_dict()))}
+            "grads_max_rel": max_grad_err(
+                R.torch_grads_flat("llama", tm, c), nested_to_flat(nnx.state(g, nnx.Param).to_pure_dict())
+            ),
+        }
 
     ids, mask, labels, px = _llava_batch(cfg, np.random.default_rng(2))
     v = mask.astype(bool)
@@ -142,10 +148,13 @@ def measure(torch_device: str = "cpu", jit: bool = False, variants=None, errors:
             return r.loss, r.logits
 
         (loss, logits), g = grad_fn(lf)(model)
-        out["llava"] = {"logits_rel": R.rel_err(np.asarray(logits)[v], o.logits.detach().cpu().numpy()[v]),
-                        "loss_rel": R.rel_err(loss, o.loss.item()),
-                        "grads_max_rel": max_grad_err(R.torch_grads_flat("llava", tm, cfg),
-                                                      nested_to_flat(nnx.state(g, nnx.Param).to_pure_dict()))}
+        out["llava"] = {
+            "logits_rel": R.rel_err(np.asarray(logits)[v], o.logits.detach().cpu().numpy()[v]),
+            "loss_rel": R.rel_err(loss, o.loss.item()),
+            "grads_max_rel": max_grad_err(
+                R.torch_grads_flat("llava", tm, cfg), nested_to_flat(nnx.state(g, nnx.Param).to_pure_dict())
+            ),
+        }
 
     def llava_bf16(tm, o):
         bf = QilinMedVL(dataclasses.replace(cfg, dtype="bfloat16"), rngs=nnx.Rngs(0))
@@ -160,7 +169,8 @@ def measure(torch_device: str = "cpu", jit: bool = False, variants=None, errors:
         with precision("default") if precision is not None else contextlib.nullcontext():
             bl = (nnx.jit(bf_logits) if jit else bf_logits)(bf, jnp.asarray(ids), jnp.asarray(px), jnp.asarray(mask))
         out["llava_bf16_logits_rel_vs_fp32_torch"] = R.rel_err(
-            np.asarray(bl, np.float32)[v], o.logits.detach().cpu().numpy()[v])
+            np.asarray(bl, np.float32)[v], o.logits.detach().cpu().numpy()[v]
+        )
 
     section("clip", clip)
     for name in sorted(variants or LLAMA_VARIANTS):
@@ -176,8 +186,10 @@ def main():
     out = measure()
     print(json.dumps(out))
     worst = max(out["llava"].values())
-    print(f"parity: CLIP hidden {out['clip_hidden_states_max_rel']:.1e}, llava logits/loss/grads worst "
-          f"{worst:.1e}, bf16 logits {out['llava_bf16_logits_rel_vs_fp32_torch']:.1e}")
+    print(
+        f"parity: CLIP hidden {out['clip_hidden_states_max_rel']:.1e}, llava logits/loss/grads worst "
+        f"{worst:.1e}, bf16 logits {out['llava_bf16_logits_rel_vs_fp32_torch']:.1e}"
+    )
 
 
 if __name__ == "__main__":

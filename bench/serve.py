@@ -19,6 +19,7 @@ Prints one JSON line and a one-line summary. Contract keys: decode_tokens_per_s_
 decode_tokens_per_s_c4, decode_tokens_per_s_c16, ttft_p50_s, ttft_p95_s, scaling_16_vs_1,
 throughput_ratio_vs_torch_sequential.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import numpy as np
+import numpy as np  # noqa: E402 (after the sys.path line)
 
 
 class IdsTokenizer:
@@ -79,8 +80,9 @@ def requests(cfg, n: int, text_tokens: int, seed: int = 0):
     out = []
     for i in range(n):
         k = max(1, int(text_tokens * (0.75 + 0.5 * i / max(n - 1, 1))))
-        ids = np.asarray([1] + [cfg.image_token_id] * cfg.image_tokens + list(rng.integers(3, cfg.text.vocab_size - 1, k)),
-                         np.int32)
+        ids = np.asarray(
+            [1] + [cfg.image_token_id] * cfg.image_tokens + list(rng.integers(3, cfg.text.vocab_size - 1, k)), np.int32
+        )
         S = cfg.vision.image_size
         out.append((ids, rng.normal(size=(1, 3, S, S)).astype(np.float32)))
     return out
@@ -108,9 +110,15 @@ def torch_sequential(tm, reqs, new_tokens: int, threads: list[int]) -> tuple[int
     def one(ids, px):
         t_ids = torch.from_numpy(ids[None].astype(np.int64))
         with torch.inference_mode():
-            return tm.generate(input_ids=t_ids, attention_mask=torch.ones_like(t_ids),
-                               pixel_values=torch.from_numpy(px), max_new_tokens=new_tokens,
-                               min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)[0, len(ids):].numpy()
+            return tm.generate(
+                input_ids=t_ids,
+                attention_mask=torch.ones_like(t_ids),
+                pixel_values=torch.from_numpy(px),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )[0, len(ids) :].numpy()
 
     default = torch.get_num_threads()
     probe = {}
@@ -157,8 +165,11 @@ def main(argv=None) -> None:
     import jax
     import torch
 
-    threads = sorted({1, os.cpu_count() or 1}) if args.torch_threads == "auto" else \
-        [int(x) for x in args.torch_threads.split(",")]
+    threads = (
+        sorted({1, os.cpu_count() or 1})
+        if args.torch_threads == "auto"
+        else [int(x) for x in args.torch_threads.split(",")]
+    )
     from qilin_jax.infer.generate import generate
     from qilin_jax.serve.engine import Engine, compile_count
 
@@ -166,8 +177,14 @@ def main(argv=None) -> None:
     reqs = requests(cfg, 16, args.text_tokens)
     longest = max(len(ids) for ids, _ in reqs)
     max_len = 1 << (longest + args.new_tokens - 1).bit_length()
-    engine = Engine(model, IdsTokenizer(cfg.text.vocab_size), slots=args.slots, max_len=max_len,
-                    prompt_buckets=[1 << (longest - 1).bit_length()], max_queue=64)
+    engine = Engine(
+        model,
+        IdsTokenizer(cfg.text.vocab_size),
+        slots=args.slots,
+        max_len=max_len,
+        prompt_buckets=[1 << (longest - 1).bit_length()],
+        max_queue=64,
+    )
     rss0 = rss_mb()
     t0 = time.perf_counter()
     log(f"warm-up: buckets {engine.buckets}, windows {engine.windows}")
@@ -206,12 +223,17 @@ def main(argv=None) -> None:
 
     tt = np.asarray(ttfts)
     res = {
-        "bench": "serve", "model": args.model, "slots": args.slots, "new_tokens": args.new_tokens,
-        "prompt_tokens": [int(min(len(i) for i, _ in reqs)), int(longest)], "max_len": max_len,
+        "bench": "serve",
+        "model": args.model,
+        "slots": args.slots,
+        "new_tokens": args.new_tokens,
+        "prompt_tokens": [int(min(len(i) for i, _ in reqs)), int(longest)],
+        "max_len": max_len,
         "decode_tokens_per_s_c1": round(results[1]["tokens_per_s"], 2),
         "decode_tokens_per_s_c4": round(results[4]["tokens_per_s"], 2),
         "decode_tokens_per_s_c16": round(results[16]["tokens_per_s"], 2),
-        "ttft_p50_s": round(float(np.percentile(tt, 50)), 4), "ttft_p95_s": round(float(np.percentile(tt, 95)), 4),
+        "ttft_p50_s": round(float(np.percentile(tt, 50)), 4),
+        "ttft_p95_s": round(float(np.percentile(tt, 95)), 4),
         "scaling_16_vs_1": round(results[16]["tokens_per_s"] / results[1]["tokens_per_s"], 3),
         "torch_sequential_tokens_per_s": round(torch_tps, 2),
         "throughput_ratio_vs_torch_sequential": round(results[16]["tokens_per_s"] / torch_tps, 3),
@@ -219,19 +241,26 @@ def main(argv=None) -> None:
         "torch_first_request_seconds_by_threads": {str(n): round(v, 3) for n, v in probe.items()},
         "torch_seconds": round(torch_s, 3),
         "wall_s": {str(c): round(v["wall_s"], 4) for c, v in results.items()},
-        "greedy_equal_generate": agree, "greedy_equal_torch_rows": torch_agree,
-        "warmup_s": round(warmup_s, 2), "compilations_after_ready": compiled_after_ready,
+        "greedy_equal_generate": agree,
+        "greedy_equal_torch_rows": torch_agree,
+        "warmup_s": round(warmup_s, 2),
+        "compilations_after_ready": compiled_after_ready,
         "rss_mb": {"before_warmup": round(rss0, 1), "after": round(rss1, 1)},
-        "device": jax.devices()[0].platform, "device_kind": jax.devices()[0].device_kind,
-        "cpu_count": os.cpu_count(), "jax": jax.__version__, "torch": torch.__version__,
+        "device": jax.devices()[0].platform,
+        "device_kind": jax.devices()[0].device_kind,
+        "cpu_count": os.cpu_count(),
+        "jax": jax.__version__,
+        "torch": torch.__version__,
         "machine": platform.machine(),
     }
     print(json.dumps(res))
-    print(f"serve {args.model}: {res['decode_tokens_per_s_c1']:.1f} / {res['decode_tokens_per_s_c4']:.1f} / "
-          f"{res['decode_tokens_per_s_c16']:.1f} tok/s at concurrency 1 / 4 / 16 (x{res['scaling_16_vs_1']:.2f}); "
-          f"torch one by one {torch_tps:.1f} tok/s (ours at 16: x{res['throughput_ratio_vs_torch_sequential']:.2f}); "
-          f"TTFT p50 {res['ttft_p50_s'] * 1e3:.0f} ms, p95 {res['ttft_p95_s'] * 1e3:.0f} ms; "
-          f"{compiled_after_ready} compilations after warm-up")
+    print(
+        f"serve {args.model}: {res['decode_tokens_per_s_c1']:.1f} / {res['decode_tokens_per_s_c4']:.1f} / "
+        f"{res['decode_tokens_per_s_c16']:.1f} tok/s at concurrency 1 / 4 / 16 (x{res['scaling_16_vs_1']:.2f}); "
+        f"torch one by one {torch_tps:.1f} tok/s (ours at 16: x{res['throughput_ratio_vs_torch_sequential']:.2f}); "
+        f"TTFT p50 {res['ttft_p50_s'] * 1e3:.0f} ms, p95 {res['ttft_p95_s'] * 1e3:.0f} ms; "
+        f"{compiled_after_ready} compilations after warm-up"
+    )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ time of each is reported with their ratio, and the losses of both (they must agr
 prefix path is exact). Stages whose template has no preamble worth sharing ("plain") or
 whose first batch does not fit are reported as skipped. Prints one JSON line and a summary.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,9 +31,9 @@ def measure_stage(cfg, stage, tokenizer, mesh, rules, parts, params, repeats: in
     from qilin_jax import sharding as S
     from qilin_jax.data.pipeline import make_loader
     from qilin_jax.train.distributed import batch_shardings, global_shape_example, to_global
+    from qilin_jax.train.optim import make_optimizer
     from qilin_jax.train.shared_prefix import split_shared_prefix, stage_shared_prefix
     from qilin_jax.train.state import init_stage_state
-    from qilin_jax.train.optim import make_optimizer
     from qilin_jax.train.step import compile_train_step, stack_micro
 
     data_cfg = cfg.stage_data(stage)
@@ -54,8 +55,9 @@ def measure_stage(cfg, stage, tokenizer, mesh, rules, parts, params, repeats: in
         micro = stack_micro(batch, 1)
         state, frozen, state_sh, f_sh = init_stage_state(parts, params, stage.trainable, tx, mesh)
         b_sh = batch_shardings(mesh, rules, global_shape_example(micro))
-        fn = compile_train_step(parts.graphdef, tx, schedule, state_shardings=state_sh,
-                                frozen_shardings=f_sh, batch_shardings=b_sh)
+        fn = compile_train_step(
+            parts.graphdef, tx, schedule, state_shardings=state_sh, frozen_shardings=f_sh, batch_shardings=b_sh
+        )
         gb = to_global(micro, b_sh)
         with S.activation_sharding(mesh, rules):
             state, m = fn(state, frozen, gb)  # compile + first step: its loss is compared
@@ -73,10 +75,17 @@ def measure_stage(cfg, stage, tokenizer, mesh, rules, parts, params, repeats: in
             b[1] = state
     med = {n: statistics.median(v) for n, v in times.items()}
     B, T = local["input_ids"].shape
-    return {"rows": B, "row_tokens": T, "prefix_tokens": len(prefix), "rows_after_cut": T - len(prefix),
-            "whole_step_s": round(med["whole"], 4), "shared_step_s": round(med["shared"], 4),
-            "shared_over_whole": round(med["shared"] / med["whole"], 3),
-            "first_loss_whole": built["whole"][4], "first_loss_shared": built["shared"][4]}
+    return {
+        "rows": B,
+        "row_tokens": T,
+        "prefix_tokens": len(prefix),
+        "rows_after_cut": T - len(prefix),
+        "whole_step_s": round(med["whole"], 4),
+        "shared_step_s": round(med["shared"], 4),
+        "shared_over_whole": round(med["shared"] / med["whole"], 3),
+        "first_loss_whole": built["whole"][4],
+        "first_loss_shared": built["shared"][4],
+    }
 
 
 def main(argv=None) -> None:
@@ -108,15 +117,26 @@ def main(argv=None) -> None:
     stages = {}
     for stage in cfg.stages:
         if stage.name in wanted:
-            stages[stage.name] = measure_stage(cfg, stage, tokenizer, mesh, rules, parts, params,
-                                               args.repeats, args.steps)
-    out = {"config": args.config, "platform": jax.default_backend(), "repeats": args.repeats,
-           "steps": args.steps, "stages": stages}
+            stages[stage.name] = measure_stage(
+                cfg, stage, tokenizer, mesh, rules, parts, params, args.repeats, args.steps
+            )
+    out = {
+        "config": args.config,
+        "platform": jax.default_backend(),
+        "repeats": args.repeats,
+        "steps": args.steps,
+        "stages": stages,
+    }
     print(json.dumps(out))
-    print("; ".join(
-        f"{n}: skipped ({r['skipped']})" if "skipped" in r else
-        f"{n}: {r['row_tokens']}-token rows, {r['prefix_tokens']} shared: {r['whole_step_s']:.3f} -> "
-        f"{r['shared_step_s']:.3f} s ({r['shared_over_whole']:.2f}x)" for n, r in stages.items()))
+    print(
+        "; ".join(
+            f"{n}: skipped ({r['skipped']})"
+            if "skipped" in r
+            else f"{n}: {r['row_tokens']}-token rows, {r['prefix_tokens']} shared: {r['whole_step_s']:.3f} -> "
+            f"{r['shared_step_s']:.3f} s ({r['shared_over_whole']:.2f}x)"
+            for n, r in stages.items()
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ linearly to 40 + 23 layers; the splash kernel (a Mosaic custom call) reports no 
 formula's attention term is compared separately. Prints one JSON line per compile (also to
 --out) and a summary table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -109,10 +110,16 @@ def _memory(compiled, hbm: float) -> dict:
     arg, out, alias = m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes
     temp, code = m.temp_size_in_bytes, m.generated_code_size_in_bytes
     total = arg + out - alias + temp + code
-    return {"argument_gb": round(arg / GB, 3), "output_gb": round(out / GB, 3),
-            "alias_gb": round(alias / GB, 3), "temp_gb": round(temp / GB, 3),
-            "code_gb": round(code / GB, 4), "total_gb": round(total / GB, 3),
-            "hbm_gb": round(hbm / GB, 1), "fits": bool(total <= hbm)}
+    return {
+        "argument_gb": round(arg / GB, 3),
+        "output_gb": round(out / GB, 3),
+        "alias_gb": round(alias / GB, 3),
+        "temp_gb": round(temp / GB, 3),
+        "code_gb": round(code / GB, 4),
+        "total_gb": round(total / GB, 3),
+        "hbm_gb": round(hbm / GB, 1),
+        "fits": bool(total <= hbm),
+    }
 
 
 def _flops(compiled) -> float:
@@ -139,8 +146,8 @@ def lower_train(cfg, mesh, stage: str, *, rows: int, accum: int, seq: int):
     from qilin_jax import sharding as S
     from qilin_jax.config import StageConfig
     from qilin_jax.train.distributed import batch_shardings
-    from qilin_jax.train.state import model_parts, train_state_shardings
     from qilin_jax.train.optim import make_optimizer, partition, trainable_mask
+    from qilin_jax.train.state import model_parts, train_state_shardings
     from qilin_jax.train.step import compile_train_step, init_state
 
     rules = S.DEFAULT_RULES
@@ -153,11 +160,17 @@ def lower_train(cfg, mesh, stage: str, *, rows: int, accum: int, seq: int):
     state_sh = train_state_shardings(state_abs.opt_state, t_sh, mesh)
     S_ = cfg.vision.image_size
     i32 = lambda: jax.ShapeDtypeStruct((accum, rows, seq), jnp.int32)
-    batch = {"input_ids": i32(), "labels": i32(), "segment_ids": i32(), "position_ids": i32(),
-             "pixel_values": jax.ShapeDtypeStruct((accum, rows, 1, 3, S_, S_), jnp.float32)}
+    batch = {
+        "input_ids": i32(),
+        "labels": i32(),
+        "segment_ids": i32(),
+        "position_ids": i32(),
+        "pixel_values": jax.ShapeDtypeStruct((accum, rows, 1, 3, S_, S_), jnp.float32),
+    }
     b_sh = batch_shardings(mesh, rules, batch)
-    step = compile_train_step(parts.graphdef, tx, schedule, state_shardings=state_sh,
-                              frozen_shardings=f_sh, batch_shardings=b_sh, packed=True)
+    step = compile_train_step(
+        parts.graphdef, tx, schedule, state_shardings=state_sh, frozen_shardings=f_sh, batch_shardings=b_sh, packed=True
+    )
     with S.activation_sharding(mesh, rules):
         lowered = step.lower(state_abs, f_abs, batch)
     lowered.argument_bytes = per_chip_bytes((state_abs, f_abs, batch), (state_sh, f_sh, b_sh))
@@ -187,13 +200,28 @@ def compile_train(target: str, stage: str, *, seq: int) -> dict:
     t0 = time.perf_counter()
     lowered = lower_train(cfg, mesh, stage, rows=per_step, accum=accum, seq=seq)
     t1 = time.perf_counter()
-    head = {"target": target, "topology": topo, "chips": chips, "program": stage, **MODEL_OVERRIDES,
-            "mesh": dict(mesh.shape), "rows_per_micro": per_step, "accum": accum,
-            "global_batch": per_step * accum, "seq": seq, "lower_s": round(t1 - t0, 1),
-            "argument_gb_precheck": round(lowered.argument_bytes / GB, 3)}
+    head = {
+        "target": target,
+        "topology": topo,
+        "chips": chips,
+        "program": stage,
+        **MODEL_OVERRIDES,
+        "mesh": dict(mesh.shape),
+        "rows_per_micro": per_step,
+        "accum": accum,
+        "global_batch": per_step * accum,
+        "seq": seq,
+        "lower_s": round(t1 - t0, 1),
+        "argument_gb_precheck": round(lowered.argument_bytes / GB, 3),
+    }
     if lowered.argument_bytes > hbm:  # parameters + optimizer state alone exceed the chip
-        return {**head, "compile_s": 0.0, "hbm_gb": round(hbm / GB, 1), "fits": False,
-                "note": "not compiled: the step's arguments alone exceed the chip's HBM"}
+        return {
+            **head,
+            "compile_s": 0.0,
+            "hbm_gb": round(hbm / GB, 1),
+            "fits": False,
+            "note": "not compiled: the step's arguments alone exceed the chip's HBM",
+        }
     head["devices"] = len(devices)
     try:
         compiled = lowered.compile()
@@ -237,12 +265,21 @@ def flops_check(target: str, stage: str, *, seq: int, rows: int | None = None) -
     extra = {}
     if stage == "stage2":
         extra["remat_full_extra_at_1_layer"] = round(compiled_flops(1, 1, remat="full") / f11 - 1, 4)
-    return {"target": target, "program": f"{stage}_flops", **MODEL_OVERRIDES, "rows": rows, "seq": seq,
-            "compiled_flops": compiled, "formula_flops": formula,
-            "formula_attention_flops": attn,
-            "compiled_over_formula": round(compiled / formula, 4),
-            "compiled_over_formula_without_attention": round(compiled / (formula - attn), 4),
-            "per_decoder_layer_compiled": bt, "per_vision_layer_compiled": bv, **extra}
+    return {
+        "target": target,
+        "program": f"{stage}_flops",
+        **MODEL_OVERRIDES,
+        "rows": rows,
+        "seq": seq,
+        "compiled_flops": compiled,
+        "formula_flops": formula,
+        "formula_attention_flops": attn,
+        "compiled_over_formula": round(compiled / formula, 4),
+        "compiled_over_formula_without_attention": round(compiled / (formula - attn), 4),
+        "per_decoder_layer_compiled": bt,
+        "per_vision_layer_compiled": bv,
+        **extra,
+    }
 
 
 def attention_check(target: str, *, seq: int, layers: int = 2) -> dict:
@@ -253,15 +290,17 @@ def attention_check(target: str, *, seq: int, layers: int = 2) -> dict:
     hbm = device_hbm(target, devices)
     mesh = train_mesh(devices, "stage2")
     rows = mesh.shape["data"] * mesh.shape["fsdp"]
-    out = {"target": target, "program": "stage2_attention_check", "decoder_layers": layers,
-           "rows": rows, "seq": seq}
+    out = {"target": target, "program": "stage2_attention_check", "decoder_layers": layers, "rows": rows, "seq": seq}
     for impl in ("splash", "xla"):
         cfg = dataclasses.replace(model_config(layers), attention=impl)
         t0 = time.perf_counter()
         c = lower_train(cfg, mesh, "stage2", rows=rows, accum=1, seq=seq).compile()
         m = _memory(c, hbm)
-        out[impl] = {"temp_gb": m["temp_gb"], "total_gb": m["total_gb"],
-                     "compile_s": round(time.perf_counter() - t0, 1)}
+        out[impl] = {
+            "temp_gb": m["temp_gb"],
+            "total_gb": m["total_gb"],
+            "compile_s": round(time.perf_counter() - t0, 1),
+        }
     return out
 
 
@@ -270,7 +309,8 @@ def compile_decode(target: str, *, batch: int = 32, slots: int = 2560) -> dict:
     import jax
     import jax.numpy as jnp
     from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from qilin_jax import sharding as S
     from qilin_jax.infer.sharded import INFERENCE_RULES
@@ -290,29 +330,48 @@ def compile_decode(target: str, *, batch: int = 32, slots: int = 2560) -> dict:
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), parts.abstract)
     t = cfg.text
     kv_shape = (t.num_hidden_layers, batch, slots, t.num_key_value_heads, t.head_dim)
-    cache = KVCache(jax.ShapeDtypeStruct(kv_shape, jnp.bfloat16), jax.ShapeDtypeStruct(kv_shape, jnp.bfloat16),
-                    jax.ShapeDtypeStruct((batch, slots), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32))
+    cache = KVCache(
+        jax.ShapeDtypeStruct(kv_shape, jnp.bfloat16),
+        jax.ShapeDtypeStruct(kv_shape, jnp.bfloat16),
+        jax.ShapeDtypeStruct((batch, slots), jnp.int32),
+        jax.ShapeDtypeStruct((), jnp.int32),
+    )
     kv_sh = NamedSharding(mesh, S.spec_for((None, "batch", None, "act_kv_heads", None), kv_shape, mesh, rules))
-    cache_sh = KVCache(kv_sh, kv_sh, NamedSharding(mesh, S.spec_for(("batch", None), (batch, slots), mesh, rules)),
-                       NamedSharding(mesh, P()))
+    cache_sh = KVCache(
+        kv_sh,
+        kv_sh,
+        NamedSharding(mesh, S.spec_for(("batch", None), (batch, slots), mesh, rules)),
+        NamedSharding(mesh, P()),
+    )
     row_sh = NamedSharding(mesh, S.spec_for(("batch",), (batch,), mesh, rules))
     vec = jax.ShapeDtypeStruct((batch,), jnp.int32)
     graphdef = parts.graphdef
 
     def decode(params, tok, cache, pos):
         model = nnx.merge(graphdef, params)
-        out = model(tok[:, None], segment_ids=jnp.ones_like(tok)[:, None], position_ids=pos[:, None],
-                    cache=cache)
+        out = model(tok[:, None], segment_ids=jnp.ones_like(tok)[:, None], position_ids=pos[:, None], cache=cache)
         return out.logits[:, -1], out.cache
 
     logits_sh = NamedSharding(mesh, S.spec_for(("batch", "act_vocab"), (batch, t.vocab_size), mesh, rules))
-    fn = jax.jit(decode, in_shardings=(parts.shardings, row_sh, cache_sh, row_sh),
-                 out_shardings=(logits_sh, cache_sh), donate_argnums=(2,))
+    fn = jax.jit(
+        decode,
+        in_shardings=(parts.shardings, row_sh, cache_sh, row_sh),
+        out_shardings=(logits_sh, cache_sh),
+        donate_argnums=(2,),
+    )
     t0 = time.perf_counter()
     with S.activation_sharding(mesh, rules):
         lowered = fn.lower(params, vec, cache, vec)
-    head = {"target": target, "topology": topo, "chips": chips, "devices": n, "program": "decode",
-            "mesh": dict(mesh.shape), "batch": batch, "slots": slots}
+    head = {
+        "target": target,
+        "topology": topo,
+        "chips": chips,
+        "devices": n,
+        "program": "decode",
+        "mesh": dict(mesh.shape),
+        "batch": batch,
+        "slots": slots,
+    }
     try:
         compiled = lowered.compile()
     except Exception as e:
@@ -321,26 +380,37 @@ def compile_decode(target: str, *, batch: int = 32, slots: int = 2560) -> dict:
         return {**head, "compile_s": round(time.perf_counter() - t0, 1), **_oom_error(e, hbm)}
     t1 = time.perf_counter()
     from qilin_jax.train.flops import _llm_matmul_params
+
     # 2 x matmul params per token + QK^T and AV over all slots (the mask does not skip work).
-    formula = batch * (2 * _llm_matmul_params(cfg) + 2 * 2 * t.num_hidden_layers * t.num_attention_heads
-                       * t.head_dim * slots)
+    formula = batch * (
+        2 * _llm_matmul_params(cfg) + 2 * 2 * t.num_hidden_layers * t.num_attention_heads * t.head_dim * slots
+    )
     # The decoder scan's body is counted once: scale the per-layer share by the layer count.
-    return {**head, "compile_s": round(t1 - t0, 1), **_memory(compiled, hbm),
-            "compiled_flops_loop_body_once": _flops(compiled) * n, "formula_flops": formula}
+    return {
+        **head,
+        "compile_s": round(t1 - t0, 1),
+        **_memory(compiled, hbm),
+        "compiled_flops_loop_body_once": _flops(compiled) * n,
+        "formula_flops": formula,
+    }
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--targets", default="v5p-8,v4-8,v5e-16,v5e-256")
     ap.add_argument("--programs", default="stage1,stage2,decode")
-    ap.add_argument("--find-fit", action="store_true",
-                    help="for v4 and v5e, also try bigger slices until each stage fits")
+    ap.add_argument(
+        "--find-fit", action="store_true", help="for v4 and v5e, also try bigger slices until each stage fits"
+    )
     ap.add_argument("--flops-check", default="v5p-8", help="target of the FLOP check ('' = skip)")
     ap.add_argument("--attention-check", default="", help="target of the splash-vs-xla memory check")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--out", default=None, help="append every JSON line to this file too")
-    ap.add_argument("--loss-supervised-only", action="store_true",
-                    help="compile with model.loss_supervised_only (the LM head on labelled positions only)")
+    ap.add_argument(
+        "--loss-supervised-only",
+        action="store_true",
+        help="compile with model.loss_supervised_only (the LM head on labelled positions only)",
+    )
     args = ap.parse_args(argv)
     if args.loss_supervised_only:
         MODEL_OVERRIDES["loss_supervised_only"] = True
@@ -365,11 +435,10 @@ def main(argv=None) -> None:
             try:
                 r = compile_decode(target) if prog == "decode" else compile_train(target, prog, seq=args.seq)
             except Exception as e:  # a slice that cannot hold the program fails to compile
-                r = {"target": target, "program": prog, "error": f"{type(e).__name__}: {str(e)[:300]}",
-                     "fits": False}
+                r = {"target": target, "program": prog, "error": f"{type(e).__name__}: {str(e)[:300]}", "fits": False}
             emit(r)
     if args.find_fit:
-        for fam, names in FAMILIES.items():
+        for names in FAMILIES.values():
             for prog in [p for p in programs if p != "decode"]:
                 done = [r for r in results if r.get("program") == prog and r["target"] in names]
                 if any(r.get("fits") for r in done):
@@ -380,8 +449,12 @@ def main(argv=None) -> None:
                     try:
                         r = compile_train(name, prog, seq=args.seq)
                     except Exception as e:
-                        r = {"target": name, "program": prog, "error": f"{type(e).__name__}: {str(e)[:300]}",
-                             "fits": False}
+                        r = {
+                            "target": name,
+                            "program": prog,
+                            "error": f"{type(e).__name__}: {str(e)[:300]}",
+                            "fits": False,
+                        }
                     emit(r)
                     if r.get("fits"):
                         break
@@ -395,15 +468,16 @@ def main(argv=None) -> None:
     summary = {"jax": jax.__version__, "results": len(results)}
     for fam, names in FAMILIES.items():
         for prog in ("stage1", "stage2"):
-            fit = [r["target"] for r in results if r.get("program") == prog and r.get("fits")
-                   and r["target"] in names]
+            fit = [r["target"] for r in results if r.get("program") == prog and r.get("fits") and r["target"] in names]
             summary[f"smallest_{fam}_{prog}"] = min(fit, key=lambda n: TARGETS[n][1]) if fit else None
     print(json.dumps({"summary": summary}))
     rows = []
     for r in results:
         if "total_gb" in r:
-            rows.append(f"{r['target']} {r['program']}: {r['total_gb']:.1f}/{r['hbm_gb']:.0f} GB "
-                        f"({'fits' if r['fits'] else 'OOM'})")
+            rows.append(
+                f"{r['target']} {r['program']}: {r['total_gb']:.1f}/{r['hbm_gb']:.0f} GB "
+                f"({'fits' if r['fits'] else 'OOM'})"
+            )
         elif "compiled_over_formula" in r:
             rows.append(f"{r['program']} compiled/formula {r['compiled_over_formula']:.3f}")
         else:

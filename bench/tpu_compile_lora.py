@@ -24,6 +24,7 @@ of --rows-per-chip rows per chip; fsdp over the chips. full: bench/tpu_compile.p
 stage 2 (float32 master weights and AdamW state) on the same targets.
 Prints one JSON line per compile (also to --out) and a summary table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,12 +39,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile only: no chip is opened
 
-from bench import tpu_compile as T
+from bench import tpu_compile as T  # noqa: E402 (after the environment set-up)
 
 GB = T.GB
 # name: (topology, chips used, HBM bytes per chip); "-1": one chip of the topology.
-TARGETS = {**T.TARGETS, "v5e-1": ("v5e:2x2", 1, 16e9), "v5e-4": ("v5e:2x2", 4, 16e9),
-           "v5e-8": ("v5e:2x4", 8, 16e9)}
+TARGETS = {**T.TARGETS, "v5e-1": ("v5e:2x2", 1, 16e9), "v5e-4": ("v5e:2x2", 4, 16e9), "v5e-8": ("v5e:2x4", 8, 16e9)}
 GLOBAL_BATCH = 128
 
 
@@ -67,8 +67,7 @@ def quantized_parts(cfg, mesh, rules, kind: str | None, lora=None):
     from qilin_jax.train.lora import lora_parts
 
     parts = L.model_parts(cfg, mesh, rules)
-    shapes = (jax.eval_shape(lambda p: Q.quantize_params(p, kind), parts.abstract)["llm"]["layers"]
-              if kind else {})
+    shapes = jax.eval_shape(lambda p: Q.quantize_params(p, kind), parts.abstract)["llm"]["layers"] if kind else {}
     if not kind and lora is None:
         return parts
     return lora_parts(parts, lora, mesh, rules, shapes)
@@ -115,29 +114,46 @@ def compile_decode(target: str, kind: str, *, batch: int, slots: int) -> dict:
     params = _as_dtype(parts.abstract, jnp.bfloat16)
     t = cfg.text
     kv_shape = (t.num_hidden_layers, batch, slots, t.num_key_value_heads, t.head_dim)
-    cache = KVCache(jax.ShapeDtypeStruct(kv_shape, jnp.bfloat16), jax.ShapeDtypeStruct(kv_shape, jnp.bfloat16),
-                    jax.ShapeDtypeStruct((batch, slots), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32))
+    cache = KVCache(
+        jax.ShapeDtypeStruct(kv_shape, jnp.bfloat16),
+        jax.ShapeDtypeStruct(kv_shape, jnp.bfloat16),
+        jax.ShapeDtypeStruct((batch, slots), jnp.int32),
+        jax.ShapeDtypeStruct((), jnp.int32),
+    )
     kv_sh = NamedSharding(mesh, S.spec_for((None, "batch", None, "act_kv_heads", None), kv_shape, mesh, rules))
-    cache_sh = KVCache(kv_sh, kv_sh, NamedSharding(mesh, S.spec_for(("batch", None), (batch, slots), mesh, rules)),
-                       NamedSharding(mesh, P()))
+    cache_sh = KVCache(
+        kv_sh,
+        kv_sh,
+        NamedSharding(mesh, S.spec_for(("batch", None), (batch, slots), mesh, rules)),
+        NamedSharding(mesh, P()),
+    )
     row_sh = NamedSharding(mesh, S.spec_for(("batch",), (batch,), mesh, rules))
     vec = jax.ShapeDtypeStruct((batch,), jnp.int32)
     graphdef = parts.graphdef
 
     def decode(params, tok, cache, pos):
         model = nnx.merge(graphdef, params)
-        out = model(tok[:, None], segment_ids=jnp.ones_like(tok)[:, None], position_ids=pos[:, None],
-                    cache=cache)
+        out = model(tok[:, None], segment_ids=jnp.ones_like(tok)[:, None], position_ids=pos[:, None], cache=cache)
         return out.logits[:, -1], out.cache
 
     logits_sh = NamedSharding(mesh, S.spec_for(("batch", "act_vocab"), (batch, t.vocab_size), mesh, rules))
-    fn = jax.jit(decode, in_shardings=(parts.shardings, row_sh, cache_sh, row_sh),
-                 out_shardings=(logits_sh, cache_sh), donate_argnums=(2,))
-    head = {"target": target, "chips": n, "program": "decode", "quantize": kind, "mesh": dict(mesh.shape),
-            "batch": batch, "slots": slots,
-            "weights_gb": round(T.per_chip_bytes(params, parts.shardings) / GB, 3),
-            "kv_cache_gb": round(2 * jnp.dtype(jnp.bfloat16).itemsize * int(jnp.prod(jnp.array(kv_shape)))
-                                 / n / GB, 3)}
+    fn = jax.jit(
+        decode,
+        in_shardings=(parts.shardings, row_sh, cache_sh, row_sh),
+        out_shardings=(logits_sh, cache_sh),
+        donate_argnums=(2,),
+    )
+    head = {
+        "target": target,
+        "chips": n,
+        "program": "decode",
+        "quantize": kind,
+        "mesh": dict(mesh.shape),
+        "batch": batch,
+        "slots": slots,
+        "weights_gb": round(T.per_chip_bytes(params, parts.shardings) / GB, 3),
+        "kv_cache_gb": round(2 * jnp.dtype(jnp.bfloat16).itemsize * int(jnp.prod(jnp.array(kv_shape))) / n / GB, 3),
+    }
     t0 = time.perf_counter()
     with S.activation_sharding(mesh, rules):
         lowered = fn.lower(params, vec, cache, vec)
@@ -184,16 +200,39 @@ def compile_lora_step(target: str, kind: str | None, *, rank: int, seq: int, row
     accum = max(1, GLOBAL_BATCH // rows)
     S_ = cfg.vision.image_size
     i32 = lambda: jax.ShapeDtypeStruct((accum, rows, seq), jnp.int32)
-    batch = {"input_ids": i32(), "labels": i32(), "segment_ids": i32(), "position_ids": i32(),
-             "pixel_values": jax.ShapeDtypeStruct((accum, rows, 1, 3, S_, S_), jnp.float32)}
+    batch = {
+        "input_ids": i32(),
+        "labels": i32(),
+        "segment_ids": i32(),
+        "position_ids": i32(),
+        "pixel_values": jax.ShapeDtypeStruct((accum, rows, 1, 3, S_, S_), jnp.float32),
+    }
     b_sh = L.batch_shardings(mesh, rules, batch)
-    step = compile_train_step(parts.graphdef, tx, schedule, state_shardings=state_sh, frozen_shardings=f_sh,
-                              batch_shardings=b_sh, packed=True, lora_dropout=lc.dropout)
+    step = compile_train_step(
+        parts.graphdef,
+        tx,
+        schedule,
+        state_shardings=state_sh,
+        frozen_shardings=f_sh,
+        batch_shardings=b_sh,
+        packed=True,
+        lora_dropout=lc.dropout,
+    )
     n_lora = sum(int(x.size) for x in jax.tree.leaves(t_abs["llm"]))
-    head = {"target": target, "chips": n, "program": "qlora" if kind else "lora", "quantize": kind or "bf16",
-            "rank": rank, "lora_params_m": round(n_lora / 1e6, 1), "mesh": dict(mesh.shape),
-            "rows_per_micro": rows, "accum": accum, "global_batch": rows * accum, "seq": seq,
-            "argument_gb_precheck": round(T.per_chip_bytes((state_abs, f_abs, batch), (state_sh, f_sh, b_sh)) / GB, 3)}
+    head = {
+        "target": target,
+        "chips": n,
+        "program": "qlora" if kind else "lora",
+        "quantize": kind or "bf16",
+        "rank": rank,
+        "lora_params_m": round(n_lora / 1e6, 1),
+        "mesh": dict(mesh.shape),
+        "rows_per_micro": rows,
+        "accum": accum,
+        "global_batch": rows * accum,
+        "seq": seq,
+        "argument_gb_precheck": round(T.per_chip_bytes((state_abs, f_abs, batch), (state_sh, f_sh, b_sh)) / GB, 3),
+    }
     t0 = time.perf_counter()
     with S.activation_sharding(mesh, rules):
         lowered = step.lower(state_abs, f_abs, batch)
@@ -243,8 +282,10 @@ def main(argv=None) -> None:
     print("program  target  quantize  per-chip GB / HBM  fits")
     for r in rows:
         total = r.get("total_gb", r.get("temp_gb_required"))
-        print(f"{r['program']:7s} {r['target']:7s} {r.get('quantize', 'bf16')!s:8s} "
-              f"{total if total is not None else '-'} / {r.get('hbm_gb')}  {r.get('fits')}")
+        print(
+            f"{r['program']:7s} {r['target']:7s} {r.get('quantize', 'bf16')!s:8s} "
+            f"{total if total is not None else '-'} / {r.get('hbm_gb')}  {r.get('fits')}"
+        )
 
 
 if __name__ == "__main__":

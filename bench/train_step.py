@@ -25,6 +25,7 @@ causal-block XLA attention (bench/train_variants.py), torch without gradient che
 Prints one JSON line (contract keys: stage1_step_s, stage2_step_s, torch_stage2_step_s,
 stage2_speedup_vs_torch, mfu) and a one-line summary.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -93,13 +94,13 @@ def make_batch(cfg, rows: int, text_tokens: int, pad_last_row: int, seed: int = 
     T = 1 + P + text_tokens
     ids = rng.integers(3, cfg.text.vocab_size - 1, size=(rows, T)).astype(np.int32)
     ids[:, 0] = 1
-    ids[:, 1:1 + P] = img
+    ids[:, 1 : 1 + P] = img
     mask = np.ones((rows, T), np.int32)
     if pad_last_row:
-        mask[-1, T - pad_last_row:] = 0
+        mask[-1, T - pad_last_row :] = 0
     ids = np.where(mask == 1, ids, 0).astype(np.int32)
     labels = np.where(mask == 1, ids, -100).astype(np.int32)
-    labels[:, :1 + P] = -100
+    labels[:, : 1 + P] = -100
     pos = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
     S = cfg.vision.image_size
     px = rng.normal(size=(rows, 1, 3, S, S)).astype(np.float32)
@@ -107,6 +108,7 @@ def make_batch(cfg, rows: int, text_tokens: int, pad_last_row: int, seed: int = 
 
 
 # --- ours -------------------------------------------------------------------------------------
+
 
 class JaxSide:
     """Our sharded jitted train step (one device), one donated TrainState per stage (`stages`:
@@ -118,8 +120,8 @@ class JaxSide:
         from qilin_jax import sharding as S
         from qilin_jax.config import StageConfig
         from qilin_jax.train.distributed import batch_shardings, to_global
-        from qilin_jax.train.state import init_params, model_parts, train_state_shardings
         from qilin_jax.train.optim import make_optimizer, partition, trainable_mask
+        from qilin_jax.train.state import init_params, model_parts, train_state_shardings
         from qilin_jax.train.step import compile_train_step, init_state
 
         self.jax = jax
@@ -141,8 +143,9 @@ class JaxSide:
             state = jax.jit(lambda t: init_state(jax.tree.map(lambda x: x + 0, t), tx))(trainable)  # noqa: B023 (called here)
             state_sh = train_state_shardings(state.opt_state, t_sh, mesh)
             state = jax.device_put(state, state_sh)
-            step = compile_train_step(parts.graphdef, tx, schedule, state_shardings=state_sh,
-                                      frozen_shardings=f_sh, batch_shardings=b_sh)
+            step = compile_train_step(
+                parts.graphdef, tx, schedule, state_shardings=state_sh, frozen_shardings=f_sh, batch_shardings=b_sh
+            )
             t0 = time.perf_counter()
             with S.activation_sharding(mesh, self.rules):
                 compiled = step.lower(state, frozen, self.batch).compile()
@@ -171,10 +174,11 @@ class JaxSide:
             t = time.perf_counter()
             f(a, b).block_until_ready()
             times.append(time.perf_counter() - t)
-        return 2 * n ** 3 / statistics.median(times)
+        return 2 * n**3 / statistics.median(times)
 
 
 # --- transformers -----------------------------------------------------------------------------
+
 
 class TorchSide:
     """transformers LlavaForConditionalGeneration + torch AdamW, frozen parts requires_grad=False."""
@@ -206,15 +210,21 @@ class TorchSide:
             input_ids=ids,
             attention_mask=torch.from_numpy(batch["segment_ids"].astype(np.int64)).to(device),
             labels=torch.from_numpy(batch["labels"].astype(np.int64)).to(device),
-            pixel_values=torch.from_numpy(batch["pixel_values"][:, 0]).to(device))
+            pixel_values=torch.from_numpy(batch["pixel_values"][:, 0]).to(device),
+        )
         named = dict(model.named_parameters())
         self.trainable = {
             "stage1": [p for k, p in named.items() if "multi_modal_projector" in k],
-            "stage2": [p for k, p in named.items()
-                       if "multi_modal_projector" in k or "language_model" in k or k.startswith("lm_head")],
+            "stage2": [
+                p
+                for k, p in named.items()
+                if "multi_modal_projector" in k or "language_model" in k or k.startswith("lm_head")
+            ],
         }
-        self.opts = {s: torch.optim.AdamW(ps, lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-                     for s, ps in self.trainable.items()}
+        self.opts = {
+            s: torch.optim.AdamW(ps, lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+            for s, ps in self.trainable.items()
+        }
         for s in STAGES:
             self.run(s)  # warm-up (and AdamW state allocation)
 
@@ -225,8 +235,7 @@ class TorchSide:
             p.requires_grad_(id(p) in train)
         opt = self.opts[name]
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.split(":")[0], dtype=self.amp_dtype or torch.bfloat16,
-                            enabled=self.autocast):
+        with torch.autocast(self.device.split(":")[0], dtype=self.amp_dtype or torch.bfloat16, enabled=self.autocast):
             loss = self.model(**self.inputs).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.trainable[name], 1.0)
@@ -249,7 +258,7 @@ class TorchSide:
             a @ b
             sync()
             times.append(time.perf_counter() - t)
-        return 2 * n ** 3 / statistics.median(times)
+        return 2 * n**3 / statistics.median(times)
 
 
 def main(argv=None) -> None:
@@ -258,12 +267,20 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--frameworks", default="jax,torch")
     ap.add_argument("--matmul-n", type=int, default=None, help="peak matmul size (default 4096 CPU, 8192 GPU)")
-    ap.add_argument("--settings", default=None,
-                    help="use this platform's compute settings of the config (default: jax's backend); "
-                         "e.g. --settings gpu --override attention=xla runs the GPU path (bf16, torch "
-                         "autocast) on a CPU")
-    ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                    help="one compute setting over the config's (dtype, attention, remat, loss_chunk, ...)")
+    ap.add_argument(
+        "--settings",
+        default=None,
+        help="use this platform's compute settings of the config (default: jax's backend); "
+        "e.g. --settings gpu --override attention=xla runs the GPU path (bf16, torch "
+        "autocast) on a CPU",
+    )
+    ap.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="one compute setting over the config's (dtype, attention, remat, loss_chunk, ...)",
+    )
     args = ap.parse_args(argv)
 
     import jax
@@ -314,18 +331,33 @@ def main(argv=None) -> None:
     # loss_supervised_only, only on the supervised ones, and is credited only for those.
     flops_all = {s: step_flops(cfg, B, T, B, llm_trainable=(s == "stage2")) for s in STAGES}
     supervised = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-    flops = {s: step_flops(cfg, B, T, B, llm_trainable=(s == "stage2"),
-                           head_tokens=head_tokens(cfg, batch)) for s in STAGES}
-    out = {"config": os.path.relpath(args.config, ROOT), "platform": plat, "settings": settings,
-           "device": jax.devices()[0].device_kind, "host": platform.node(), "threads": threads,
-           "jax": jax.__version__, "params": param_count(cfg)["total"],
-           "dtype": cfg.dtype, "attention": cfg.attention, "remat": cfg.remat,
-           "loss_chunk": cfg.loss_chunk, "loss_supervised_only": cfg.loss_supervised_only,
-           "batch": B, "seq": T, "supervised_tokens": supervised, "repeats": repeats,
-           "step_flops": {s: flops[s] for s in STAGES},
-           "step_flops_all_positions": {s: flops_all[s] for s in STAGES},
-           "matmul_peak_tflops": {who: round(p / 1e12, 4) for who, p in peak.items()},
-           "matmul_n": n, "peak_dtype": peak_dtype}
+    flops = {
+        s: step_flops(cfg, B, T, B, llm_trainable=(s == "stage2"), head_tokens=head_tokens(cfg, batch)) for s in STAGES
+    }
+    out = {
+        "config": os.path.relpath(args.config, ROOT),
+        "platform": plat,
+        "settings": settings,
+        "device": jax.devices()[0].device_kind,
+        "host": platform.node(),
+        "threads": threads,
+        "jax": jax.__version__,
+        "params": param_count(cfg)["total"],
+        "dtype": cfg.dtype,
+        "attention": cfg.attention,
+        "remat": cfg.remat,
+        "loss_chunk": cfg.loss_chunk,
+        "loss_supervised_only": cfg.loss_supervised_only,
+        "batch": B,
+        "seq": T,
+        "supervised_tokens": supervised,
+        "repeats": repeats,
+        "step_flops": {s: flops[s] for s in STAGES},
+        "step_flops_all_positions": {s: flops_all[s] for s in STAGES},
+        "matmul_peak_tflops": {who: round(p / 1e12, 4) for who, p in peak.items()},
+        "matmul_n": n,
+        "peak_dtype": peak_dtype,
+    }
     vendor = device_peak_tflops(jax.devices()[0])
     if vendor:
         out["vendor_peak_tflops"] = vendor
@@ -354,14 +386,19 @@ def main(argv=None) -> None:
     print(json.dumps(out))
     parts = [f"{plat} {out['device']}: seq {T} x {B}"]
     if "jax" in sides:
-        parts.append(f"ours stage1 {out['stage1_step_s']:.3f}s stage2 {out['stage2_step_s']:.3f}s "
-                     f"(MFU {out['mfu']:.0%} of {peak['jax'] / 1e12:.3f} TFLOP/s measured)")
+        parts.append(
+            f"ours stage1 {out['stage1_step_s']:.3f}s stage2 {out['stage2_step_s']:.3f}s "
+            f"(MFU {out['mfu']:.0%} of {peak['jax'] / 1e12:.3f} TFLOP/s measured)"
+        )
     if "torch" in sides:
-        parts.append(f"torch stage1 {out['torch_stage1_step_s']:.3f}s stage2 {out['torch_stage2_step_s']:.3f}s "
-                     f"(MFU {out['torch_stage2_mfu']:.0%})")
+        parts.append(
+            f"torch stage1 {out['torch_stage1_step_s']:.3f}s stage2 {out['torch_stage2_step_s']:.3f}s "
+            f"(MFU {out['torch_stage2_mfu']:.0%})"
+        )
     if len(sides) == 2:
-        parts.append(f"stage2 speedup {out['stage2_speedup_vs_torch']:.2f}x, "
-                     f"stage1 {out['stage1_speedup_vs_torch']:.2f}x")
+        parts.append(
+            f"stage2 speedup {out['stage2_speedup_vs_torch']:.2f}x, stage1 {out['stage1_speedup_vs_torch']:.2f}x"
+        )
     print("; ".join(parts))
 
 

@@ -8,6 +8,7 @@ Each variant is the config's platform settings with one change; reported: step t
 ratio to the baseline, and the compiled program's memory (`memory_analysis`: temporaries,
 donated/aliased bytes, arguments). Prints one JSON line and a one-line summary.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,15 +48,16 @@ VARIANTS = {
 def build(cfg, batch, stage: str, donate: bool, optimizer: str = "guarded"):
     """(compiled step, state, frozen, global batch) for one variant."""
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
+    from bench.train_step import STAGES
     from qilin_jax import sharding as S
     from qilin_jax.config import StageConfig
     from qilin_jax.train.distributed import batch_shardings, to_global
-    from qilin_jax.train.state import init_params, init_stage_state, model_parts
     from qilin_jax.train.optim import make_optimizer
+    from qilin_jax.train.state import init_params, init_stage_state, model_parts
     from qilin_jax.train.step import train_step
-    from bench.train_step import STAGES
 
     mesh = S.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     rules = S.DEFAULT_RULES
@@ -71,9 +73,11 @@ def build(cfg, batch, stage: str, donate: bool, optimizer: str = "guarded"):
     state, frozen, state_sh, f_sh = init_stage_state(parts, params, st.trainable, tx, mesh)
     repl = NamedSharding(mesh, P())
     import functools
+
     fn = functools.partial(train_step, parts.graphdef, tx, schedule)
-    jitted = jax.jit(fn, donate_argnums=(0,) if donate else (),
-                     in_shardings=(state_sh, f_sh, b_sh), out_shardings=(state_sh, repl))
+    jitted = jax.jit(
+        fn, donate_argnums=(0,) if donate else (), in_shardings=(state_sh, f_sh, b_sh), out_shardings=(state_sh, repl)
+    )
     compiled = jitted.lower(state, frozen, gbatch).compile()
     return compiled, state, frozen, gbatch
 
@@ -107,10 +111,12 @@ def main(argv=None) -> None:
         with unrolled_scans() if unroll else contextlib.nullcontext():
             compiled, state, frozen, gb = build(cfg, batch, args.stage, donate, optimizer)
         m = compiled.memory_analysis()
-        mem[name] = {"temp_mb": round(m.temp_size_in_bytes / 2**20, 1),
-                     "argument_mb": round(m.argument_size_in_bytes / 2**20, 1),
-                     "output_mb": round(m.output_size_in_bytes / 2**20, 1),
-                     "alias_mb": round(m.alias_size_in_bytes / 2**20, 1)}
+        mem[name] = {
+            "temp_mb": round(m.temp_size_in_bytes / 2**20, 1),
+            "argument_mb": round(m.argument_size_in_bytes / 2**20, 1),
+            "output_mb": round(m.output_size_in_bytes / 2**20, 1),
+            "alias_mb": round(m.alias_size_in_bytes / 2**20, 1),
+        }
         state, met = compiled(state, frozen, gb)  # warm-up
         jax.block_until_ready(met)
         built[name] = [compiled, state, frozen, gb]
@@ -125,15 +131,20 @@ def main(argv=None) -> None:
             built[n][1] = state
     med = {n: statistics.median(v) for n, v in times.items()}
     base_t = med.get("baseline", next(iter(med.values())))
-    out = {"config": str(Path(args.config).relative_to(ROOT)) if args.config.startswith(str(ROOT)) else args.config,
-           "platform": plat, "stage": args.stage, "repeats": args.repeats,
-           "baseline": {k: getattr(base, k) for k in ("dtype", "attention", "remat", "loss_chunk",
-                                                      "loss_supervised_only")},
-           "variants": {n: {"step_s": round(med[n], 4), "vs_baseline": round(med[n] / base_t, 3), **mem[n]}
-                        for n in names}}
+    out = {
+        "config": str(Path(args.config).relative_to(ROOT)) if args.config.startswith(str(ROOT)) else args.config,
+        "platform": plat,
+        "stage": args.stage,
+        "repeats": args.repeats,
+        "baseline": {
+            k: getattr(base, k) for k in ("dtype", "attention", "remat", "loss_chunk", "loss_supervised_only")
+        },
+        "variants": {
+            n: {"step_s": round(med[n], 4), "vs_baseline": round(med[n] / base_t, 3), **mem[n]} for n in names
+        },
+    }
     print(json.dumps(out))
-    print("; ".join(f"{n}: {med[n]:.3f}s ({med[n] / base_t:.2f}x) temp {mem[n]['temp_mb']:.0f} MB"
-                    for n in names))
+    print("; ".join(f"{n}: {med[n]:.3f}s ({med[n] / base_t:.2f}x) temp {mem[n]['temp_mb']:.0f} MB" for n in names))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
 From Python: `converters.to_jax.to_jax(...)` and `converters.to_torch.to_torch(...)`.
 torch is never imported at module import time (only to read legacy pre-zip `.bin` files).
 """
+
 from converters.mapping import ConversionError
 
 __all__ = ["ConversionError"]

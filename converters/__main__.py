@@ -1,4 +1,5 @@
 """`python -m converters ...`: see converters/cli.py."""
+
 import sys
 
 from converters.cli import main

@@ -8,6 +8,7 @@ LlamaConfig / CLIPConfig / CLIPVisionConfig / LlavaConfig, or the original LLaVA
 config (LlamaConfig fields plus mm_projector_type, mm_vision_select_layer, ...). Without
 one, LLaMA/CLIP conventions are assumed (head_dim 128 / 64) and reported as guesses.
 """
+
 from __future__ import annotations
 
 import collections
@@ -21,8 +22,17 @@ from converters.mapping import ConversionError
 from converters.readers import TensorInfo, dtype_name
 
 # When several formats explain every key, the first listed wins (see `detect`).
-FORMAT_PREFERENCE = ("hf-llava-old", "hf-llava", "hf-llava-v5", "hf-llava-v5-saved", "llava",
-                     "hf-llama", "hf-clip", "hf-clip-vision", "mm-projector")
+FORMAT_PREFERENCE = (
+    "hf-llava-old",
+    "hf-llava",
+    "hf-llava-v5",
+    "hf-llava-v5-saved",
+    "llava",
+    "hf-llama",
+    "hf-clip",
+    "hf-clip-vision",
+    "mm-projector",
+)
 
 
 @dataclasses.dataclass
@@ -31,16 +41,16 @@ class Found:
 
     source: str
     format: str
-    adapter: str | None                 # "mlp2x_gelu" / "linear" when adapter keys are present
-    parts: tuple[str, ...]              # of "llm", "vision", "adapter"
-    layers: dict[str, int]              # part -> layer count
+    adapter: str | None  # "mlp2x_gelu" / "linear" when adapter keys are present
+    parts: tuple[str, ...]  # of "llm", "vision", "adapter"
+    layers: dict[str, int]  # part -> layer count
     vocab_size: int | None
     has_lm_head: bool
-    dtypes: dict[str, int]              # dtype name -> tensor count
+    dtypes: dict[str, int]  # dtype name -> tensor count
     num_tensors: int
     num_bytes: int
-    ignored: list[str]                  # known buffers / foreign parts that are skipped
-    hf_config: dict | None              # config.json next to the weights, if any
+    ignored: list[str]  # known buffers / foreign parts that are skipped
+    hf_config: dict | None  # config.json next to the weights, if any
 
     def summary(self) -> str:
         """One line for the CLI report."""
@@ -87,8 +97,12 @@ def load_hf_config(src) -> dict | None:
 
 def is_llava_release_config(c: dict | None) -> bool:
     """Whether a config.json is the original LLaVA/Qilin release's (not HF llava's)."""
-    return bool(c) and ("mm_projector_type" in c or "mm_vision_tower" in c or "mm_hidden_size" in c
-                        or "LlavaLlamaForCausalLM" in (c.get("architectures") or []))
+    return bool(c) and (
+        "mm_projector_type" in c
+        or "mm_vision_tower" in c
+        or "mm_hidden_size" in c
+        or "LlavaLlamaForCausalLM" in (c.get("architectures") or [])
+    )
 
 
 def detect(infos: list[TensorInfo], source: str = "", hf_config: dict | None = None) -> Found:
@@ -99,7 +113,7 @@ def detect(infos: list[TensorInfo], source: str = "", hf_config: dict | None = N
         raise ConversionError(f"{source}: no model tensors found (only {len(ignored)} buffers)")
     best = None
     for fmt in FORMAT_PREFERENCE:
-        for adapter in (("mlp2x_gelu",) if fmt.startswith("hf-llava") else ("mlp2x_gelu", "linear")):
+        for adapter in ("mlp2x_gelu",) if fmt.startswith("hf-llava") else ("mlp2x_gelu", "linear"):
             matched, unmatched = _score(keys, fmt, adapter)
             cand = (len(unmatched), -sum(matched.values()), fmt, adapter, matched, unmatched)
             if best is None or cand[:2] < best[:2]:
@@ -108,12 +122,15 @@ def detect(infos: list[TensorInfo], source: str = "", hf_config: dict | None = N
     if n_unmatched:
         shown = ", ".join(unmatched[:8]) + (f" (+{len(unmatched) - 8} more)" if len(unmatched) > 8 else "")
         if any("lora_" in k for k in unmatched):
-            raise ConversionError(f"{source}: LoRA weights ({shown}); merge them into the base "
-                                  "model first (LLaVA: scripts/merge_lora_weights.py), then convert")
+            raise ConversionError(
+                f"{source}: LoRA weights ({shown}); merge them into the base "
+                "model first (LLaVA: scripts/merge_lora_weights.py), then convert"
+            )
         raise ConversionError(
             f"{source}: {n_unmatched} key(s) fit no known format (closest: {fmt}, which explains "
             f"{sum(matched.values())} keys): {shown}. Known formats: {', '.join(K.FORMATS)} "
-            "(see converters/keys.py).")
+            "(see converters/keys.py)."
+        )
     parts = [p for p in ("llm", "vision", "adapter") if matched.get(p)]
     if matched.get("lm_head") and "llm" not in parts:
         parts.insert(0, "llm")
@@ -140,13 +157,23 @@ def detect(infos: list[TensorInfo], source: str = "", hf_config: dict | None = N
             vocab = vocab or i.shape[0]
     dtypes = collections.Counter(dtype_name(i.dtype) for i in infos)
     return Found(
-        source=source, format=fmt, adapter=adapter if "adapter" in parts else None,
-        parts=tuple(parts), layers={p: max(v) + 1 for p, v in sorted(layers.items())},
-        vocab_size=vocab, has_lm_head=has_head, dtypes=dict(dtypes), num_tensors=len(infos),
-        num_bytes=sum(i.nbytes for i in infos), ignored=ignored, hf_config=hf_config)
+        source=source,
+        format=fmt,
+        adapter=adapter if "adapter" in parts else None,
+        parts=tuple(parts),
+        layers={p: max(v) + 1 for p, v in sorted(layers.items())},
+        vocab_size=vocab,
+        has_lm_head=has_head,
+        dtypes=dict(dtypes),
+        num_tensors=len(infos),
+        num_bytes=sum(i.nbytes for i in infos),
+        ignored=ignored,
+        hf_config=hf_config,
+    )
 
 
 # --- config inference -----------------------------------------------------------------------
+
 
 def _shape_of(infos, fmt, adapter, path, layer=0):
     rows = K.compile_table(fmt, adapter or "mlp2x_gelu")
@@ -211,30 +238,45 @@ def infer_text(infos, found: Found, hf: dict | None, notices: list[str]):
     elif q[0] % 64 == 0:
         hd_guess = 128 if q[0] % 128 == 0 else 64
         H = q[0] // hd_guess
-        notices.append(f"no num_attention_heads in a config.json: assuming head_dim {hd_guess} "
-                       f"-> {H} heads (LLaMA convention); pass --preset to be explicit")
+        notices.append(
+            f"no num_attention_heads in a config.json: assuming head_dim {hd_guess} "
+            f"-> {H} heads (LLaMA convention); pass --preset to be explicit"
+        )
     else:
-        raise ConversionError(f"{found.source}: no config.json gives num_attention_heads and the "
-                              f"{q[0]}-wide attention fits no usual head size; pass --preset NAME")
+        raise ConversionError(
+            f"{found.source}: no config.json gives num_attention_heads and the "
+            f"{q[0]}-wide attention fits no usual head size; pass --preset NAME"
+        )
     if q[0] % H:
         raise ConversionError(f"q_proj has {q[0]} rows, not a multiple of num_attention_heads={H}")
     hd = q[0] // H
     theta, scaling = _rope(t)
     tie = bool(t.get("tie_word_embeddings", (hf or {}).get("tie_word_embeddings", False)))
     if not found.has_lm_head and not tie:
-        raise ConversionError(f"{found.source}: no lm_head.weight and the config does not tie the "
-                              "word embeddings; the checkpoint is incomplete")
+        raise ConversionError(
+            f"{found.source}: no lm_head.weight and the config does not tie the "
+            "word embeddings; the checkpoint is incomplete"
+        )
     if "vocab_size" in t and int(t["vocab_size"]) != V:
         raise ConversionError(
             f"{found.source}: embed_tokens has {V} rows but config.json says vocab_size="
             f"{t['vocab_size']}. 32000 is LLaMA-2/FlagAlpha (the release), 55296 ymcui "
-            "Chinese-LLaMA-2, 32064 HF llava (padded): fix the config.json or use the matching weights")
-    kw = dict(vocab_size=V, hidden_size=D, intermediate_size=g[0],
-              num_hidden_layers=found.layers.get("llm", 0), num_attention_heads=H,
-              num_key_value_heads=k[0] // hd, head_dim=hd,
-              max_position_embeddings=int(t.get("max_position_embeddings", 4096)),
-              rms_norm_eps=float(t.get("rms_norm_eps", 1e-5)), rope_theta=theta,
-              rope_scaling=scaling, tie_word_embeddings=tie)
+            "Chinese-LLaMA-2, 32064 HF llava (padded): fix the config.json or use the matching weights"
+        )
+    kw = dict(
+        vocab_size=V,
+        hidden_size=D,
+        intermediate_size=g[0],
+        num_hidden_layers=found.layers.get("llm", 0),
+        num_attention_heads=H,
+        num_key_value_heads=k[0] // hd,
+        head_dim=hd,
+        max_position_embeddings=int(t.get("max_position_embeddings", 4096)),
+        rms_norm_eps=float(t.get("rms_norm_eps", 1e-5)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        tie_word_embeddings=tie,
+    )
     for f in ("bos_token_id", "eos_token_id", "pad_token_id"):
         v = t.get(f)
         if isinstance(v, list):
@@ -256,24 +298,32 @@ def infer_vision(infos, found: Found, hf: dict | None, notices: list[str]):
     N = _shape_of(infos, fmt, ad, "vision/position_embedding")[0] - 1
     side = math.isqrt(N)
     if side * side != N:
-        raise ConversionError(f"{found.source}: {N + 1} position embeddings are not 1 + a square "
-                              "grid of patches")
+        raise ConversionError(f"{found.source}: {N + 1} position embeddings are not 1 + a square grid of patches")
     fc1 = _shape_of(infos, fmt, ad, "vision/layers/fc1")
     if "num_attention_heads" in v:
         H = int(v["num_attention_heads"])
     elif D % 64 == 0:
         H = D // 64
-        notices.append(f"no vision num_attention_heads in a config.json: assuming head_dim 64 -> "
-                       f"{H} heads (CLIP convention)")
+        notices.append(
+            f"no vision num_attention_heads in a config.json: assuming head_dim 64 -> {H} heads (CLIP convention)"
+        )
     else:
-        raise ConversionError(f"{found.source}: the vision tower is {D} wide and no config.json says "
-                              "how many heads it has; pass --preset NAME or --vision a CLIP dir "
-                              "with its config.json")
-    return VisionConfig(hidden_size=D, intermediate_size=fc1[0],
-                        num_hidden_layers=found.layers.get("vision", 0), num_attention_heads=H,
-                        num_channels=C, image_size=side * p, patch_size=p,
-                        layer_norm_eps=float(v.get("layer_norm_eps", 1e-5)),
-                        hidden_act=v.get("hidden_act", "quick_gelu"))
+        raise ConversionError(
+            f"{found.source}: the vision tower is {D} wide and no config.json says "
+            "how many heads it has; pass --preset NAME or --vision a CLIP dir "
+            "with its config.json"
+        )
+    return VisionConfig(
+        hidden_size=D,
+        intermediate_size=fc1[0],
+        num_hidden_layers=found.layers.get("vision", 0),
+        num_attention_heads=H,
+        num_channels=C,
+        image_size=side * p,
+        patch_size=p,
+        layer_norm_eps=float(v.get("layer_norm_eps", 1e-5)),
+        hidden_act=v.get("hidden_act", "quick_gelu"),
+    )
 
 
 def infer_config(llm: tuple, vision: tuple, adapter: tuple | None, notices: list[str]):
@@ -302,8 +352,9 @@ def infer_config(llm: tuple, vision: tuple, adapter: tuple | None, notices: list
         kw["vision_feature_layer"] = int(hf.get("vision_feature_layer", -2))
         kw["vision_feature_select_strategy"] = hf.get("vision_feature_select_strategy", "default")
         if hf.get("projector_hidden_act", "gelu") != "gelu":
-            raise ConversionError(f"{llm_found.source}: projector_hidden_act "
-                                  f"{hf['projector_hidden_act']!r} is not supported (only gelu)")
+            raise ConversionError(
+                f"{llm_found.source}: projector_hidden_act {hf['projector_hidden_act']!r} is not supported (only gelu)"
+            )
     else:
         kw["image_token_id"] = text.vocab_size
         if release:
@@ -313,9 +364,11 @@ def infer_config(llm: tuple, vision: tuple, adapter: tuple | None, notices: list
                 raise ConversionError(f"mm_vision_select_feature {feat!r} is not supported")
             kw["vision_feature_select_strategy"] = "default" if feat == "patch" else "full"
             if hf.get("mm_hidden_size") not in (None, vision.hidden_size):
-                raise ConversionError(f"{llm_found.source}: config.json mm_hidden_size="
-                                      f"{hf['mm_hidden_size']} but the vision tower is "
-                                      f"{vision.hidden_size} wide; is --vision the right CLIP?")
+                raise ConversionError(
+                    f"{llm_found.source}: config.json mm_hidden_size="
+                    f"{hf['mm_hidden_size']} but the vision tower is "
+                    f"{vision.hidden_size} wide; is --vision the right CLIP?"
+                )
     if isinstance(kw.get("vision_feature_layer"), list):
         raise ConversionError("multi-layer vision_feature_layer is not supported")
     return QilinConfig(vision=vision, text=text, adapter=kind, **kw)

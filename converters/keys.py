@@ -7,6 +7,7 @@ the regex is the layer index into the stacked `layers` parameters. Transforms:
   "conv" torch conv weight [out, in, kh, kw] -> [kh, kw, in, out].
 Each checkpoint format is a set of part prefixes over the same part tables.
 """
+
 from __future__ import annotations
 
 import re
@@ -123,7 +124,7 @@ FORMATS: dict[str, dict[str, str]] = {
 IGNORED = (
     r".*rotary_emb\.inv_freq$",
     r".*embeddings\.position_ids$",
-    r"^text_model\..*",          # the CLIP text tower
+    r"^text_model\..*",  # the CLIP text tower
     r"^(logit_scale|text_projection\.weight|visual_projection\.weight)$",
 )
 
@@ -132,8 +133,7 @@ def adapter_table(fmt: str, adapter: str):
     """The adapter rows for a format and adapter kind."""
     if fmt.startswith("hf-llava"):
         if adapter != "mlp2x_gelu":
-            raise ValueError("HF llava has no linear-adapter form; export a linear adapter with "
-                             "--format llava")
+            raise ValueError("HF llava has no linear-adapter form; export a linear adapter with --format llava")
         return ADAPTER_HF_TABLE
     return ADAPTER_SEQUENTIAL_TABLE if adapter == "mlp2x_gelu" else ADAPTER_LINEAR_TABLE
 
@@ -149,8 +149,7 @@ def part_tables(fmt: str, adapter: str = "mlp2x_gelu", tie_word_embeddings: bool
         elif part == "lm_head":
             # A tied head is the embedding: its key may be present (torch state dicts list
             # tied tensors twice) and is skipped.
-            rows = tuple((p, path, "tied") for p, path, _ in LM_HEAD_TABLE) if tie_word_embeddings \
-                else LM_HEAD_TABLE
+            rows = tuple((p, path, "tied") for p, path, _ in LM_HEAD_TABLE) if tie_word_embeddings else LM_HEAD_TABLE
         elif part == "vision":
             rows = VISION_TABLE
         else:
@@ -159,8 +158,7 @@ def part_tables(fmt: str, adapter: str = "mlp2x_gelu", tie_word_embeddings: bool
     return out
 
 
-def compile_table(fmt: str, adapter: str = "mlp2x_gelu", tie_word_embeddings: bool = False,
-                  parts=None):
+def compile_table(fmt: str, adapter: str = "mlp2x_gelu", tie_word_embeddings: bool = False, parts=None):
     """Compiled rows (regex, path, transform, part) for a format, optionally some parts only."""
     rows = []
     for part, prefix, table in part_tables(fmt, adapter, tie_word_embeddings):
@@ -188,7 +186,7 @@ def match(key: str, rows):
 
 def torch_key(path: str, layer: int | None, fmt: str, adapter: str = "mlp2x_gelu") -> str:
     """The checkpoint key of parameter `path` (layer `layer`) in format `fmt` (for export)."""
-    for part, prefix, table in part_tables(fmt, adapter):
+    for _part, prefix, table in part_tables(fmt, adapter):
         for pattern, p, _ in table:
             if p == path:
                 key = pattern.replace(r"(\d+)", str(layer)) if layer is not None else pattern

@@ -4,9 +4,10 @@ Tensors arrive one at a time (see readers), so a stacked parameter is filled lay
 layer into a preallocated numpy buffer: memory stays near the size of the model's
 parameters on the host, never two copies.
 """
+
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -39,6 +40,7 @@ def expected_shapes(config) -> dict[str, tuple[int, ...]]:
     """'part/name' path -> shape of every parameter of a QilinConfig (abstract, no allocation)."""
     import jax
     from flax import nnx
+
     from qilin_jax.models import QilinMedVL
 
     abstract = nnx.eval_shape(lambda: QilinMedVL(config, rngs=nnx.Rngs(0)))
@@ -60,10 +62,12 @@ def _layer_count(path: str, config) -> int | None:
 def _vocab_hint(key, got, want, config) -> str:
     if "embed_tokens" in key or "lm_head" in key:
         vocab = got[0] if "embed_tokens" in key else got[1]
-        return (f" The checkpoint's vocab is {vocab} but the config "
-                f"says text.vocab_size={config.text.vocab_size}: 32000 is LLaMA-2/FlagAlpha (the "
-                "release), 55296 ymcui Chinese-LLaMA-2, 32064 HF llava (padded); choose the "
-                "matching model preset or set model.text.vocab_size.")
+        return (
+            f" The checkpoint's vocab is {vocab} but the config "
+            f"says text.vocab_size={config.text.vocab_size}: 32000 is LLaMA-2/FlagAlpha (the "
+            "release), 55296 ymcui Chinese-LLaMA-2, 32064 HF llava (padded); choose the "
+            "matching model preset or set model.text.vocab_size."
+        )
     return ""
 
 
@@ -88,8 +92,9 @@ class _Checker:
         self.config, self.fmt = config, fmt
         self.parts = set(parts) if parts is not None else None
         self.skip_other_parts = skip_other_parts
-        self.rows = K.compile_table(fmt, config.adapter, config.text.tie_word_embeddings,
-                                    None if skip_other_parts else self.parts)
+        self.rows = K.compile_table(
+            fmt, config.adapter, config.text.tie_word_embeddings, None if skip_other_parts else self.parts
+        )
         self.shapes = expected_shapes(config)
         self.seen: dict[str, set] = {}
         self.unexpected: list[str] = []
@@ -115,23 +120,29 @@ class _Checker:
         if kind == "tied":
             return None
         if path not in self.shapes:
-            raise ConversionError(f"{key}: the config has no parameter {path} (adapter="
-                                  f"{self.config.adapter!r}, tie_word_embeddings="
-                                  f"{self.config.text.tie_word_embeddings})")
+            raise ConversionError(
+                f"{key}: the config has no parameter {path} (adapter="
+                f"{self.config.adapter!r}, tie_word_embeddings="
+                f"{self.config.text.tie_word_embeddings})"
+            )
         want = self.shapes[path]
         got = transformed_shape(shape, kind)
         if layer is not None:
             n = want[0]
             if layer >= n:
-                raise ConversionError(f"{key}: layer {layer} but the config has {n} layers "
-                                      f"(model.{path.split('/')[0]}.num_hidden_layers)")
+                raise ConversionError(
+                    f"{key}: layer {layer} but the config has {n} layers (model.{path.split('/')[0]}.num_hidden_layers)"
+                )
             if got != want[1:]:
-                raise ConversionError(f"{key}: shape {tuple(shape)} does not fit parameter {path} "
-                                      f"(expects per-layer {want[1:]} after transform {kind!r})")
+                raise ConversionError(
+                    f"{key}: shape {tuple(shape)} does not fit parameter {path} "
+                    f"(expects per-layer {want[1:]} after transform {kind!r})"
+                )
         elif got != want:
-            raise ConversionError(f"{key}: shape {tuple(shape)} does not fit parameter {path} "
-                                  f"(expects {want} after transform {kind!r})."
-                                  + _vocab_hint(key, got, want, self.config))
+            raise ConversionError(
+                f"{key}: shape {tuple(shape)} does not fit parameter {path} "
+                f"(expects {want} after transform {kind!r})." + _vocab_hint(key, got, want, self.config)
+            )
         if layer in self.seen.get(path, ()):
             raise ConversionError(f"{key}: parameter {path} (layer {layer}) is given twice")
         self.seen.setdefault(path, set()).add(layer)
@@ -142,7 +153,8 @@ class _Checker:
         if self.unexpected:
             raise ConversionError(
                 f"{len(self.unexpected)} unexpected key(s) for format {self.fmt!r} with adapter "
-                f"{self.config.adapter!r}: {_shown(self.unexpected)}")
+                f"{self.config.adapter!r}: {_shown(self.unexpected)}"
+            )
         if not strict:
             return
         missing = []
@@ -157,13 +169,18 @@ class _Checker:
                 for i in sorted(set(range(n)) - self.seen.get(path, set())):
                     missing.append(K.torch_key(path, i, self.fmt, self.config.adapter))
         if missing:
-            raise ConversionError(f"{len(missing)} key(s) missing for format {self.fmt!r}: "
-                                  f"{_shown(missing)}")
+            raise ConversionError(f"{len(missing)} key(s) missing for format {self.fmt!r}: {_shown(missing)}")
 
 
-def plan_state(items: Iterable[tuple[str, tuple]], config, fmt: str, *,
-               parts: Iterable[str] | None = None, strict: bool = True,
-               skip_other_parts: bool = False):
+def plan_state(
+    items: Iterable[tuple[str, tuple]],
+    config,
+    fmt: str,
+    *,
+    parts: Iterable[str] | None = None,
+    strict: bool = True,
+    skip_other_parts: bool = False,
+):
     """Check (key, shape) pairs against a config without reading data.
 
     Returns ([(key, path, layer, transform)] for every tensor that goes into the model, the
@@ -180,9 +197,16 @@ def plan_state(items: Iterable[tuple[str, tuple]], config, fmt: str, *,
     return plan, chk.skipped
 
 
-def convert_state(tensors: Iterable[tuple[str, np.ndarray]], config, fmt: str, *,
-                  parts: Iterable[str] | None = None, dtype=np.float32,
-                  strict: bool = True, skip_other_parts: bool = False) -> dict[str, np.ndarray]:
+def convert_state(
+    tensors: Iterable[tuple[str, np.ndarray]],
+    config,
+    fmt: str,
+    *,
+    parts: Iterable[str] | None = None,
+    dtype=np.float32,
+    strict: bool = True,
+    skip_other_parts: bool = False,
+) -> dict[str, np.ndarray]:
     """Flat 'part/name' -> array for the parts a checkpoint holds, from (key, tensor) pairs.
 
     Unknown keys and shape mismatches raise ConversionError naming the key; keys missing for

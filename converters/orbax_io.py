@@ -16,6 +16,7 @@ The converter also reads big source tensors in row blocks that cover whole chunk
 to_jax.convert_tensor), so even the 32000 x 5120 embedding never sits in memory at once.
 No compression (weights hardly compress; zstd would cost minutes on 26 GB).
 """
+
 from __future__ import annotations
 
 import json
@@ -30,15 +31,20 @@ ITEM_HANDLER = "orbax.checkpoint._src.handlers.pytree_checkpoint_handler.PyTreeC
 
 def _ts():
     import tensorstore as ts
+
     return ts
 
 
 def _context():
     ts = _ts()
     # No cache: written chunks go straight to disk and are not kept in memory.
-    return ts.Context({"cache_pool": {"total_bytes_limit": 0},
-                       "data_copy_concurrency": {"limit": 4},
-                       "file_io_concurrency": {"limit": 8}})
+    return ts.Context(
+        {
+            "cache_pool": {"total_bytes_limit": 0},
+            "data_copy_concurrency": {"limit": 4},
+            "file_io_concurrency": {"limit": 8},
+        }
+    )
 
 
 def zarr_dtype(dt) -> str:
@@ -91,9 +97,16 @@ class ParamWriter:
         spec = {
             "driver": "zarr",
             "kvstore": {"driver": "file", "path": str(self.dir / orbax_name(path))},
-            "metadata": {"shape": list(shape), "chunks": chunk_shape(shape, dt.itemsize, stacked),
-                         "dtype": zarr_dtype(dt), "compressor": None, "order": "C",
-                         "dimension_separator": ".", "fill_value": None, "filters": None},
+            "metadata": {
+                "shape": list(shape),
+                "chunks": chunk_shape(shape, dt.itemsize, stacked),
+                "dtype": zarr_dtype(dt),
+                "compressor": None,
+                "order": "C",
+                "dimension_separator": ".",
+                "fill_value": None,
+                "filters": None,
+            },
         }
         self.arrays[path] = ts.open(spec, create=True, delete_existing=True, context=self.ctx).result()
         self.meta[path] = (tuple(shape), dt, tuple(spec["metadata"]["chunks"]), stacked)
@@ -103,8 +116,7 @@ class ParamWriter:
         _, _, chunks, stacked = self.meta[path]
         return chunks[1:] if stacked else chunks
 
-    def write(self, path: str, value: np.ndarray, layer: int | None = None, *,
-              axis: int | None = None, start: int = 0):
+    def write(self, path: str, value: np.ndarray, layer: int | None = None, *, axis: int | None = None, start: int = 0):
         """Write a whole parameter or one layer of a stacked one, or (axis, start) the block
         value occupies along `axis` of that slot; cast to the array's dtype."""
         shape, dt, _, _ = self.meta[path]
@@ -141,13 +153,26 @@ class ParamWriter:
                 "key_metadata": [{"key": k, "key_type": 2} for k in keys],  # 2 = dict key
                 "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False},
             }
-        meta = {"tree_metadata": tree, "use_ocdbt": False, "use_zarr3": False,
-                "store_array_data_equal_to_fill_value": True, "custom_metadata": custom_metadata}
+        meta = {
+            "tree_metadata": tree,
+            "use_ocdbt": False,
+            "use_zarr3": False,
+            "store_array_data_equal_to_fill_value": True,
+            "custom_metadata": custom_metadata,
+        }
         (self.dir / "_METADATA").write_text(json.dumps(meta))
-        (self.dir / "_CHECKPOINT_METADATA").write_text(json.dumps({
-            "item_handlers": ITEM_HANDLER, "metrics": {}, "performance_metrics": {},
-            "init_timestamp_nsecs": self.started, "commit_timestamp_nsecs": time.time_ns(),
-            "custom_metadata": {}}))
+        (self.dir / "_CHECKPOINT_METADATA").write_text(
+            json.dumps(
+                {
+                    "item_handlers": ITEM_HANDLER,
+                    "metrics": {},
+                    "performance_metrics": {},
+                    "init_timestamp_nsecs": self.started,
+                    "commit_timestamp_nsecs": time.time_ns(),
+                    "custom_metadata": {},
+                }
+            )
+        )
         self.arrays.clear()
 
 
@@ -166,8 +191,8 @@ class ParamReader:
             keys = tuple(str(k["key"]) for k in entry["key_metadata"])
             if keys[: len(prefix)] != tuple(prefix):
                 continue
-            inner = keys[len(prefix): len(keys) - len(suffix)]
-            if suffix and keys[len(keys) - len(suffix):] != tuple(suffix):
+            inner = keys[len(prefix) : len(keys) - len(suffix)]
+            if suffix and keys[len(keys) - len(suffix) :] != tuple(suffix):
                 continue
             self.names["/".join(inner)] = ".".join(keys)
         self._open: dict[str, object] = {}

@@ -11,6 +11,7 @@ PEFT `modules_to_save`, so the PEFT model reproduces ours exactly. The original 
 `non_lora_trainables.bin` (the projector, `base_model.model.` prefixed) is read too.
 Nothing here imports torch.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,17 +25,32 @@ from converters.mapping import ConversionError
 
 PEFT_LLM = "base_model.model.model.language_model.layers."
 PEFT_PROJECTOR = "base_model.model.model.multi_modal_projector."
-SUBMODULE = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-             "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
-PROJECTOR = {"linear_1.weight": ("adapter/linear_1", "T"), "linear_1.bias": ("adapter/linear_1_bias", "id"),
-             "linear_2.weight": ("adapter/linear_2", "T"), "linear_2.bias": ("adapter/linear_2_bias", "id")}
+SUBMODULE = {
+    "q_proj": "self_attn",
+    "k_proj": "self_attn",
+    "v_proj": "self_attn",
+    "o_proj": "self_attn",
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+    "down_proj": "mlp",
+}
+PROJECTOR = {
+    "linear_1.weight": ("adapter/linear_1", "T"),
+    "linear_1.bias": ("adapter/linear_1_bias", "id"),
+    "linear_2.weight": ("adapter/linear_2", "T"),
+    "linear_2.bias": ("adapter/linear_2_bias", "id"),
+}
 # Also accepted on import: older transformers (language_model.model.*) and the original LLaVA
 # code (model.layers.*, model.mm_projector.{0,2}).
-_LLM_KEY = re.compile(r"^base_model\.model\.(?:model\.language_model\.|language_model\.model\.|model\.)"
-                      r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])(?:\.default)?\.weight$")
-_PROJ_KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.multi_modal_projector\.|multi_modal_projector\.|"
-                       r"model\.mm_projector\.)(?:modules_to_save\.default\.)?"
-                       r"(linear_1|linear_2|0|2)\.(weight|bias)$")
+_LLM_KEY = re.compile(
+    r"^base_model\.model\.(?:model\.language_model\.|language_model\.model\.|model\.)"
+    r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])(?:\.default)?\.weight$"
+)
+_PROJ_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?:model\.multi_modal_projector\.|multi_modal_projector\.|"
+    r"model\.mm_projector\.)(?:modules_to_save\.default\.)?"
+    r"(linear_1|linear_2|0|2)\.(weight|bias)$"
+)
 TARGET_REGEX = r".*language_model.*\.({})"
 
 
@@ -43,14 +59,29 @@ def peft_key(target: str, layer: int, which: str) -> str:
     return f"{PEFT_LLM}{layer}.{SUBMODULE[target]}.{target}.lora_{which}.weight"
 
 
-def adapter_config(*, rank: int, alpha: float, targets, use_rslora: bool, dropout: float = 0.0,
-                   modules_to_save=None, base_model: str | None = None) -> dict:
+def adapter_config(
+    *,
+    rank: int,
+    alpha: float,
+    targets,
+    use_rslora: bool,
+    dropout: float = 0.0,
+    modules_to_save=None,
+    base_model: str | None = None,
+) -> dict:
     """A PEFT LoraConfig dict for LlavaForConditionalGeneration (LLM matrices only)."""
     return {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model,
-        "r": int(rank), "lora_alpha": float(alpha), "lora_dropout": float(dropout),
-        "use_rslora": bool(use_rslora), "bias": "none", "fan_in_fan_out": False,
-        "init_lora_weights": True, "inference_mode": True,
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model,
+        "r": int(rank),
+        "lora_alpha": float(alpha),
+        "lora_dropout": float(dropout),
+        "use_rslora": bool(use_rslora),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
         # A regex: a name list would also put adapters on the CLIP tower's q/k/v_proj.
         "target_modules": TARGET_REGEX.format("|".join(targets)),
         "modules_to_save": list(modules_to_save) if modules_to_save else None,
@@ -129,15 +160,15 @@ def read_peft(src, num_layers: int) -> tuple[dict, dict, dict]:
             v = info.read().astype(np.float32)
             adapter[path.split("/")[1]] = v.T if kind == "T" else v
             continue
-        raise ConversionError(f"{info.file}: tensor {info.key} "
-                              "is neither a LoRA weight of the LLM nor the projector")
+        raise ConversionError(f"{info.file}: tensor {info.key} is neither a LoRA weight of the LLM nor the projector")
     if not per:
         raise ConversionError(f"{files[0]}: no LoRA weights of the LLM's layers")
     out = {}
     for (t, which), layers in sorted(per.items()):
         if sorted(layers) != list(range(num_layers)):
-            raise ConversionError(f"{files[0]}: {t} lora_{which} has layers {sorted(layers)}, the "
-                                  f"model has {num_layers}")
+            raise ConversionError(
+                f"{files[0]}: {t} lora_{which} has layers {sorted(layers)}, the model has {num_layers}"
+            )
         arr = np.stack([layers[i].T for i in range(num_layers)])
         if arr.shape[1 if which == "B" else 2] != rank:
             raise ConversionError(f"{files[0]}: {t} lora_{which} has rank {arr.shape}, adapter_config r={rank}")
@@ -169,6 +200,7 @@ def resolve_checkpoint(src) -> Path:
     cfg = src / "config.yaml"
     if cfg.is_file():
         import yaml
+
         stages = [s.get("name") for s in (yaml.safe_load(cfg.read_text()) or {}).get("stages") or []]
         for name in reversed(stages):
             final = src / str(name) / "final"
@@ -202,6 +234,7 @@ def merge_lora(src, dst, *, overwrite: bool = False, log=print) -> dict:
     tok = ckpt / "tokenizer"
     if tok.is_dir():
         import shutil
+
         shutil.copytree(tok, dst / "tokenizer")
     log(f"wrote {dst}: {ckpt} with LoRA rank {spec['rank']} on {','.join(spec['targets'])} merged")
     return {"src": str(ckpt), "dst": str(dst), **spec}
@@ -227,12 +260,17 @@ def export_peft(src, dst, *, include_adapter: bool = True, overwrite: bool = Fal
     if not any(n.endswith("_lora_a") for n in names):
         raise ConversionError(f"{ckpt}: no LoRA adapters (llm/layers/*_lora_a) to export")
     lora = {n.split("/")[-1]: np.asarray(reader.read(n), np.float32) for n in names}
-    adapter = ({p.split("/")[1]: np.asarray(reader.read(p), np.float32) for p, _ in PROJECTOR.values()}
-               if include_adapter else None)
+    adapter = (
+        {p.split("/")[1]: np.asarray(reader.read(p), np.float32) for p, _ in PROJECTOR.values()}
+        if include_adapter
+        else None
+    )
     spec = spec_of(lora)
     conf = adapter_config(**spec, modules_to_save=["multi_modal_projector"] if include_adapter else None)
     with staged_dir(dst) as tmp:
         files = write_peft(tmp, export_arrays(lora, adapter), conf)
-    log(f"wrote {dst}: PEFT LoRA rank {spec['rank']} alpha {spec['alpha']:g} on "
-        f"{','.join(spec['targets'])}" + (" + the projector (modules_to_save)" if include_adapter else ""))
+    log(
+        f"wrote {dst}: PEFT LoRA rank {spec['rank']} alpha {spec['alpha']:g} on "
+        f"{','.join(spec['targets'])}" + (" + the projector (modules_to_save)" if include_adapter else "")
+    )
     return {"files": files, **spec}

@@ -10,6 +10,7 @@ at a time into a fresh numpy buffer, so peak host memory stays near the largest 
   unpickler that only knows the handful of globals a state dict needs (no code can run);
   storages become lazy references that are read when a tensor is asked for.
 """
+
 from __future__ import annotations
 
 import collections
@@ -20,8 +21,8 @@ import os
 import pickle
 import struct
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import ml_dtypes
 import numpy as np
@@ -34,21 +35,33 @@ class CheckpointReadError(ValueError):
 # --- dtypes ---------------------------------------------------------------------------------
 
 SAFETENSORS_DTYPES = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8),
-    "BOOL": np.dtype(np.bool_), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
     "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
 }
 SAFETENSORS_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 # torch storage class names (as pickled: `torch.<Name>`) -> numpy dtype.
 TORCH_STORAGES = {
-    "DoubleStorage": np.dtype(np.float64), "FloatStorage": np.dtype(np.float32),
-    "HalfStorage": np.dtype(np.float16), "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
-    "LongStorage": np.dtype(np.int64), "IntStorage": np.dtype(np.int32),
-    "ShortStorage": np.dtype(np.int16), "CharStorage": np.dtype(np.int8),
-    "ByteStorage": np.dtype(np.uint8), "BoolStorage": np.dtype(np.bool_),
+    "DoubleStorage": np.dtype(np.float64),
+    "FloatStorage": np.dtype(np.float32),
+    "HalfStorage": np.dtype(np.float16),
+    "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
+    "LongStorage": np.dtype(np.int64),
+    "IntStorage": np.dtype(np.int32),
+    "ShortStorage": np.dtype(np.int16),
+    "CharStorage": np.dtype(np.int8),
+    "ByteStorage": np.dtype(np.uint8),
+    "BoolStorage": np.dtype(np.bool_),
 }
 TORCH_STORAGE_NAMES = {v: k for k, v in TORCH_STORAGES.items()}
 
@@ -65,15 +78,18 @@ def _read_exact(f, offset: int, nbytes: int, path) -> np.ndarray:
     view = memoryview(buf)
     got = 0
     while got < nbytes:
-        n = f.readinto(view[got:got + (1 << 30)])
+        n = f.readinto(view[got : got + (1 << 30)])
         if not n:
-            raise CheckpointReadError(f"{path}: file ends early (truncated download?) at byte "
-                                      f"{offset + got} of a tensor that needs {nbytes} bytes")
+            raise CheckpointReadError(
+                f"{path}: file ends early (truncated download?) at byte "
+                f"{offset + got} of a tensor that needs {nbytes} bytes"
+            )
         got += n
     return buf
 
 
 # --- one tensor ---------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class TensorInfo:
@@ -104,6 +120,7 @@ class TensorInfo:
 
 # --- safetensors --------------------------------------------------------------------------
 
+
 def safetensors_infos(path) -> list[TensorInfo]:
     """TensorInfos of a .safetensors file, from its header alone."""
     path = str(path)
@@ -113,13 +130,16 @@ def safetensors_infos(path) -> list[TensorInfo]:
             raise CheckpointReadError(f"{path}: not a safetensors file (shorter than 8 bytes)")
         (n,) = struct.unpack("<Q", head)
         if n > 100 << 20:
-            raise CheckpointReadError(f"{path}: header length {n} is implausible; not a "
-                                      "safetensors file or a Git LFS pointer (run `git lfs pull`)")
+            raise CheckpointReadError(
+                f"{path}: header length {n} is implausible; not a "
+                "safetensors file or a Git LFS pointer (run `git lfs pull`)"
+            )
         try:
             header = json.loads(f.read(n))
         except ValueError as e:
-            raise CheckpointReadError(f"{path}: unreadable safetensors header ({e}); is it a Git "
-                                      "LFS pointer or a partial download?") from None
+            raise CheckpointReadError(
+                f"{path}: unreadable safetensors header ({e}); is it a Git LFS pointer or a partial download?"
+            ) from None
     base = 8 + n
     size = os.path.getsize(path)
     out = []
@@ -132,8 +152,10 @@ def safetensors_infos(path) -> list[TensorInfo]:
         shape = tuple(int(s) for s in meta["shape"])
         begin, end = meta["data_offsets"]
         if end - begin != int(np.prod(shape, dtype=np.int64)) * dt.itemsize or base + end > size:
-            raise CheckpointReadError(f"{path}: tensor {key} has inconsistent offsets "
-                                      f"{begin}..{end} for shape {shape} {dt.name} (truncated file?)")
+            raise CheckpointReadError(
+                f"{path}: tensor {key} has inconsistent offsets "
+                f"{begin}..{end} for shape {shape} {dt.name} (truncated file?)"
+            )
 
         def read(begin=begin, end=end, dt=dt, shape=shape):
             with open(path, "rb") as f:
@@ -152,10 +174,11 @@ def safetensors_infos(path) -> list[TensorInfo]:
 
 # --- torch zip pickles --------------------------------------------------------------------
 
+
 class _Storage:
     """A lazy torch storage: a zip record holding `numel` items of `dtype`."""
 
-    def __init__(self, reader: "_ZipRecords", key: str, dtype: np.dtype, numel: int):
+    def __init__(self, reader: _ZipRecords, key: str, dtype: np.dtype, numel: int):
         self.reader, self.key, self.dtype, self.numel = reader, key, dtype, numel
 
 
@@ -175,37 +198,36 @@ class _LazyTensor:
         flat = raw.view(dt)
         if self.storage.reader.big_endian:
             flat = flat.byteswap()
-        contiguous = tuple(int(np.prod(self.shape[i + 1:], dtype=np.int64)) for i in range(len(self.shape)))
+        contiguous = tuple(int(np.prod(self.shape[i + 1 :], dtype=np.int64)) for i in range(len(self.shape)))
         if tuple(self.stride) == contiguous or len(self.shape) == 0:
             return flat[: max(1, int(np.prod(self.shape, dtype=np.int64)))].reshape(self.shape)
         view = np.lib.stride_tricks.as_strided(
-            flat, self.shape, tuple(s * dt.itemsize for s in self.stride), writeable=False)
+            flat, self.shape, tuple(s * dt.itemsize for s in self.stride), writeable=False
+        )
         return np.ascontiguousarray(view)
 
     @property
     def contiguous(self) -> bool:
-        want = tuple(int(np.prod(self.shape[i + 1:], dtype=np.int64)) for i in range(len(self.shape)))
-        return len(self.shape) > 0 and all(
-            s == w for n, s, w in zip(self.shape, self.stride, want) if n != 1)
+        want = tuple(int(np.prod(self.shape[i + 1 :], dtype=np.int64)) for i in range(len(self.shape)))
+        return len(self.shape) > 0 and all(s == w for n, s, w in zip(self.shape, self.stride, want) if n != 1)
 
     def read_rows(self, start: int, stop: int) -> np.ndarray:
         dt = self.storage.dtype
         stop = min(stop, self.shape[0])
         row = int(np.prod(self.shape[1:], dtype=np.int64))
-        raw = self.storage.reader.read(self.storage.key, (self.offset + start * row) * dt.itemsize,
-                                       (stop - start) * row * dt.itemsize)
+        raw = self.storage.reader.read(
+            self.storage.key, (self.offset + start * row) * dt.itemsize, (stop - start) * row * dt.itemsize
+        )
         flat = raw.view(dt)
         if self.storage.reader.big_endian:
             flat = flat.byteswap()
         return flat.reshape((stop - start,) + self.shape[1:])
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
-                       backward_hooks=None, metadata=None):
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
     if not isinstance(storage, _Storage):
         raise pickle.UnpicklingError("_rebuild_tensor_v2 called without a storage")
-    return _LazyTensor(storage, int(storage_offset), tuple(int(s) for s in size),
-                       tuple(int(s) for s in stride))
+    return _LazyTensor(storage, int(storage_offset), tuple(int(s) for s in size), tuple(int(s) for s in stride))
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *state):
@@ -231,7 +253,7 @@ _ALLOWED_GLOBALS = {
 class RestrictedUnpickler(pickle.Unpickler):
     """Unpickles a torch state dict with lazy storages; refuses every other global."""
 
-    def __init__(self, file, records: "_ZipRecords"):
+    def __init__(self, file, records: _ZipRecords):
         super().__init__(file)
         self.records = records
 
@@ -243,11 +265,11 @@ class RestrictedUnpickler(pickle.Unpickler):
                 f"{self.records.path}: refusing to load global {module}.{name}: a weights file "
                 "only needs tensors and OrderedDict. The file may be malicious, or it is not a "
                 "plain state dict (e.g. a whole pickled model or training_args.bin); re-save it "
-                "with `torch.save(model.state_dict(), ...)` or as safetensors.") from None
+                "with `torch.save(model.state_dict(), ...)` or as safetensors."
+            ) from None
 
     def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType)):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
             raise pickle.UnpicklingError(f"{self.records.path}: unexpected persistent id {pid!r:.80}")
         _, stype, key, _location, numel = pid
         return self.records.storage(str(key), stype.dtype, int(numel))
@@ -263,8 +285,7 @@ class _ZipRecords:
             infos = zf.infolist()
             pkl = [i for i in infos if i.filename.endswith("data.pkl")]
             if len(pkl) != 1:
-                raise CheckpointReadError(f"{path}: a zip but not a torch checkpoint (no single "
-                                          "data.pkl record)")
+                raise CheckpointReadError(f"{path}: a zip but not a torch checkpoint (no single data.pkl record)")
             self.prefix = pkl[0].filename[: -len("data.pkl")]
             self.pickle_bytes = zf.read(pkl[0])
             names = {i.filename: i for i in infos}
@@ -276,14 +297,16 @@ class _ZipRecords:
                 if not info.filename.startswith(self.prefix + "data/"):
                     continue
                 if info.compress_type != zipfile.ZIP_STORED:
-                    raise CheckpointReadError(f"{path}: record {info.filename} is compressed; torch "
-                                              "never writes that. Re-save the checkpoint with torch.save")
+                    raise CheckpointReadError(
+                        f"{path}: record {info.filename} is compressed; torch "
+                        "never writes that. Re-save the checkpoint with torch.save"
+                    )
                 f.seek(info.header_offset)
                 local = f.read(30)
                 if local[:4] != b"PK\x03\x04":
                     raise CheckpointReadError(f"{path}: bad zip local header for {info.filename}")
                 n, m = struct.unpack("<HH", local[26:30])
-                key = info.filename[len(self.prefix + "data/"):]
+                key = info.filename[len(self.prefix + "data/") :]
                 self.records[key] = (info.header_offset + 30 + n + m, info.file_size)
 
     def storage(self, key: str, dtype: np.dtype, numel: int) -> _Storage:
@@ -310,8 +333,9 @@ def _state_dict_items(obj, path: str):
         raise CheckpointReadError(f"{path}: holds a {type(obj).__name__}, not a state dict")
     for k, v in obj.items():
         if not isinstance(v, _LazyTensor):
-            raise CheckpointReadError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor; "
-                                      "only flat state dicts are supported")
+            raise CheckpointReadError(
+                f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor; only flat state dicts are supported"
+            )
         yield str(k), v
 
 
@@ -320,8 +344,10 @@ def torch_zip_infos(path) -> list[TensorInfo]:
     path = str(path)
     records = _ZipRecords(path)
     obj = RestrictedUnpickler(io.BytesIO(records.pickle_bytes), records).load()
-    return [TensorInfo(k, t.shape, t.storage.dtype, path, t.read, t.read_rows if t.contiguous else None)
-            for k, t in _state_dict_items(obj, path)]
+    return [
+        TensorInfo(k, t.shape, t.storage.dtype, path, t.read, t.read_rows if t.contiguous else None)
+        for k, t in _state_dict_items(obj, path)
+    ]
 
 
 def torch_legacy_infos(path) -> list[TensorInfo]:
@@ -329,8 +355,9 @@ def torch_legacy_infos(path) -> list[TensorInfo]:
     try:
         import torch
     except ImportError:
-        raise CheckpointReadError(f"{path}: a legacy (non-zip) torch file; reading it needs torch "
-                                  "installed, or re-save it as safetensors") from None
+        raise CheckpointReadError(
+            f"{path}: a legacy (non-zip) torch file; reading it needs torch installed, or re-save it as safetensors"
+        ) from None
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses anything but tensors and plain containers
@@ -390,8 +417,9 @@ def weight_files(src) -> list[Path]:
             files = sorted(set(weight_map.values()))
             missing = [f for f in files if not (src / f).exists()]
             if missing:
-                raise CheckpointReadError(f"{index} lists shard(s) that are not there: "
-                                          f"{', '.join(missing)}; download every shard")
+                raise CheckpointReadError(
+                    f"{index} lists shard(s) that are not there: {', '.join(missing)}; download every shard"
+                )
             return [src / f for f in files]
     st = sorted(src.glob("*.safetensors"))
     if st:
@@ -402,8 +430,9 @@ def weight_files(src) -> list[Path]:
         return model_bins
     if bins:
         return bins
-    raise CheckpointReadError(f"{src}: no weights found (*.safetensors, pytorch_model*.bin, "
-                              "mm_projector.bin or an index)")
+    raise CheckpointReadError(
+        f"{src}: no weights found (*.safetensors, pytorch_model*.bin, mm_projector.bin or an index)"
+    )
 
 
 def read_index(src) -> dict[str, str] | None:
@@ -434,8 +463,8 @@ def checkpoint_infos(src) -> list[TensorInfo]:
     if index:
         lost = [k for k, f in index.items() if seen.get(k) is None or Path(seen[k]).name != f]
         if lost:
-            raise CheckpointReadError(f"{src}: the index lists {len(lost)} tensor(s) not found in "
-                                      f"their shard, e.g. {lost[0]} (expected in {index[lost[0]]})")
+            raise CheckpointReadError(
+                f"{src}: the index lists {len(lost)} tensor(s) not found in "
+                f"their shard, e.g. {lost[0]} (expected in {index[lost[0]]})"
+            )
     return infos
-
-

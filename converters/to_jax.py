@@ -8,6 +8,7 @@ tensor is read, transformed and written into its slot of the Orbax checkpoint (s
 orbax_io), so memory stays near one tensor. The output is written to a temporary directory
 next to `dst` and renamed at the end: nothing is left behind on failure.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,9 +24,17 @@ from converters import readers as R
 from converters.mapping import ConversionError, expected_shapes, plan_state, transform
 
 OUT_DTYPES = ("float32", "bfloat16")
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json", "added_tokens.json", "chat_template.json",
-                   "chat_template.jinja", "preprocessor_config.json", "processor_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
 
 
 @dataclasses.dataclass
@@ -49,6 +58,7 @@ def _np_dtype(name: str):
     if name not in OUT_DTYPES:
         raise ConversionError(f"--dtype must be one of {', '.join(OUT_DTYPES)}, got {name!r}")
     import ml_dtypes
+
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(np.float32)
 
 
@@ -56,14 +66,18 @@ def assign_parts(main: Source, vision: Source | None, projector: Source | None, 
     """{part: Source}: explicit --vision/--projector win over what --src holds."""
     parts: dict[str, Source] = {}
     if "llm" not in main.found.parts:
-        raise ConversionError(f"{main.path}: no LLM weights found (parts: "
-                              f"{', '.join(main.found.parts) or 'none'}); --src must be an LLM "
-                              "(HF Llama), a LLaVA/Qilin release or an HF llava checkpoint")
+        raise ConversionError(
+            f"{main.path}: no LLM weights found (parts: "
+            f"{', '.join(main.found.parts) or 'none'}); --src must be an LLM "
+            "(HF Llama), a LLaVA/Qilin release or an HF llava checkpoint"
+        )
     parts["llm"] = main
     if vision is not None:
         if "vision" not in vision.found.parts:
-            raise ConversionError(f"{vision.path}: --vision holds no vision tower (found "
-                                  f"{', '.join(vision.found.parts)}); pass a CLIP checkpoint dir")
+            raise ConversionError(
+                f"{vision.path}: --vision holds no vision tower (found "
+                f"{', '.join(vision.found.parts)}); pass a CLIP checkpoint dir"
+            )
         if "vision" in main.found.parts:
             notices.append(f"--src also holds a vision tower; using the one from --vision {vision.path}")
         parts["vision"] = vision
@@ -73,11 +87,13 @@ def assign_parts(main: Source, vision: Source | None, projector: Source | None, 
         raise ConversionError(
             f"{main.path}: no vision tower in this checkpoint (the LLaVA/Qilin release usually ships "
             "without it). Pass --vision DIR with the CLIP ViT-L/14-336 checkpoint "
-            "(openai/clip-vit-large-patch14-336).")
+            "(openai/clip-vit-large-patch14-336)."
+        )
     if projector is not None:
         if "adapter" not in projector.found.parts:
-            raise ConversionError(f"{projector.path}: --projector holds no adapter keys "
-                                  "(model.mm_projector.* or multi_modal_projector.*)")
+            raise ConversionError(
+                f"{projector.path}: --projector holds no adapter keys (model.mm_projector.* or multi_modal_projector.*)"
+            )
         if "adapter" in main.found.parts:
             notices.append(f"--src also holds an adapter; using the one from --projector {projector.path}")
         parts["adapter"] = projector
@@ -95,11 +111,14 @@ def _check_preset(cfg, parts, notices):
             f"{llm.vocab_size} rows but the preset has text.vocab_size={cfg.text.vocab_size}. "
             "32000 is LLaMA-2/FlagAlpha (the release: qilin_med_vl_13b), 55296 ymcui "
             "Chinese-LLaMA-2 (qilin_med_vl_13b_ymcui), 32064 HF llava (padded: convert without "
-            "--preset, the config is read from its config.json).")
+            "--preset, the config is read from its config.json)."
+        )
     src = parts.get("adapter")
     if src is not None and src.found.adapter != cfg.adapter:
-        raise ConversionError(f"{src.path}: the checkpoint's adapter is {src.found.adapter} but the "
-                              f"preset says adapter={cfg.adapter}; choose the matching preset")
+        raise ConversionError(
+            f"{src.path}: the checkpoint's adapter is {src.found.adapter} but the "
+            f"preset says adapter={cfg.adapter}; choose the matching preset"
+        )
 
 
 def _copy_tokenizer(sources, dst: Path) -> list[str]:
@@ -154,15 +173,24 @@ def convert_tensor(info, path, layer, kind, writer, out_dt) -> int:
     return total
 
 
-def to_jax(src, dst, *, vision=None, projector=None, dtype: str = "float32",
-           preset: str | None = None, seed: int = 0, overwrite: bool = False, log=print,
-           lora: str | None = None) -> dict:
+def to_jax(
+    src,
+    dst,
+    *,
+    vision=None,
+    projector=None,
+    dtype: str = "float32",
+    preset: str | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    log=print,
+    lora: str | None = None,
+) -> dict:
     """Convert PyTorch checkpoint(s) into a qilin-jax checkpoint dir; returns a report dict.
     `lora`: a PEFT LoRA adapter dir stored with the weights (and its projector, if it has one)."""
+    from converters.orbax_io import ParamWriter
     from qilin_jax.checkpoint import PARAMS_ITEM, staged_dir, write_config
     from qilin_jax.models import model_preset
-
-    from converters.orbax_io import ParamWriter
 
     t0 = time.time()
     out_dt = _np_dtype(dtype)
@@ -184,12 +212,15 @@ def to_jax(src, dst, *, vision=None, projector=None, dtype: str = "float32",
     else:
         vsrc = parts["vision"]
         asrc = parts.get("adapter")
-        cfg = D.infer_config((main.infos, main.found), (vsrc.infos, vsrc.found),
-                             (asrc.infos, asrc.found) if asrc else None, notices)
+        cfg = D.infer_config(
+            (main.infos, main.found), (vsrc.infos, vsrc.found), (asrc.infos, asrc.found) if asrc else None, notices
+        )
     if "adapter" not in parts:
-        notices.append(f"no adapter weights: the {cfg.adapter} adapter is initialised at random "
-                       f"(seed {seed}); that is the stage-1 starting point. Pass --projector "
-                       "mm_projector.bin to use trained adapter weights.")
+        notices.append(
+            f"no adapter weights: the {cfg.adapter} adapter is initialised at random "
+            f"(seed {seed}); that is the stage-1 starting point. Pass --projector "
+            "mm_projector.bin to use trained adapter weights."
+        )
 
     # Check every key and shape of every source before writing anything.
     plans = []
@@ -198,11 +229,13 @@ def to_jax(src, dst, *, vision=None, projector=None, dtype: str = "float32",
         if not mine:
             notices.append(f"{s.path}: nothing used from it")
             continue
-        plan, skipped = plan_state(((i.key, i.shape) for i in s.infos), cfg, s.found.format,
-                                   parts=mine, skip_other_parts=True)
+        plan, skipped = plan_state(
+            ((i.key, i.shape) for i in s.infos), cfg, s.found.format, parts=mine, skip_other_parts=True
+        )
         if skipped:
-            notices.append(f"{s.path}: skipped {len(skipped)} tensor(s) of parts taken from "
-                           f"elsewhere (e.g. {skipped[0]})")
+            notices.append(
+                f"{s.path}: skipped {len(skipped)} tensor(s) of parts taken from elsewhere (e.g. {skipped[0]})"
+            )
         by_key = {i.key: i for i in s.infos}
         plans.append((s, [(by_key[k], path, layer, kind) for k, path, layer, kind in plan]))
 
@@ -218,8 +251,9 @@ def to_jax(src, dst, *, vision=None, projector=None, dtype: str = "float32",
                 dims = (base[0], base[1]) if path.endswith("_lora_a") else (base[0], base[2])
                 got = (v.shape[0], v.shape[1]) if path.endswith("_lora_a") else (v.shape[0], v.shape[2])
                 if got != dims:
-                    raise ConversionError(f"{lora}: {path} has shape {v.shape}, which does not fit "
-                                          f"{path[:-7]} {base} of the model")
+                    raise ConversionError(
+                        f"{lora}: {path} has shape {v.shape}, which does not fit {path[:-7]} {base} of the model"
+                    )
         if lora_adapter:
             notices.append(f"{lora}: the projector (modules_to_save) replaces the adapter of the base")
 
@@ -233,7 +267,7 @@ def to_jax(src, dst, *, vision=None, projector=None, dtype: str = "float32",
             writer.create(path, shape, out_dt, stacked="/layers/" in path)
         n_read = 0
         bytes_read = 0
-        for s, plan in plans:
+        for _s, plan in plans:
             # Read in file order (and offset order within a file) for sequential disk access.
             for info, path, layer, kind in plan:
                 bytes_read += convert_tensor(info, path, layer, kind, writer, out_dt)
@@ -250,9 +284,16 @@ def to_jax(src, dst, *, vision=None, projector=None, dtype: str = "float32",
         write_config(cfg, tmp)
         copied = _copy_tokenizer([main.path] + ([vision] if vision else []), tmp)
         report = {
-            "sources": {s.role: {"path": s.path, "format": s.found.format, "parts": list(s.found.parts),
-                                 "dtypes": s.found.dtypes, "tensors": s.found.num_tensors}
-                        for s in sources},
+            "sources": {
+                s.role: {
+                    "path": s.path,
+                    "format": s.found.format,
+                    "parts": list(s.found.parts),
+                    "dtypes": s.found.dtypes,
+                    "tensors": s.found.num_tensors,
+                }
+                for s in sources
+            },
             "parts": {p: s.role for p, s in parts.items()},
             "random_adapter": "adapter" not in parts,
             "dtype": dtype,
@@ -265,10 +306,13 @@ def to_jax(src, dst, *, vision=None, projector=None, dtype: str = "float32",
         }
         (tmp / "conversion.json").write_text(json.dumps(report, indent=2) + "\n")
     v, t = cfg.vision, cfg.text
-    log(f"wrote {dst}: params/ ({writer.bytes_written / 2**30:.2f} GiB {dtype}), config.json "
+    log(
+        f"wrote {dst}: params/ ({writer.bytes_written / 2**30:.2f} GiB {dtype}), config.json "
         f"(vision {v.num_hidden_layers}x{v.hidden_size} {v.image_size}px/{v.patch_size}, "
         f"adapter {cfg.adapter}, llm {t.num_hidden_layers}x{t.hidden_size} heads "
         f"{t.num_attention_heads}/{t.num_key_value_heads} vocab {t.vocab_size}, image token "
-        f"{cfg.image_token_id})" + (f", tokenizer/ ({len(copied)} files)" if copied else "")
-        + f" in {report['seconds']:.1f}s")
+        f"{cfg.image_token_id})"
+        + (f", tokenizer/ ({len(copied)} files)" if copied else "")
+        + f" in {report['seconds']:.1f}s"
+    )
     return report

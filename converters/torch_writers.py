@@ -7,13 +7,14 @@ Both writers take the full list of (key, shape, dtype) up front and a function t
 produces one tensor at a time, either whole or as an iterable of row blocks (consecutive
 slices along dim 0), so at most one tensor, or one block of a big one, is in memory.
 """
+
 from __future__ import annotations
 
 import json
 import struct
 import zipfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -36,15 +37,19 @@ def _blocks(produced, key, shape, dt):
         raise ValueError(f"{key}: produced {rows} rows, planned {tuple(shape)}")
 
 
-def write_safetensors(path, entries: Sequence[Entry], produce: Callable[[str], np.ndarray],
-                      metadata: dict | None = None) -> int:
+def write_safetensors(
+    path, entries: Sequence[Entry], produce: Callable[[str], np.ndarray], metadata: dict | None = None
+) -> int:
     """Write a .safetensors file from planned entries, one tensor at a time; returns bytes."""
     header = {}
     offset = 0
     for key, shape, dt in entries:
         n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
-        header[key] = {"dtype": SAFETENSORS_NAMES[np.dtype(dt)], "shape": list(shape),
-                       "data_offsets": [offset, offset + n]}
+        header[key] = {
+            "dtype": SAFETENSORS_NAMES[np.dtype(dt)],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + n],
+        }
         offset += n
     header["__metadata__"] = {"format": "pt", **(metadata or {})}
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -60,6 +65,7 @@ def write_safetensors(path, entries: Sequence[Entry], produce: Callable[[str], n
 
 # --- torch zip pickle ---------------------------------------------------------------------
 
+
 def _global(module: str, name: str) -> bytes:
     return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
 
@@ -72,7 +78,7 @@ def _str(s: str) -> bytes:
 def _int(n: int) -> bytes:
     if 0 <= n < 256:
         return b"K" + bytes([n])
-    if -(2 ** 31) <= n < 2 ** 31:
+    if -(2**31) <= n < 2**31:
         return b"J" + struct.pack("<i", n)
     b = n.to_bytes((n.bit_length() + 8) // 8, "little", signed=True)
     return b"\x8a" + bytes([len(b)]) + b
@@ -90,12 +96,19 @@ def state_dict_pickle(entries: Sequence[Entry]) -> bytes:
     for i, (key, shape, dt) in enumerate(entries):
         shape = tuple(int(s) for s in shape)
         numel = int(np.prod(shape, dtype=np.int64))
-        strides = tuple(int(np.prod(shape[j + 1:], dtype=np.int64)) for j in range(len(shape)))
+        strides = tuple(int(np.prod(shape[j + 1 :], dtype=np.int64)) for j in range(len(shape)))
         out += _str(key)
         out += _global("torch._utils", "_rebuild_tensor_v2")
         out += b"("
-        out += (b"(" + _str("storage") + _global("torch", TORCH_STORAGE_NAMES[np.dtype(dt)])
-                + _str(str(i)) + _str("cpu") + _int(numel) + b"tQ")
+        out += (
+            b"("
+            + _str("storage")
+            + _global("torch", TORCH_STORAGE_NAMES[np.dtype(dt)])
+            + _str(str(i))
+            + _str("cpu")
+            + _int(numel)
+            + b"tQ"
+        )
         out += _int(0) + _tuple(shape) + _tuple(strides) + b"\x89"
         out += _global("collections", "OrderedDict") + b")R"
         out += b"tR"
@@ -144,8 +157,15 @@ def parse_size(s) -> int:
     if isinstance(s, int):
         return s
     s = str(s).strip().upper()
-    for unit, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9),
-                       ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+    for unit, mult in (
+        ("GIB", 2**30),
+        ("MIB", 2**20),
+        ("KIB", 2**10),
+        ("GB", 10**9),
+        ("MB", 10**6),
+        ("KB", 10**3),
+        ("B", 1),
+    ):
         if s.endswith(unit):
             return int(float(s[: -len(unit)]) * mult)
     return int(s)
@@ -165,16 +185,25 @@ def shard_entries(entries: Sequence[Entry], max_bytes: int) -> list[list[Entry]]
     return shards
 
 
-def write_sharded(dst, entries: Sequence[Entry], produce, *, kind: str = "safetensors",
-                  max_shard_size="5GB") -> list[str]:
+def write_sharded(
+    dst, entries: Sequence[Entry], produce, *, kind: str = "safetensors", max_shard_size="5GB"
+) -> list[str]:
     """Write (sharded, with the HF index above max_shard_size) weights; returns file names."""
     dst = Path(dst)
     shards = shard_entries(entries, parse_size(max_shard_size))
     n = len(shards)
     if kind == "safetensors":
-        single, pattern, index = "model.safetensors", "model-{:05d}-of-{:05d}.safetensors", "model.safetensors.index.json"
+        single, pattern, index = (
+            "model.safetensors",
+            "model-{:05d}-of-{:05d}.safetensors",
+            "model.safetensors.index.json",
+        )
     elif kind == "bin":
-        single, pattern, index = "pytorch_model.bin", "pytorch_model-{:05d}-of-{:05d}.bin", "pytorch_model.bin.index.json"
+        single, pattern, index = (
+            "pytorch_model.bin",
+            "pytorch_model-{:05d}-of-{:05d}.bin",
+            "pytorch_model.bin.index.json",
+        )
     else:
         raise ValueError(kind)
     names = [single] if n == 1 else [pattern.format(i + 1, n) for i in range(n)]
@@ -187,6 +216,7 @@ def write_sharded(dst, entries: Sequence[Entry], produce, *, kind: str = "safete
             total += write_torch_bin(dst / name, shard, produce)
         weight_map.update({e[0]: name for e in shard})
     if n > 1:
-        (dst / index).write_text(json.dumps({"metadata": {"total_size": total},
-                                             "weight_map": weight_map}, indent=2) + "\n")
+        (dst / index).write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
+        )
     return names

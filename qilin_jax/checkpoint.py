@@ -12,6 +12,7 @@ Orbax item named `params`, `state` (under a `params` key) or `default`, and for 
 in config.json / config.yaml next to it or one level up (see `find_params_item` and
 `model_config_from_dict`: the hooks to extend when the training checkpoint layout is fixed).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,6 +37,7 @@ class CheckpointError(ValueError):
 
 
 # --- config -------------------------------------------------------------------------------
+
 
 def model_config_from_dict(d: dict[str, Any]):
     """A QilinConfig from a config mapping: QilinConfig.to_dict() itself, or a run config
@@ -71,20 +73,26 @@ def read_config(ckpt_dir):
                 data = json.loads(p.read_text())
             else:
                 import yaml
+
                 data = yaml.safe_load(p.read_text())
             if not isinstance(data, dict):
                 raise CheckpointError(f"{p}: expected a mapping")
             try:
                 return model_config_from_dict(data)
             except (TypeError, ValueError, KeyError) as e:
-                raise CheckpointError(f"{p}: not a qilin-jax model config ({e}). A PyTorch "
-                                      "checkpoint must be converted first: python -m converters "
-                                      "to-jax --src DIR --dst OUT") from None
-    raise CheckpointError(f"{ckpt_dir}: no config.json / config.yaml here or one level up; is it "
-                          "a qilin-jax checkpoint (python -m converters to-jax writes one)?")
+                raise CheckpointError(
+                    f"{p}: not a qilin-jax model config ({e}). A PyTorch "
+                    "checkpoint must be converted first: python -m converters "
+                    "to-jax --src DIR --dst OUT"
+                ) from None
+    raise CheckpointError(
+        f"{ckpt_dir}: no config.json / config.yaml here or one level up; is it "
+        "a qilin-jax checkpoint (python -m converters to-jax writes one)?"
+    )
 
 
 # --- locating the parameter tree ----------------------------------------------------------
+
 
 def orbax_tree_keys(item_dir) -> list[tuple[str, ...]]:
     """The key paths of every leaf of an Orbax PyTree checkpoint, from its _METADATA."""
@@ -122,7 +130,8 @@ def find_params_item(ckpt_dir):
             return item, split[0], split[1]
     raise CheckpointError(
         f"{ckpt_dir}: no Orbax item with the model parameters (looked in "
-        f"{', '.join(n + '/' for n in PARAMS_ITEM_CANDIDATES)} and the directory itself)")
+        f"{', '.join(n + '/' for n in PARAMS_ITEM_CANDIDATES)} and the directory itself)"
+    )
 
 
 def orbax_array_shapes(item_dir) -> dict[tuple[str, ...], tuple[int, ...]]:
@@ -144,6 +153,7 @@ def _config_source(ckpt_dir, config) -> str:
 
 
 # --- save / load --------------------------------------------------------------------------
+
 
 def _pure_params(model_or_state):
     from flax import nnx
@@ -196,8 +206,7 @@ def save_pretrained(model_or_state, config, dst, *, overwrite: bool = False) -> 
     dst = Path(dst).absolute()
     if dst.exists() and any(dst.iterdir()):
         if not overwrite:
-            raise CheckpointError(f"{dst} exists and is not empty; choose another path or pass "
-                                  "overwrite=True")
+            raise CheckpointError(f"{dst} exists and is not empty; choose another path or pass overwrite=True")
     tree = _pure_params(model_or_state)
     primary = jax.process_index() == 0
     # Written next to dst, then renamed by the primary process (staged_dir): a failed save
@@ -217,8 +226,8 @@ def _broadcast_path(path: str) -> str:
 
     if jax.process_count() == 1:
         return path
-    from jax.experimental import multihost_utils
     import numpy as np
+    from jax.experimental import multihost_utils
 
     buf = np.zeros(1024, np.uint8)
     raw = path.encode()
@@ -267,16 +276,20 @@ def load_pretrained(ckpt_dir, *, dtype=None, mesh=None, rules=None, config=None,
 
     item_dir, prefix, suffix = find_params_item(ckpt_dir)
     stored = orbax_array_shapes(item_dir)
-    have = {k[len(prefix): len(k) - len(suffix)]: v for k, v in stored.items()
-            if k[: len(prefix)] == prefix and len(k) > len(prefix) and k[len(prefix)] in PARTS}
+    have = {
+        k[len(prefix) : len(k) - len(suffix)]: v
+        for k, v in stored.items()
+        if k[: len(prefix)] == prefix and len(k) > len(prefix) and k[len(prefix)] in PARTS
+    }
     # LoRA adapters stored with the weights (a LoRA training stage's output) are part of the model.
     # So are quantized matrices (a checkpoint saved after `quantize`).
     from qilin_jax.models import lora as lora_mod
     from qilin_jax.models import quant
 
     layer_shapes = {k[2]: v for k, v in have.items() if len(k) == 3 and k[:2] == ("llm", "layers")}
-    abstract = nnx.eval_shape(lambda: lora_mod.attach_like(
-        quant.attach_like(QilinMedVL(cfg, rngs=nnx.Rngs(0)), layer_shapes), layer_shapes))
+    abstract = nnx.eval_shape(
+        lambda: lora_mod.attach_like(quant.attach_like(QilinMedVL(cfg, rngs=nnx.Rngs(0)), layer_shapes), layer_shapes)
+    )
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     if mesh is not None:
         from qilin_jax.sharding import DEFAULT_RULES, state_shardings
@@ -290,8 +303,7 @@ def load_pretrained(ckpt_dir, *, dtype=None, mesh=None, rules=None, config=None,
 
     # Check names and shapes before reading: a clear error beats Orbax's tree mismatch (and
     # Orbax would silently pad or truncate an array restored to another global shape).
-    want = {tuple(str(p.key) for p in path): tuple(x.shape)
-            for path, x in jax.tree_util.tree_leaves_with_path(shapes)}
+    want = {tuple(str(p.key) for p in path): tuple(x.shape) for path, x in jax.tree_util.tree_leaves_with_path(shapes)}
     missing = sorted("/".join(k) for k in set(want) - set(have))
     extra = sorted("/".join(k) for k in set(have) - set(want))
     if missing or extra:
@@ -299,12 +311,16 @@ def load_pretrained(ckpt_dir, *, dtype=None, mesh=None, rules=None, config=None,
             f"{item_dir}: parameters do not fit the config ({_config_source(ckpt_dir, config)}): "
             + (f"missing {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}; " if missing else "")
             + (f"unexpected {', '.join(extra[:6])}{' ...' if len(extra) > 6 else ''}; " if extra else "")
-            + "the config (adapter kind, tie_word_embeddings) and the weights disagree")
-    bad = [f"{'/'.join(k)} stored {have[k]} but the config expects {want[k]}"
-           for k in sorted(want) if have[k] != want[k]]
+            + "the config (adapter kind, tie_word_embeddings) and the weights disagree"
+        )
+    bad = [
+        f"{'/'.join(k)} stored {have[k]} but the config expects {want[k]}" for k in sorted(want) if have[k] != want[k]
+    ]
     if bad:
-        raise CheckpointError(f"{item_dir}: {len(bad)} parameter shape(s) do not fit the config "
-                              f"({_config_source(ckpt_dir, config)}): " + "; ".join(bad[:4]))
+        raise CheckpointError(
+            f"{item_dir}: {len(bad)} parameter shape(s) do not fit the config "
+            f"({_config_source(ckpt_dir, config)}): " + "; ".join(bad[:4])
+        )
 
     def leaf(path, sds, sh):  # quantized codes keep their integer type, their scales float32
         keep = sds.dtype != jnp.float32 or str(path[-1].key).endswith(quant.SCALE)
@@ -313,26 +329,29 @@ def load_pretrained(ckpt_dir, *, dtype=None, mesh=None, rules=None, config=None,
 
     target = jax.tree_util.tree_map_with_path(leaf, shapes, shardings)
     restore_args = jax.tree.map(
-        lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, dtype=t.dtype, global_shape=t.shape),
-        target)
+        lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, dtype=t.dtype, global_shape=t.shape), target
+    )
     target, restore_args = _nest(prefix, target), _nest(prefix, restore_args)
     partial = len(stored) != len(want)
     ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
     try:
-        restored = ckptr.restore(item_dir, args=ocp.args.PyTreeRestore(
-            item=target, restore_args=restore_args, partial_restore=partial))
+        restored = ckptr.restore(
+            item_dir, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=partial)
+        )
     except (ValueError, FileNotFoundError) as e:
         raise CheckpointError(f"{item_dir}: restoring the parameters failed: {e}") from e
     restored = _unnest(prefix, restored)
     if suffix:
-        restored = jax.tree.map(lambda d: d["value"], restored,
-                                is_leaf=lambda d: isinstance(d, dict) and set(d) == {"value"})
+        restored = jax.tree.map(
+            lambda d: d["value"], restored, is_leaf=lambda d: isinstance(d, dict) and set(d) == {"value"}
+        )
     nnx.replace_by_pure_dict(params, restored)
     model = nnx.merge(graphdef, params, rest)
     if quantize and quantize != quant.model_kind(model):
         if quant.model_kind(model) is not None:
-            raise CheckpointError(f"{ckpt_dir}: stored quantized as {quant.model_kind(model)}; "
-                                  f"it cannot be re-quantized as {quantize}")
+            raise CheckpointError(
+                f"{ckpt_dir}: stored quantized as {quant.model_kind(model)}; it cannot be re-quantized as {quantize}"
+            )
         quant.quantize_model(model, quantize)
         state = nnx.state(model)
         if mesh is not None:

@@ -13,6 +13,7 @@ own `data:` over the top-level one and unset data fields are derived from the mo
 tasks fill in defaults such as the run folder), but are parsed against their dataclasses
 (DataConfig, EvalConfig, ChatConfig, BatchConfig, DemoSection) when the config is loaded.
 """
+
 from __future__ import annotations
 
 import copy
@@ -26,8 +27,20 @@ import yaml
 from qilin_jax.config_parse import ConfigError, FieldError, merge, parse_dataclass
 from qilin_jax.models.configs import QilinConfig, from_preset
 
-__all__ = ["ConfigError", "RunConfig", "StageConfig", "build_model_config", "deep_merge", "dump_config",
-           "load_config", "load_yaml", "apply_overrides", "resolve_path", "find_config", "validate"]
+__all__ = [
+    "ConfigError",
+    "RunConfig",
+    "StageConfig",
+    "build_model_config",
+    "deep_merge",
+    "dump_config",
+    "load_config",
+    "load_yaml",
+    "apply_overrides",
+    "resolve_path",
+    "find_config",
+    "validate",
+]
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # Config files shipped inside the package (a wheel has them at qilin_jax/configs); in a checkout
@@ -50,7 +63,7 @@ def find_config(name: str) -> str:
     if os.path.exists(name):
         return name
     rel = name if name.endswith((".yaml", ".yml")) else name + ".yaml"
-    rel = rel[len("configs/"):] if rel.startswith("configs/") else rel
+    rel = rel[len("configs/") :] if rel.startswith("configs/") else rel
     for d in BUNDLED_CONFIG_DIRS:
         if os.path.isfile(os.path.join(d, rel)):
             return os.path.join(d, rel)
@@ -251,20 +264,27 @@ class RunConfig:
         merged = merge(copy.deepcopy(self.data), stage.data)
         # The model is the one source of truth for image geometry and the image token.
         mc = self.model_config()
-        derived = {"image_size": mc.vision.image_size, "patch_size": mc.vision.patch_size,
-                   "image_tokens": mc.image_tokens, "image_token_id": mc.image_token_id}
+        derived = {
+            "image_size": mc.vision.image_size,
+            "patch_size": mc.vision.patch_size,
+            "image_tokens": mc.image_tokens,
+            "image_token_id": mc.image_token_id,
+        }
         for k, v in derived.items():
             if merged.get(k) is None:
                 merged[k] = v
             elif merged[k] != v:
-                raise ConfigError(f"{key(k)}={merged[k]} (stage {stage.name!r}) contradicts the model "
-                                  f"({v}); remove it from `data:` to take the model's value")
+                raise ConfigError(
+                    f"{key(k)}={merged[k]} (stage {stage.name!r}) contradicts the model "
+                    f"({v}); remove it from `data:` to take the model's value"
+                )
         try:
             return DataConfig.from_dict(merged, where="data")
         except FieldError as e:
             name = e.field.split(".", 1)[-1]
-            raise ConfigError(f"{key(name)}: {e.message} (stage {stage.name!r}: `data:` merged with "
-                              "the stage's `data:`)") from None
+            raise ConfigError(
+                f"{key(name)}: {e.message} (stage {stage.name!r}: `data:` merged with the stage's `data:`)"
+            ) from None
 
     def to_dict(self) -> dict:
         """The config as plain dicts and lists (YAML)."""
@@ -314,8 +334,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                 try:
                     node = node[int(p)]
                 except (ValueError, IndexError):
-                    raise ConfigError(f"override {key}: {'.'.join(parts[:i + 1])} is not an index "
-                                      f"of a list of {len(node)}") from None
+                    raise ConfigError(
+                        f"override {key}: {'.'.join(parts[: i + 1])} is not an index of a list of {len(node)}"
+                    ) from None
             elif isinstance(node, dict):
                 node = node.setdefault(p, {})
             else:
@@ -343,21 +364,29 @@ def _section_schemas() -> dict:
     from qilin_jax.infer.config import BatchConfig, ChatConfig, EvalConfig
     from qilin_jax.serve.config import ServeConfig
 
-    return {"eval": EvalConfig, "chat": ChatConfig, "batch": BatchConfig, "serve": ServeConfig,
-            "demo": DemoSection, "data": DataConfig}
+    return {
+        "eval": EvalConfig,
+        "chat": ChatConfig,
+        "batch": BatchConfig,
+        "serve": ServeConfig,
+        "demo": DemoSection,
+        "data": DataConfig,
+    }
 
 
 def validate(cfg: RunConfig) -> RunConfig:
     """Check every section's keys and types and the cross-field rules; returns `cfg` with
     `stages` entries as StageConfig and `distributed.enabled` as a string."""
-    stages = [parse_dataclass(StageConfig, s, f"stages.{i}") if isinstance(s, dict) else s
-              for i, s in enumerate(cfg.stages)]
+    stages = [
+        parse_dataclass(StageConfig, s, f"stages.{i}") if isinstance(s, dict) else s for i, s in enumerate(cfg.stages)
+    ]
     for i, st in enumerate(stages):
         if not st.trainable and not st.lora:
             raise ConfigError(f"stages.{i}.trainable: a stage must train something")
         if st.lora and any(t.startswith("llm") for t in st.trainable):
-            raise ConfigError(f"stages.{i}: a LoRA stage keeps the LLM frozen; remove the llm "
-                              f"patterns from trainable {st.trainable}")
+            raise ConfigError(
+                f"stages.{i}: a LoRA stage keeps the LLM frozen; remove the llm patterns from trainable {st.trainable}"
+            )
         if st.learning_rate <= 0:
             raise ConfigError(f"stages.{i}.learning_rate must be > 0")
         if not 0 <= st.warmup_ratio < 1:
@@ -379,20 +408,26 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError("stages: tasks has 'train' but `stages:` is empty")
     ps = cfg.train.profile_steps
     if ps and not (len(ps) == 2 and 1 <= ps[0] <= ps[1]):
-        raise ConfigError(f"train.profile_steps must be [] or [first, last] with 1 <= first <= last "
-                          f"(steps of each stage, 1-based), got {ps!r}")
+        raise ConfigError(
+            f"train.profile_steps must be [] or [first, last] with 1 <= first <= last "
+            f"(steps of each stage, 1-based), got {ps!r}"
+        )
     if isinstance(cfg.distributed.enabled, bool):  # YAML reads a bare on/off as a boolean
         cfg.distributed.enabled = "on" if cfg.distributed.enabled else "off"
     if cfg.model.quantize and "train" in cfg.tasks:
         for i, st in enumerate(stages):
             if any(t.startswith("llm") for t in st.trainable):
-                raise ConfigError(f"stages.{i}.trainable {st.trainable}: a quantized LLM "
-                                  f"(model.quantize={cfg.model.quantize}) cannot train in full; "
-                                  "train LoRA adapters over it (lora: true) or drop model.quantize")
+                raise ConfigError(
+                    f"stages.{i}.trainable {st.trainable}: a quantized LLM "
+                    f"(model.quantize={cfg.model.quantize}) cannot train in full; "
+                    "train LoRA adapters over it (lora: true) or drop model.quantize"
+                )
     lc = cfg.train.lora
     if lc.rank < 1 or lc.alpha <= 0 or not 0 <= lc.dropout < 1 or not lc.targets:
-        raise ConfigError(f"train.lora: need rank >= 1, alpha > 0, 0 <= dropout < 1 and targets, "
-                          f"got rank={lc.rank} alpha={lc.alpha} dropout={lc.dropout} targets={lc.targets}")
+        raise ConfigError(
+            f"train.lora: need rank >= 1, alpha > 0, 0 <= dropout < 1 and targets, "
+            f"got rank={lc.rank} alpha={lc.alpha} dropout={lc.dropout} targets={lc.targets}"
+        )
     if lc.trainable_learning_rate is not None and lc.trainable_learning_rate <= 0:
         raise ConfigError("train.lora.trainable_learning_rate must be > 0 (or null)")
     if any(st.lora for st in stages):
@@ -409,14 +444,14 @@ def validate(cfg: RunConfig) -> RunConfig:
         if n == 0 or n < -1:
             raise ConfigError(f"mesh.{axis} must be -1 (the rest) or >= 1, got {n}")
     if cfg.checkpoint.every_steps < 0:
-        raise ConfigError(f"checkpoint.every_steps must be >= 0 (0: only the final checkpoint), "
-                          f"got {cfg.checkpoint.every_steps}")
+        raise ConfigError(
+            f"checkpoint.every_steps must be >= 0 (0: only the final checkpoint), got {cfg.checkpoint.every_steps}"
+        )
     if cfg.checkpoint.keep < 1:
         raise ConfigError(f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}")
     d = cfg.distributed
     if d.num_processes is not None and d.process_id is not None and not 0 <= d.process_id < d.num_processes:
-        raise ConfigError(f"distributed.process_id must be in [0, num_processes={d.num_processes}), "
-                          f"got {d.process_id}")
+        raise ConfigError(f"distributed.process_id must be in [0, num_processes={d.num_processes}), got {d.process_id}")
     if cfg.logging.every_steps < 1:
         raise ConfigError(f"logging.every_steps must be >= 1, got {cfg.logging.every_steps}")
     cfg.model.tokenizer = resolve_path(cfg.model.tokenizer)

@@ -5,6 +5,7 @@ eval -> chat -> report. The report compares held-out accuracy per question type 
 (the initial weights) and after training with chance beside it, plots the loss curves, and
 writes report.json into the run folder.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,17 +45,26 @@ def prepare(cfg: RunConfig) -> dict:
     if os.path.exists(meta_path):
         meta = json.load(open(meta_path, encoding="utf-8"))
         counts = meta.get("counts", {})
-        asked = {"seed": meta.get("seed"), "image_size": meta.get("image_size"),
-                 "n_align": counts.get("alignment"), "n_instruct": counts.get("instruction"),
-                 "n_heldout": counts.get("heldout")}
+        asked = {
+            "seed": meta.get("seed"),
+            "image_size": meta.get("image_size"),
+            "n_align": counts.get("alignment"),
+            "n_instruct": counts.get("instruction"),
+            "n_heldout": counts.get("heldout"),
+        }
         # Options the config leaves out mean generate()'s defaults: data made with other
         # values (e.g. by an earlier run with demo.n_align=...) is not the data asked for.
         import inspect
-        want = {k: p.default for k, p in inspect.signature(make_demo.generate).parameters.items()
-                if p.default is not inspect.Parameter.empty}
+
+        want = {
+            k: p.default
+            for k, p in inspect.signature(make_demo.generate).parameters.items()
+            if p.default is not inspect.Parameter.empty
+        }
         want.update(opts)
-        same = (meta.get("generator_version") == make_demo.GENERATOR_VERSION
-                and all(asked[k] == want.get(k) for k in asked))
+        same = meta.get("generator_version") == make_demo.GENERATOR_VERSION and all(
+            asked[k] == want.get(k) for k in asked
+        )
         if same:
             print(f"demo data: {out} (already there)")
         else:
@@ -63,8 +73,9 @@ def prepare(cfg: RunConfig) -> dict:
         meta = None
     if meta is None:
         t = time.time()
-        kw = {k: v for k, v in opts.items() if k in ("seed", "n_align", "n_instruct", "n_heldout",
-                                                    "image_size", "n_csv")}
+        kw = {
+            k: v for k, v in opts.items() if k in ("seed", "n_align", "n_instruct", "n_heldout", "image_size", "n_csv")
+        }
         meta = make_demo.generate(out, **kw)
         print(f"demo data: generated {meta['counts']} into {out} in {time.time() - t:.1f} s")
     if cfg.chat.get("image"):
@@ -74,15 +85,15 @@ def prepare(cfg: RunConfig) -> dict:
 
 def _evaluate_initial(cfg: RunConfig) -> dict:
     """Held-out accuracy of the initial (untrained) weights, for the before/after table."""
+    from flax import nnx
+
     from qilin_jax.infer.config import EvalConfig
     from qilin_jax.infer.evaluate import run_eval
-    from qilin_jax.runtime import load_tokenizer
-    from flax import nnx
     from qilin_jax.models import QilinMedVL
+    from qilin_jax.runtime import load_tokenizer
 
     model = QilinMedVL(cfg.model_config(), rngs=nnx.Rngs(cfg.seed))
-    ecfg = EvalConfig(**{**cfg.eval, "output_dir": os.path.join(cfg.run_dir, "eval_before"),
-                         "progress": False})
+    ecfg = EvalConfig(**{**cfg.eval, "output_dir": os.path.join(cfg.run_dir, "eval_before"), "progress": False})
     return run_eval(model, load_tokenizer(cfg), ecfg)
 
 
@@ -130,15 +141,24 @@ def report(cfg: RunConfig, outputs: dict) -> dict:
         "heldout_accuracy": after["heldout_accuracy"],
         "heldout_accuracy_by_type": by_type,
         "chance_by_type": chance,
-        "before_training": {"heldout_accuracy": before["heldout_accuracy"],
-                            "heldout_accuracy_by_type": before["heldout_accuracy_by_type"]},
+        "before_training": {
+            "heldout_accuracy": before["heldout_accuracy"],
+            "heldout_accuracy_by_type": before["heldout_accuracy_by_type"],
+        },
         "targets": targets,
         "targets_met": checks,
         "times_chance_other_types": rest,
         "n_by_type": after.get("n_by_type"),
-        "stages": [{"name": s["name"], "steps": s["steps"], "seconds": round(s["seconds"], 1),
-                    "first_loss": s["losses"][0] if s["losses"] else None,
-                    "last_loss": s["losses"][-1] if s["losses"] else None} for s in train],
+        "stages": [
+            {
+                "name": s["name"],
+                "steps": s["steps"],
+                "seconds": round(s["seconds"], 1),
+                "first_loss": s["losses"][0] if s["losses"] else None,
+                "last_loss": s["losses"][-1] if s["losses"] else None,
+            }
+            for s in train
+        ],
         "chat_answer": outputs.get("chat"),
         "wall_seconds": round(elapsed, 1),
     }
@@ -158,6 +178,7 @@ def report(cfg: RunConfig, outputs: dict) -> dict:
         lines.append(f"loss curves: {png}")
     for s in train:
         lines.append(f"checkpoint ({s['name']}): {s['final_dir']}")
-    lines.append(f"metrics: {os.path.join(cfg.run_dir, 'metrics.jsonl')} (TensorBoard: {os.path.join(cfg.run_dir, 'tensorboard')})")
+    metrics, board = os.path.join(cfg.run_dir, "metrics.jsonl"), os.path.join(cfg.run_dir, "tensorboard")
+    lines.append(f"metrics: {metrics} (TensorBoard: {board})")
     print("\n".join(lines))
     return rep

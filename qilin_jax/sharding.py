@@ -4,16 +4,19 @@ Every parameter carries logical axis names in its `axes` metadata (e.g. ("embed"
 and the main activations are annotated with `constrain(x, axes)`. Rules map each logical
 name to zero or more mesh axes; the mesh has the three axes `data`, `fsdp`, `tensor`.
 """
+
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import math
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -42,8 +45,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 _CTX: contextvars.ContextVar = contextvars.ContextVar("qilin_sharding_ctx", default=None)
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """Return a Mesh with axes (data, fsdp, tensor); one size may be -1 (= the rest)."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = [data, fsdp, tensor]
@@ -56,18 +58,20 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
             raise ValueError(f"mesh: {n} devices are not divisible by data*fsdp*tensor={known}")
         sizes[sizes.index(-1)] = n // known
     if math.prod(sizes) != n:
-        raise ValueError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} but there are {n} devices; "
-                         "set one axis to -1 to take the rest")
+        raise ValueError(
+            f"mesh: data*fsdp*tensor = {math.prod(sizes)} but there are {n} devices; "
+            "set one axis to -1 to take the rest"
+        )
     try:
         from jax.experimental import mesh_utils
+
         arr = mesh_utils.create_device_mesh(sizes, devices=devices, allow_split_physical_axes=True)
     except Exception:  # non-TPU topologies or older jax: plain reshape keeps process locality
         arr = np.asarray(devices).reshape(sizes)
     return Mesh(arr, MESH_AXES)
 
 
-def logical_to_spec(axes: Iterable[str | None] | None, rules=DEFAULT_RULES,
-                    mesh: Mesh | None = None) -> P:
+def logical_to_spec(axes: Iterable[str | None] | None, rules=DEFAULT_RULES, mesh: Mesh | None = None) -> P:
     """Map logical axis names to a PartitionSpec; a mesh axis is used at most once."""
     if axes is None:
         return P()

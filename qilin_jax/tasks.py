@@ -83,8 +83,7 @@ def run(cfg: RunConfig, *, train_hooks=None) -> dict:
             from qilin_jax.infer.config import BatchConfig, section_from_dict
 
             bcfg = section_from_dict(BatchConfig, cfg.batch, "batch")
-            out[task] = run_batch(load_model(cfg, tensor_parallel=bcfg.tensor_parallel),
-                                  load_tokenizer(cfg), bcfg)
+            out[task] = run_batch(load_model(cfg, tensor_parallel=bcfg.tensor_parallel), load_tokenizer(cfg), bcfg)
         elif task == "serve":
             out[task] = run_serve_task(cfg)
         elif task == "report":
@@ -104,8 +103,9 @@ def run_serve_task(cfg: RunConfig) -> dict:
     scfg = section_from_dict(ServeConfig, cfg.serve, "serve")
     scfg.validate("serve")
     if not os.path.exists(os.path.join(scfg.checkpoint, "config.json")):
-        raise SystemExit(f"serve.checkpoint {scfg.checkpoint!r} has no checkpoint (config.json): run the demo "
-                         "first (python main.py --config configs/demo.yaml) or set serve.checkpoint=PATH")
-    model, mesh = prepare(load_model(cfg, scfg.checkpoint, tensor_parallel=scfg.tensor_parallel),
-                          scfg.tensor_parallel)
+        raise SystemExit(
+            f"serve.checkpoint {scfg.checkpoint!r} has no checkpoint (config.json): run the demo "
+            "first (python main.py --config configs/demo.yaml) or set serve.checkpoint=PATH"
+        )
+    model, mesh = prepare(load_model(cfg, scfg.checkpoint, tensor_parallel=scfg.tensor_parallel), scfg.tensor_parallel)
     return run_serve(model, load_tokenizer(cfg), scfg, mesh=mesh)

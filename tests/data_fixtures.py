@@ -1,7 +1,8 @@
 """Shared helpers for the data tests: a tiny LLaMA-like tokenizer, images and sample files.
 
 The `tokenizer` fixture (tests/conftest.py) is `load_tokenizer()`: the project's demo
-tokenizer (qilin_jax/demo_data/tokenizer) when it exists, else a SentencePiece BPE model trained here with LLaMA's settings (byte fallback,
+tokenizer (qilin_jax/demo_data/tokenizer) when it exists, else a SentencePiece BPE model trained
+here with LLaMA's settings (byte fallback,
 split digits, identity normalisation, unk=0 bos=1 eos=2, no pad), wrapped as a transformers
 LlamaTokenizer with legacy=True (the release's behaviour).
 """
@@ -84,9 +85,7 @@ def tokenizer_dir() -> str:
     """Returns a tokenizer directory: qilin_jax/demo_data/tokenizer if present, else a freshly trained one."""
     if "dir" not in _CACHE:
         shipped = REPO / "qilin_jax" / "demo_data" / "tokenizer"
-        if (shipped / "tokenizer_config.json").exists() and os.environ.get(
-            "QILIN_TEST_OWN_TOKENIZER", ""
-        ) != "1":
+        if (shipped / "tokenizer_config.json").exists() and os.environ.get("QILIN_TEST_OWN_TOKENIZER", "") != "1":
             _CACHE["dir"] = str(shipped)
         else:
             _CACHE["dir"] = train_tiny_tokenizer(tempfile.mkdtemp(prefix="qilin_tok_"))

@@ -1,5 +1,6 @@
 """Shared pieces of the serving tests: a live server on 127.0.0.1 (a free port) over a tiny
 random model, images as data: URLs, and the reference answers of `qilin_jax.generate`."""
+
 from __future__ import annotations
 
 import base64
@@ -33,8 +34,7 @@ def data_url(raw: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64," + base64.b64encode(raw).decode()
 
 
-def reference(server, turns, image: tuple[bytes, str] | None, max_tokens: int, system: str = "",
-              stop=()) -> dict:
+def reference(server, turns, image: tuple[bytes, str] | None, max_tokens: int, system: str = "", stop=()) -> dict:
     """What the server must answer greedily: `qilin_jax.generate` on the same prompt and image,
     cut at `</s>` / stop strings. {"text", "completion_tokens", "finish_reason"}."""
     from qilin_jax.infer.common import IncrementalDecoder, load_pixels, prompt_ids, template_name
@@ -51,8 +51,12 @@ def reference(server, turns, image: tuple[bytes, str] | None, max_tokens: int, s
         dec.push(int(t))
         if dec.stopped:
             break
-    return {"text": dec.text, "completion_tokens": n, "finish_reason": "stop" if dec.stopped else "length",
-            "prompt_tokens": len(ids)}
+    return {
+        "text": dec.text,
+        "completion_tokens": n,
+        "finish_reason": "stop" if dec.stopped else "length",
+        "prompt_tokens": len(ids),
+    }
 
 
 @pytest.fixture(scope="session")
@@ -65,8 +69,16 @@ def server():
     from tests.infer_fixtures import REPO, random_model, tiny_config
 
     tok = AutoTokenizer.from_pretrained(str(REPO / "qilin_jax" / "demo_data" / "tokenizer"))
-    cfg = ServeConfig(checkpoint="", slots=4, max_context=256, prompt_buckets=[64, 128], max_queue=64,
-                      api_key=API_KEY, max_new_tokens=16, max_body_mb=1.0)
+    cfg = ServeConfig(
+        checkpoint="",
+        slots=4,
+        max_context=256,
+        prompt_buckets=[64, 128],
+        max_queue=64,
+        api_key=API_KEY,
+        max_new_tokens=16,
+        max_body_mb=1.0,
+    )
     srv = Server(random_model(tiny_config(), seed=0), tok, cfg)
     srv.port = srv.start_background()
     srv.base_url = f"http://127.0.0.1:{srv.port}"

@@ -1,6 +1,7 @@
 """The XLA attention (custom VJP, causal query blocks) equals jax.nn.dot_product_attention:
 outputs and q/k/v gradients, with padding (fully masked rows), packing, GQA, per-head masks,
 and query blocks that do not divide the sequence."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,8 +24,9 @@ def _check(q, k, v, mask, causal, monkeypatch, block):
     w = w * seen[:, :, None, None]
 
     def loss(impl):
-        return lambda q, k, v: jnp.sum(w * jnp.tanh(
-            A.attention(q, k, v, mask=mask, causal=causal, implementation=impl)))
+        return lambda q, k, v: jnp.sum(
+            w * jnp.tanh(A.attention(q, k, v, mask=mask, causal=causal, implementation=impl))
+        )
 
     ours = jax.jit(jax.value_and_grad(loss("xla"), argnums=(0, 1, 2)))(q, k, v)
     ref = jax.value_and_grad(loss("xla_reference"), argnums=(0, 1, 2))(q, k, v)
@@ -34,8 +36,7 @@ def _check(q, k, v, mask, causal, monkeypatch, block):
     out = A.attention(q, k, v, mask=mask, causal=causal, implementation="xla")
     assert bool(jnp.all(jnp.isfinite(out)))
     ref_out = A.attention(q, k, v, mask=mask, implementation="xla_reference")
-    np.testing.assert_allclose(out * seen[:, :, None, None], ref_out * seen[:, :, None, None],
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out * seen[:, :, None, None], ref_out * seen[:, :, None, None], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("block", [0, 8, 16, 64])  # 64 > T: one block
@@ -43,8 +44,8 @@ def test_causal_padding_and_packing(block, monkeypatch):
     B, T = 3, 37
     q, k, v = _qkv(B, T, 4, 4, 8)
     seg = np.ones((B, T), np.int32)
-    seg[1, 30:] = 0                     # right padding: fully masked query rows
-    seg[2, 12:25], seg[2, 25:] = 2, 3   # three packed samples
+    seg[1, 30:] = 0  # right padding: fully masked query rows
+    seg[2, 12:25], seg[2, 25:] = 2, 3  # three packed samples
     seg = jnp.asarray(seg)
     _check(q, k, v, A.make_mask(seg, seg, causal=True), True, monkeypatch, block)
 
@@ -63,9 +64,11 @@ def test_unmasked_and_cross_lengths(monkeypatch):
     _check(q, k, v, None, False, monkeypatch, 8)  # the ViT's call
     # Queries against a longer key range (the decode cache): never blocked, mask carries causality.
     kq = _qkv(2, 40, 2, 2, 4, seed=4)
-    mask = jnp.asarray(np.random.default_rng(5).random((2, 1, 17, 40)) > 0.4) | \
-        (jnp.arange(40)[None, None, None] == 0)
+    mask = jnp.asarray(np.random.default_rng(5).random((2, 1, 17, 40)) > 0.4) | (jnp.arange(40)[None, None, None] == 0)
     monkeypatch.setattr(A, "CAUSAL_BLOCK", 8)
     np.testing.assert_allclose(
         A.attention(q, kq[1], kq[2], mask=mask, causal=True, implementation="xla"),
-        A.attention(q, kq[1], kq[2], mask=mask, implementation="xla_reference"), rtol=1e-5, atol=1e-5)
+        A.attention(q, kq[1], kq[2], mask=mask, implementation="xla_reference"),
+        rtol=1e-5,
+        atol=1e-5,
+    )

@@ -8,6 +8,7 @@ torch and its roofline fields, bench/loop_overheads.py (checkpoint and host-sync
 bench/decode_layout.py (the two decode weight layouts give the same tokens), bench/shared_prefix.py
 and bench/optimizer.py (GuardedAdamW and the optax chain give the same parameters).
 """
+
 import json
 import math
 import sys
@@ -58,7 +59,8 @@ def _check_train_step(out: dict):
         assert key in out and out[key] > 0, key
     for s in ("stage1", "stage2"):
         assert out[f"{s}_speedup_vs_torch"] == pytest.approx(
-            out[f"torch_{s}_step_s"] / out[f"{s}_step_s"], rel=2e-3)  # ratio to 3 places, times to 1 us
+            out[f"torch_{s}_step_s"] / out[f"{s}_step_s"], rel=2e-3
+        )  # ratio to 3 places, times to 1 us
         # Random init on both sides: the loss of a 512-token vocabulary starts near ln(512).
         for pre in ("", "torch_"):
             assert abs(out[f"{pre}{s}_loss"] - math.log(512)) < 1.0, (pre, s, out[f"{pre}{s}_loss"])
@@ -77,8 +79,22 @@ def test_train_step_bench_cpu_settings(tiny_bench, capsys):
 
 
 def test_train_step_bench_gpu_path_on_cpu(tiny_bench, capsys):
-    out = _run(B.main, ["--config", tiny_bench, "--repeats", "1", "--matmul-n", "128",
-                        "--settings", "gpu", "--override", "attention=xla"], capsys)
+    out = _run(
+        B.main,
+        [
+            "--config",
+            tiny_bench,
+            "--repeats",
+            "1",
+            "--matmul-n",
+            "128",
+            "--settings",
+            "gpu",
+            "--override",
+            "attention=xla",
+        ],
+        capsys,
+    )
     _check_train_step(out)
     assert (out["settings"], out["dtype"], out["attention"], out["remat"]) == ("gpu", "bfloat16", "xla", "full")
     assert out["peak_dtype"] == "bfloat16"
@@ -94,7 +110,7 @@ def test_bench_configs_settings_per_platform(path):
         b = raw["batch"]
         batch = B.make_batch(cfg, b["rows"], b["text_tokens"], b.get("pad_last_row", 0))
         assert batch["input_ids"].shape == (b["rows"], 1 + cfg.image_tokens + b["text_tokens"])
-        assert (batch["input_ids"][:, 1:1 + cfg.image_tokens] == cfg.image_token_id).all()
+        assert (batch["input_ids"][:, 1 : 1 + cfg.image_tokens] == cfg.image_token_id).all()
     gpu, _ = B.load_bench_config(path, "gpu")
     assert (gpu.dtype, gpu.attention) == ("bfloat16", "cudnn")
     cfg, _ = B.load_bench_config(path, "gpu", B.parse_overrides(["attention=xla", "loss_chunk=64"]))
@@ -111,35 +127,47 @@ def test_bench_config_errors(tiny_bench):
 
 
 def test_generate_bench_tiny(capsys):
-    out = _run(G.main, ["--models", "tiny", "--new-tokens", "4", "--repeats", "1",
-                        "--torch-threads", "1", "--bandwidth-mb", "16"], capsys)
+    out = _run(
+        G.main,
+        ["--models", "tiny", "--new-tokens", "4", "--repeats", "1", "--torch-threads", "1", "--bandwidth-mb", "16"],
+        capsys,
+    )
     for key in ("decode_tokens_per_s", "torch_decode_tokens_per_s", "decode_ratio_vs_torch"):
         assert out[key] > 0, key
     tiny = out["models"]["tiny"]
     assert tiny["greedy_tokens_equal_rows"] == 1.0  # same weights, same prompt: same greedy tokens
     assert out["decode_ratio_vs_torch"] == pytest.approx(
-        tiny["decode_tokens_per_s"] / tiny["torch_decode_tokens_per_s"], rel=1e-3)
+        tiny["decode_tokens_per_s"] / tiny["torch_decode_tokens_per_s"], rel=1e-3
+    )
     # The bytes a decode step reads, counted from the config (float32): every layer's
     # projections and norms, the final norm and the untied LM head.
     t = G.model_config("tiny").text
     hd = t.head_dim
-    layer = (t.hidden_size * t.num_attention_heads * hd * 2 + t.hidden_size * t.num_key_value_heads * hd * 2
-             + 3 * t.hidden_size * t.intermediate_size + 2 * t.hidden_size)
+    layer = (
+        t.hidden_size * t.num_attention_heads * hd * 2
+        + t.hidden_size * t.num_key_value_heads * hd * 2
+        + 3 * t.hidden_size * t.intermediate_size
+        + 2 * t.hidden_size
+    )
     expected = 4 * (t.num_hidden_layers * layer + t.hidden_size + t.hidden_size * t.vocab_size)
     assert tiny["decode_weight_bytes"] == expected
     bw = out["memory_bandwidth_gb_per_s"]
     assert bw == max(max(r.values()) for r in out["memory_bandwidth_runs"])
     assert out["decode_roofline_tokens_per_s"] == pytest.approx(bw * 1e9 / expected, rel=1e-2)
     assert out["decode_ratio_bound_vs_torch"] == pytest.approx(
-        out["decode_roofline_tokens_per_s"] / out["torch_decode_tokens_per_s"], rel=1e-2)
+        out["decode_roofline_tokens_per_s"] / out["torch_decode_tokens_per_s"], rel=1e-2
+    )
 
 
 def test_loop_overheads_bench_tiny(tiny_bench, tmp_path, capsys):
     from bench import loop_overheads as O
 
     ckdir = tmp_path / "ckpts"
-    out = _run(O.main, ["--config", tiny_bench, "--steps", "2", "--save-every", "1", "--repeats", "1",
-                        "--dir", str(ckdir)], capsys)
+    out = _run(
+        O.main,
+        ["--config", tiny_bench, "--steps", "2", "--save-every", "1", "--repeats", "1", "--dir", str(ckdir)],
+        capsys,
+    )
     assert out["saves"] == 2 and out["state_mb"] > 0
     assert set(out["seconds"]) == set(O.VARIANTS)
     for key in ("async_save_cost_per_save_s", "sync_save_cost_per_save_s", "sync_every_step_cost_per_step_s"):
@@ -160,7 +188,8 @@ def test_decode_layout_bench_tiny(capsys):
     for v in D.LAYOUTS:
         assert r[v]["decode_tokens_per_s"] > 0 and r[v]["prefill_s"] > 0
     assert r["decode_out_in_over_in_out"] == pytest.approx(
-        r["out_in"]["decode_tokens_per_s"] / r["in_out"]["decode_tokens_per_s"], rel=1e-2)
+        r["out_in"]["decode_tokens_per_s"] / r["in_out"]["decode_tokens_per_s"], rel=1e-2
+    )
     with pytest.raises(SystemExit, match="new-tokens"):
         D.main(["--models", "tiny", "--new-tokens", "1"])
 

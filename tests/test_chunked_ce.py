@@ -1,5 +1,6 @@
 """The chunked cross-entropy (custom VJP, gradients taken chunk by chunk) equals the
 whole-sequence one: value, hidden-state and head gradients, frozen head (stage 1)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +19,7 @@ def test_chunked_ce_equals_whole(chunk):
     lab[:, :7] = -100
     lab[1, 30:] = -100
     lab = jnp.asarray(lab)
-    f = lambda c: (lambda h, W: cross_entropy(h, W, lab, chunk=c)[0])
+    f = lambda c: lambda h, W: cross_entropy(h, W, lab, chunk=c)[0]
     np.testing.assert_allclose(f(chunk)(h, W), f(0)(h, W), rtol=1e-5)
     ga = jax.grad(f(chunk), argnums=(0, 1))(h, W)
     gb = jax.grad(f(0), argnums=(0, 1))(h, W)
@@ -45,13 +46,14 @@ def test_supervised_positions_only_equals_every_position(chunk):
     W = jnp.asarray(rng.normal(size=(D, V)) * 0.3, jnp.float32)
     budgets = loss_position_budgets(T)
     assert budgets == [8, 16, 32]
-    f = lambda lab, so: (lambda h, W: cross_entropy(h, W, lab, chunk=chunk, supervised_only=so)[0])
-    grad_so = jax.jit(jax.grad(lambda h, W, lab: cross_entropy(
-        h, W, lab, chunk=chunk, supervised_only=True)[0], argnums=(0, 1)))
+    f = lambda lab, so: lambda h, W: cross_entropy(h, W, lab, chunk=chunk, supervised_only=so)[0]
+    grad_so = jax.jit(
+        jax.grad(lambda h, W, lab: cross_entropy(h, W, lab, chunk=chunk, supervised_only=True)[0], argnums=(0, 1))
+    )
     for busiest in (3, 8, 9, 16, 30, 32, 33, 64):  # around every budget edge
         lab = np.full((B, T), -100, np.int32)
         lab[0, [5, 20, 21]] = rng.integers(0, V, 3)
-        lab[1, T - busiest:] = rng.integers(0, V, busiest)  # the busiest row
+        lab[1, T - busiest :] = rng.integers(0, V, busiest)  # the busiest row
         lab[2, 40:42] = rng.integers(0, V, 2)
         lab = jnp.asarray(lab)
         np.testing.assert_allclose(f(lab, True)(h, W), f(lab, False)(h, W), rtol=1e-5)
@@ -70,5 +72,5 @@ def test_loss_position_budgets():
     from qilin_jax.models.qilin import loss_position_budgets
 
     assert loss_position_budgets(737) == [48, 96, 192, 376]  # ceil(737 / 16) = 47 -> 48, ...
-    assert loss_position_budgets(10) == [8]                 # 1/4 and 1/2 round up to the row
-    assert loss_position_budgets(4) == []                    # nothing smaller than the row
+    assert loss_position_budgets(10) == [8]  # 1/4 and 1/2 round up to the row
+    assert loss_position_budgets(4) == []  # nothing smaller than the row

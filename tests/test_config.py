@@ -1,4 +1,5 @@
 """Run-config loading: base inheritance, dotted overrides, and errors that name the key."""
+
 import glob
 
 import pytest
@@ -37,21 +38,24 @@ def test_base_and_overrides(tmp_path):
     assert again.stages[0].learning_rate == 2e-5 and again.data == cfg.data
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ("stages.0.learnin_rate=1", "stages.0.learnin_rate: unknown key"),
-    ("mesh.fsdp=two", "mesh.fsdp: expected int"),
-    ("stages.0.trainable=[]", "must train something"),
-    ("tasks=[train,fly]", "unknown task"),
-    ("model.preset=gpt5", "unknown preset"),
-    ("model.overrides.adapter=conv", "adapter"),
-    ("data.image_size=336", "contradicts the model"),
-    ("mesh.data=-1", "at most one of"),
-    ("stages.3.learning_rate=1", "not an index"),
-    ("train.nan_policy=ignore", "nan_policy"),
-    ("train.profile_steps=[5,2]", "train.profile_steps must be"),
-    ("train.profile_steps=[0,2]", "train.profile_steps must be"),
-    ("train.profile_steps=[3]", "train.profile_steps must be"),
-])
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("stages.0.learnin_rate=1", "stages.0.learnin_rate: unknown key"),
+        ("mesh.fsdp=two", "mesh.fsdp: expected int"),
+        ("stages.0.trainable=[]", "must train something"),
+        ("tasks=[train,fly]", "unknown task"),
+        ("model.preset=gpt5", "unknown preset"),
+        ("model.overrides.adapter=conv", "adapter"),
+        ("data.image_size=336", "contradicts the model"),
+        ("mesh.data=-1", "at most one of"),
+        ("stages.3.learning_rate=1", "not an index"),
+        ("train.nan_policy=ignore", "nan_policy"),
+        ("train.profile_steps=[5,2]", "train.profile_steps must be"),
+        ("train.profile_steps=[0,2]", "train.profile_steps must be"),
+        ("train.profile_steps=[3]", "train.profile_steps must be"),
+    ],
+)
 def test_errors_name_the_key(tmp_path, override, fragment):
     path = _write(tmp_path, "c.yaml", BASE)
     with pytest.raises(ConfigError, match=None) as e:
@@ -91,8 +95,10 @@ def test_overridden_widths_rederive_head_dim_and_kv_heads():
     assert (t.head_dim, t.num_key_value_heads) == (64, 4)  # tiny's own head_dim is 16
     t = build_model_config("qilin_med_vl_13b", {"text": {"hidden_size": 256, "num_attention_heads": 4}}).text
     assert (t.head_dim, t.num_key_value_heads) == (64, 4)  # not the 13B's 128 / 40
-    t = build_model_config("qilin_med_vl_13b", {"text": {"hidden_size": 256, "num_attention_heads": 4,
-                                                          "head_dim": 32, "num_key_value_heads": 2}}).text
+    t = build_model_config(
+        "qilin_med_vl_13b",
+        {"text": {"hidden_size": 256, "num_attention_heads": 4, "head_dim": 32, "num_key_value_heads": 2}},
+    ).text
     assert (t.head_dim, t.num_key_value_heads) == (32, 2)  # explicit values win
     t = build_model_config("qilin_med_vl_13b", {"text": {"num_hidden_layers": 2}}).text
     assert (t.head_dim, t.num_key_value_heads) == (128, 40)  # untouched widths keep the preset's
@@ -111,8 +117,10 @@ SECTION_ERRORS = {
         (["model.overrides.text.hidden_sise=8"], "model.overrides.text.hidden_sise: unknown key"),
         (["model.overrides.text.hidden_size=abc"], "model.overrides.text.hidden_size: expected int, got 'abc'"),
         (["model.overrides.dtype=fp8"], "model.overrides.dtype: expected one of 'float32', 'bfloat16', 'float16'"),
-        (["model.overrides.text.num_key_value_heads=3"],
-         "model.overrides.text.num_attention_heads: 4 is not a multiple of num_key_value_heads (3)"),
+        (
+            ["model.overrides.text.num_key_value_heads=3"],
+            "model.overrides.text.num_attention_heads: 4 is not a multiple of num_key_value_heads (3)",
+        ),
         (["model.overrides.vision_feature_layer=9"], "model.overrides.vision_feature_layer: 9 is outside"),
     ],
     "data": [
@@ -126,8 +134,10 @@ SECTION_ERRORS = {
         (["stages.0.warmup_ratio=1.5"], "stages.0.warmup_ratio must be in [0, 1)"),
     ],
     "stage data": [
-        (["stages.0.data.bacth_size=2"],
-         "stages.0.data.bacth_size: unknown key (did you mean stages.0.data.batch_size?)"),
+        (
+            ["stages.0.data.bacth_size=2"],
+            "stages.0.data.bacth_size: unknown key (did you mean stages.0.data.batch_size?)",
+        ),
         (["stages.0.data.seq_buckets=[64,x]"], "stages.0.data.seq_buckets.1: expected int, got 'x'"),
         (["stages.0.data.seq_buckets=[8]"], "stages.0.data.seq_buckets: the longest row (8) cannot hold one image"),
         (["stages.0.data.image_tokens=9"], "stages.0.data.image_tokens=9 (stage 'stage1') contradicts the model"),
@@ -155,12 +165,16 @@ SECTION_ERRORS = {
         (["train.profile_steps=[5,2]"], "train.profile_steps must be [] or [first, last]"),
     ],
     "distributed": [
-        (["distributed.num_process=2"],
-         "distributed.num_process: unknown key (did you mean distributed.num_processes?)"),
+        (
+            ["distributed.num_process=2"],
+            "distributed.num_process: unknown key (did you mean distributed.num_processes?)",
+        ),
         (["distributed.local_device_ids=[0,a]"], "distributed.local_device_ids.1: expected int, got 'a'"),
         (["distributed.enabled=sometimes"], "distributed.enabled: expected one of 'auto', 'on', 'off' or bool"),
-        (["distributed.num_processes=2", "distributed.process_id=2"],
-         "distributed.process_id must be in [0, num_processes=2)"),
+        (
+            ["distributed.num_processes=2", "distributed.process_id=2"],
+            "distributed.process_id must be in [0, num_processes=2)",
+        ),
     ],
     "eval": [
         (["eval.tempurature=0.5"], "eval.tempurature: unknown key (did you mean eval.temperature?)"),
@@ -185,9 +199,11 @@ SECTION_ERRORS = {
 }
 
 
-@pytest.mark.parametrize("section, overrides, message",
-                         [(s, o, m) for s, cases in SECTION_ERRORS.items() for o, m in cases],
-                         ids=[f"{s}-{o[-1]}" for s, cases in SECTION_ERRORS.items() for o, _ in cases])
+@pytest.mark.parametrize(
+    "section, overrides, message",
+    [(s, o, m) for s, cases in SECTION_ERRORS.items() for o, m in cases],
+    ids=[f"{s}-{o[-1]}" for s, cases in SECTION_ERRORS.items() for o, _ in cases],
+)
 def test_every_section_names_the_key(tmp_path, section, overrides, message):
     path = _write(tmp_path, "c.yaml", BASE)
     with pytest.raises(ConfigError) as e:

@@ -1,5 +1,6 @@
 """Converters: every PyTorch checkpoint format in (logit parity), out (from_pretrained parity),
 bit-exact round trips, errors, the restricted unpickler, and loading onto a mesh."""
+
 import dataclasses
 import json
 import os
@@ -26,6 +27,7 @@ TOL = 1e-4
 
 
 # --- fixtures: one random torch llava model, saved in every format ------------------------
+
 
 def tiny_cfg(**kw):
     cfg = model_preset("tiny")
@@ -60,14 +62,25 @@ def llava_release_sd(sd, with_vision=False):
 
 def release_config(cfg):
     t = cfg.text
-    return {"architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava",
-            "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
-            "num_hidden_layers": t.num_hidden_layers, "num_attention_heads": t.num_attention_heads,
-            "num_key_value_heads": t.num_key_value_heads, "vocab_size": t.vocab_size,
-            "max_position_embeddings": t.max_position_embeddings, "rms_norm_eps": t.rms_norm_eps,
-            "rope_theta": t.rope_theta, "mm_projector_type": cfg.adapter, "mm_hidden_size": cfg.vision.hidden_size,
-            "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
-            "mm_vision_tower": "openai/clip-vit-large-patch14-336", "torch_dtype": "bfloat16"}
+    return {
+        "architectures": ["LlavaLlamaForCausalLM"],
+        "model_type": "llava",
+        "hidden_size": t.hidden_size,
+        "intermediate_size": t.intermediate_size,
+        "num_hidden_layers": t.num_hidden_layers,
+        "num_attention_heads": t.num_attention_heads,
+        "num_key_value_heads": t.num_key_value_heads,
+        "vocab_size": t.vocab_size,
+        "max_position_embeddings": t.max_position_embeddings,
+        "rms_norm_eps": t.rms_norm_eps,
+        "rope_theta": t.rope_theta,
+        "mm_projector_type": cfg.adapter,
+        "mm_hidden_size": cfg.vision.hidden_size,
+        "mm_vision_select_layer": -2,
+        "mm_vision_select_feature": "patch",
+        "mm_vision_tower": "openai/clip-vit-large-patch14-336",
+        "torch_dtype": "bfloat16",
+    }
 
 
 def save_bin_shards(sd, d: Path, n_shards=2, dtype=torch.float32):
@@ -100,10 +113,18 @@ def files(ref, tmp_path_factory):
     # HF CLIPModel (vision_model.* + a text tower that must be ignored).
     clip_cfg = transformers.CLIPConfig(
         vision_config=R.hf_vision_config(cfg).to_dict(),
-        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, vocab_size=50, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1),
-        projection_dim=8)
+        text_config=dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            vocab_size=50,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        ),
+        projection_dim=8,
+    )
     clip = transformers.CLIPModel(clip_cfg)
     missing, _ = clip.load_state_dict(sub(sd, r"^model\.vision_tower\.", "vision_model."), strict=False)
     assert all(not k.startswith("vision_model.") for k in missing)
@@ -128,8 +149,7 @@ def hf_ref(tmp_path_factory):
     """An HF llava with a padded vocab (like llava-hf's 32064 with <image>=32000): text vocab
     192, image token 128, plus its saves in the old / 4.5x-new / 5.x-saved layouts."""
     base = model_preset("tiny")
-    cfg = dataclasses.replace(base, text=dataclasses.replace(base.text, vocab_size=192),
-                              image_token_id=128)
+    cfg = dataclasses.replace(base, text=dataclasses.replace(base.text, vocab_size=192), image_token_id=128)
     tm = R.build("llava", cfg, seed=12)
     sd = {k: v.detach().clone() for k, v in tm.state_dict().items()}
     root = tmp_path_factory.mktemp("hf")
@@ -137,9 +157,12 @@ def hf_ref(tmp_path_factory):
     conf = json.loads((root / "v5saved" / "config.json").read_text())
     np_sd = {k: v.numpy() for k, v in sd.items()}
     layouts = {
-        "old": [(r"^model\.language_model\.", "language_model.model."), (r"^lm_head\.", "language_model.lm_head."),
-                (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
-                (r"^model\.vision_tower\.", "vision_tower.vision_model.")],
+        "old": [
+            (r"^model\.language_model\.", "language_model.model."),
+            (r"^lm_head\.", "language_model.lm_head."),
+            (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
+            (r"^model\.vision_tower\.", "vision_tower.vision_model."),
+        ],
         "new": [(r"^model\.vision_tower\.", "model.vision_tower.vision_model.")],
     }
     dirs = {"v5saved": root / "v5saved"}
@@ -162,6 +185,7 @@ def hf_ref(tmp_path_factory):
 
 # --- helpers ------------------------------------------------------------------------------
 
+
 def batch(cfg, image_token, seed=0):
     """Two rows with one and two images (right padded) and their pixels."""
     P = cfg.image_tokens
@@ -172,16 +196,23 @@ def batch(cfg, image_token, seed=0):
     ids = np.zeros((2, T), np.int64)
     mask = np.zeros((2, T), np.int64)
     for b, r in enumerate(rows):
-        ids[b, :len(r)] = r
-        mask[b, :len(r)] = 1
+        ids[b, : len(r)] = r
+        mask[b, : len(r)] = 1
     px = rng.normal(size=(3, 3, cfg.vision.image_size, cfg.vision.image_size)).astype(np.float32)
     return ids, mask, px
 
 
 def torch_logits(tm, ids, mask, px):
     with torch.no_grad():
-        return tm(input_ids=torch.from_numpy(ids), pixel_values=torch.from_numpy(px),
-                  attention_mask=torch.from_numpy(mask)).logits.float().numpy()
+        return (
+            tm(
+                input_ids=torch.from_numpy(ids),
+                pixel_values=torch.from_numpy(px),
+                attention_mask=torch.from_numpy(mask),
+            )
+            .logits.float()
+            .numpy()
+        )
 
 
 def check_logits(ckpt, tm, torch_image_token, seed=0):
@@ -207,15 +238,25 @@ PARITY = {}
 
 # --- readers --------------------------------------------------------------------------------
 
+
 def test_readers_every_dtype_views_and_legacy(tmp_path):
     a = torch.randn(6, 5)
-    sd = {"f32": a, "bf16": a.to(torch.bfloat16), "f16": a.half(), "T": a.t(), "slice": a[2:4],
-          "col": a[:, 1], "scalar": torch.tensor(2.5), "i64": torch.arange(3)}
+    sd = {
+        "f32": a,
+        "bf16": a.to(torch.bfloat16),
+        "f16": a.half(),
+        "T": a.t(),
+        "slice": a[2:4],
+        "col": a[:, 1],
+        "scalar": torch.tensor(2.5),
+        "i64": torch.arange(3),
+    }
     want = {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in sd.items()}
     torch.save(sd, tmp_path / "zip.bin")
     torch.save(sd, tmp_path / "legacy.bin", _use_new_zipfile_serialization=False)
     st = {k: v.clone().contiguous() for k, v in sd.items()}
     from safetensors.torch import save_file as save_st
+
     save_st(st, tmp_path / "x.safetensors")
     for f in ("zip.bin", "legacy.bin", "x.safetensors"):
         infos = {i.key: i for i in RD.file_infos(tmp_path / f)}
@@ -252,6 +293,7 @@ def test_restricted_unpickler_refuses_code(tmp_path):
 
 
 # --- to-jax: logit parity per format ------------------------------------------------------
+
 
 def test_hf_llama_plus_clipmodel_plus_projector(ref, files, tmp_path, capsys):
     cfg, tm, _ = ref
@@ -306,8 +348,9 @@ def test_missing_vision_and_random_adapter(ref, files, tmp_path, capsys):
     m = load_pretrained(dst)
     w = np.asarray(m.adapter.linear_1.get_value())
     assert w.shape == (cfg.vision.hidden_size, cfg.text.hidden_size) and 0.01 < w.std() < 0.05
-    np.testing.assert_array_equal(np.asarray(m.llm.embed_tokens.get_value()),
-                                  sd["model.language_model.embed_tokens.weight"].numpy())
+    np.testing.assert_array_equal(
+        np.asarray(m.llm.embed_tokens.get_value()), sd["model.language_model.embed_tokens.weight"].numpy()
+    )
 
 
 @pytest.mark.parametrize("layout", ["old", "new", "v5saved"])
@@ -324,6 +367,7 @@ def test_hf_llava_layouts_padded_vocab(hf_ref, tmp_path, capsys, layout):
 
 # --- to-torch -------------------------------------------------------------------------------
 
+
 def test_export_hf_llava_from_pretrained(ref, files, tmp_path):
     cfg, tm, _ = ref
     ck = tmp_path / "ck"
@@ -332,8 +376,24 @@ def test_export_hf_llava_from_pretrained(ref, files, tmp_path):
     tok = tmp_path / "tok"
     tok.mkdir()
     (tok / "tokenizer_config.json").write_text("{}")
-    assert cli(["to-torch", "--src", str(ck), "--dst", str(out), "--format", "hf-llava",
-                "--tokenizer", str(tok), "--max-shard-size", "60KB"]) == 0
+    assert (
+        cli(
+            [
+                "to-torch",
+                "--src",
+                str(ck),
+                "--dst",
+                str(out),
+                "--format",
+                "hf-llava",
+                "--tokenizer",
+                str(tok),
+                "--max-shard-size",
+                "60KB",
+            ]
+        )
+        == 0
+    )
     assert (out / "model.safetensors.index.json").exists() and (out / "tokenizer_config.json").exists()
     hf, info = transformers.LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not any(info.values()), info
@@ -342,8 +402,9 @@ def test_export_hf_llava_from_pretrained(ref, files, tmp_path):
     assert hf.config.text_config.vocab_size == 192 and hf.config.image_token_index == 128
     ids, mask, px = batch(cfg, 128)
     with torch.no_grad():
-        got = hf(input_ids=torch.from_numpy(ids), pixel_values=torch.from_numpy(px),
-                 attention_mask=torch.from_numpy(mask)).logits.numpy()
+        got = hf(
+            input_ids=torch.from_numpy(ids), pixel_values=torch.from_numpy(px), attention_mask=torch.from_numpy(mask)
+        ).logits.numpy()
     ref_logits = torch_logits(tm, np.where(ids == 128, cfg.image_token_id, ids), mask, px)
     valid = mask.astype(bool)
     err = R.rel_err(got[valid][:, :128], ref_logits[valid])
@@ -376,12 +437,14 @@ def test_round_trip_bit_exact(ref, tmp_path, dtype):
         assert cli(["to-torch", "--src", str(ck), "--dst", str(out), "--format", fmt, *extra]) == 0
         back = _tensors(out)
         if fmt == "hf-llava":  # compare through the key tables' other layout
-            back = {re.sub(r"^language_model\.model\.", "model.", k)
-                    .replace("language_model.lm_head", "lm_head")
-                    .replace("multi_modal_projector.linear_1", "model.mm_projector.0")
-                    .replace("multi_modal_projector.linear_2", "model.mm_projector.2")
-                    .replace("vision_tower.vision_model.", "model.vision_tower.vision_tower.vision_model."): v
-                    for k, v in back.items()}
+            back = {
+                re.sub(r"^language_model\.model\.", "model.", k)
+                .replace("language_model.lm_head", "lm_head")
+                .replace("multi_modal_projector.linear_1", "model.mm_projector.0")
+                .replace("multi_modal_projector.linear_2", "model.mm_projector.2")
+                .replace("vision_tower.vision_model.", "model.vision_tower.vision_tower.vision_model."): v
+                for k, v in back.items()
+            }
             V = cfg.text.vocab_size
             back["model.embed_tokens.weight"] = back["model.embed_tokens.weight"][:V]
             back["lm_head.weight"] = back["lm_head.weight"][:V]
@@ -398,7 +461,9 @@ def test_round_trip_bit_exact(ref, tmp_path, dtype):
 def test_linear_adapter_through_llava_format(tmp_path):
     cfg = tiny_cfg(adapter="linear")
     from flax import nnx
+
     from qilin_jax.models import QilinMedVL
+
     model = QilinMedVL(cfg, rngs=nnx.Rngs(3))
     ck = tmp_path / "ck"
     save_pretrained(model, cfg, ck)
@@ -418,6 +483,7 @@ def test_linear_adapter_through_llava_format(tmp_path):
 
 
 # --- errors ---------------------------------------------------------------------------------
+
 
 def _release_variant(ref, tmp_path, edit):
     cfg, _, sd = ref
@@ -440,8 +506,10 @@ def test_errors_name_keys_and_write_nothing(ref, files, tmp_path, case):
         d = _release_variant(ref, tmp_path, lambda s: s.update({"model.layers.0.mlp.extra.weight": torch.ones(2)}))
         want = r"model\.layers\.0\.mlp\.extra\.weight"
     elif case == "shape":
+
         def edit(s):
             s["model.layers.1.self_attn.o_proj.weight"] = torch.ones(64, 32)
+
         d = _release_variant(ref, tmp_path, edit)
         want = r"model\.layers\.1\.self_attn\.o_proj\.weight: shape \(64, 32\).*expects per-layer \(64, 64\)"
     elif case == "vocab_config":
@@ -457,6 +525,7 @@ def test_errors_name_keys_and_write_nothing(ref, files, tmp_path, case):
     dst = tmp_path / "out"
     with pytest.raises(ConversionError, match=want):
         from converters.to_jax import to_jax as convert
+
         convert(d, dst, vision=files["clip"], preset=preset[1] if preset else None, log=lambda *_: None)
     assert not dst.exists() and not list(tmp_path.glob(".out*"))
 
@@ -478,9 +547,11 @@ def test_load_pretrained_refuses_mismatched_config(ref, files, tmp_path):
 
 # --- loading onto a mesh, training-style checkpoints --------------------------------------------
 
+
 def test_load_pretrained_onto_mesh(ref, files, tmp_path):
     from flax import nnx
     from jax.sharding import NamedSharding
+
     from qilin_jax.sharding import make_mesh, spec_for
 
     assert jax.device_count() == 8
@@ -491,8 +562,12 @@ def test_load_pretrained_onto_mesh(ref, files, tmp_path):
     ref_model = load_pretrained(dst)
     state = nnx.state(model, nnx.Param)
     n_sharded = 0
-    for (path, var), (_, rvar) in zip(jax.tree_util.tree_leaves_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable)),
-                                      jax.tree_util.tree_leaves_with_path(nnx.state(ref_model, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable))):
+    for (path, var), (_, rvar) in zip(
+        jax.tree_util.tree_leaves_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable)),
+        jax.tree_util.tree_leaves_with_path(
+            nnx.state(ref_model, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable)
+        ),
+    ):
         arr = var.get_value()
         want = NamedSharding(mesh, spec_for(var.get_metadata()["axes"], arr.shape, mesh))
         assert arr.sharding == want, (path, arr.sharding, want)
@@ -505,8 +580,9 @@ def test_load_pretrained_onto_mesh(ref, files, tmp_path):
     # sharded model still computes the same logits
     cfg = model.config
     ids, mask, px = batch(cfg, cfg.image_token_id)
-    np.testing.assert_allclose(np.asarray(model(ids, px, mask).logits),
-                               np.asarray(ref_model(ids, px, mask).logits), rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(
+        np.asarray(model(ids, px, mask).logits), np.asarray(ref_model(ids, px, mask).logits), rtol=2e-5, atol=2e-5
+    )
 
 
 def test_training_step_layout_and_save_pretrained(ref, files, tmp_path):
@@ -524,7 +600,8 @@ def test_training_step_layout_and_save_pretrained(ref, files, tmp_path):
     step.mkdir(parents=True)
     (run / "config.json").write_text(json.dumps({"model": model.config.to_dict(), "train": {"lr": 1e-3}}))
     ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).save(
-        step / "state", args=ocp.args.PyTreeSave({"params": pure, "opt_state": {"mu": pure["adapter"]}, "step": 100}))
+        step / "state", args=ocp.args.PyTreeSave({"params": pure, "opt_state": {"mu": pure["adapter"]}, "step": 100})
+    )
     m2 = load_pretrained(step)
     for a, b in zip(jax.tree.leaves(pure), jax.tree.leaves(nnx.state(m2, nnx.Param).to_pure_dict())):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -545,7 +622,9 @@ def test_parity_summary():
 def test_blockwise_conversion_matches_whole(ref, files, tmp_path, monkeypatch):
     """Tiny chunks force many row blocks per tensor (the path big checkpoints take)."""
     import importlib
+
     from converters import orbax_io
+
     TJ = importlib.import_module("converters.to_jax")
 
     whole = tmp_path / "whole"
@@ -557,6 +636,7 @@ def test_blockwise_conversion_matches_whole(ref, files, tmp_path, monkeypatch):
     z = json.loads((blocks / "params" / "llm.lm_head" / ".zarray").read_text())
     assert z["chunks"] != z["shape"]
     from flax import nnx
+
     a = nnx.state(load_pretrained(whole), nnx.Param).to_pure_dict()
     b = nnx.state(load_pretrained(blocks), nnx.Param).to_pure_dict()
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -575,16 +655,28 @@ def test_blockwise_conversion_matches_whole(ref, files, tmp_path, monkeypatch):
 
 def test_model_config_from_run_config():
     from qilin_jax.checkpoint import model_config_from_dict
-    cfg = model_config_from_dict({"model": {"preset": "tiny", "overrides": {"text": {"vocab_size": 256}},
-                                            "checkpoint": None, "tokenizer": "pkg:demo_data/tokenizer"}})
+
+    cfg = model_config_from_dict(
+        {
+            "model": {
+                "preset": "tiny",
+                "overrides": {"text": {"vocab_size": 256}},
+                "checkpoint": None,
+                "tokenizer": "pkg:demo_data/tokenizer",
+            }
+        }
+    )
     assert cfg.text.vocab_size == 256 and cfg.text.hidden_size == 64
 
 
 def test_converters_import_without_torch():
     import subprocess
     import sys
-    code = ("import sys, converters.cli, converters.to_jax, converters.to_torch, converters.detect, "
-            "converters.readers, qilin_jax.checkpoint; assert 'torch' not in sys.modules")
+
+    code = (
+        "import sys, converters.cli, converters.to_jax, converters.to_torch, converters.detect, "
+        "converters.readers, qilin_jax.checkpoint; assert 'torch' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
 
 
@@ -592,12 +684,21 @@ def test_cli_module_entry_point(files):
     """`python -m converters` (the contract scripts call) runs and reports formats."""
     import subprocess
     import sys
-    out = subprocess.run([sys.executable, "-m", "converters", "inspect", "--src", str(files["release"])],
-                         check=True, capture_output=True, text=True, cwd=Path(__file__).parent.parent).stdout
+
+    out = subprocess.run(
+        [sys.executable, "-m", "converters", "inspect", "--src", str(files["release"])],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent.parent,
+    ).stdout
     assert "format llava, parts llm+adapter, llm 2 layers, vocab 128, adapter mlp2x_gelu" in out
-    bad = subprocess.run([sys.executable, "-m", "converters", "to-jax", "--src", str(files["release"]),
-                          "--dst", "/nonexistent/x"], capture_output=True, text=True,
-                         cwd=Path(__file__).parent.parent)
+    bad = subprocess.run(
+        [sys.executable, "-m", "converters", "to-jax", "--src", str(files["release"]), "--dst", "/nonexistent/x"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent.parent,
+    )
     assert bad.returncode == 2 and "--vision" in bad.stderr
 
 

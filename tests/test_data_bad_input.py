@@ -16,6 +16,7 @@ from tests.data_fixtures import (
 
 GOOD = 6
 
+
 # (reason, row or raw line) for every bad case, after GOOD good rows.
 def _bad_rows(img_dir: Path):
     good_conv = conv("<image>\n这是什么？", "编号99：不应出现。")
@@ -30,24 +31,30 @@ def _bad_rows(img_dir: Path):
         ("corrupt_image", {"id": "b2", "image": "junk.jpg", "conversations": good_conv}),
         ("corrupt_image", {"id": "b3", "image": "trunc.jpg", "conversations": good_conv}),
         ("empty_conversation", {"id": "b4", "image": "img0.jpg", "conversations": []}),
-        ("no_assistant_turn", {"id": "b5", "image": "img0.jpg",
-                               "conversations": [{"from": "human", "value": "<image>\n问？"}]}),
-        ("image_count_mismatch", {"id": "b6", "image": "img0.jpg",
-                                  "conversations": conv("这是什么？", "答。")}),
+        (
+            "no_assistant_turn",
+            {"id": "b5", "image": "img0.jpg", "conversations": [{"from": "human", "value": "<image>\n问？"}]},
+        ),
+        ("image_count_mismatch", {"id": "b6", "image": "img0.jpg", "conversations": conv("这是什么？", "答。")}),
         ("image_count_mismatch", {"id": "b7", "conversations": conv("<image>\n这是什么？", "答。")}),
-        ("too_many_images", {"id": "b8", "image": [f"multi{k}.jpg" for k in range(5)],
-                             "conversations": good_conv}),
-        ("no_supervised_tokens", {"id": "b9", "image": "img0.jpg",
-                                  "conversations": conv(long_q, "编号98：太长。")}),
+        ("too_many_images", {"id": "b8", "image": [f"multi{k}.jpg" for k in range(5)], "conversations": good_conv}),
+        ("no_supervised_tokens", {"id": "b9", "image": "img0.jpg", "conversations": conv(long_q, "编号98：太长。")}),
         ("bad_record", {"id": "b10", "image": "img0.jpg", "messages": []}),
         ("bad_record", {"id": "b11", "image": 7, "conversations": good_conv}),
-        ("bad_roles", {"id": "b12", "image": "img0.jpg",
-                       "conversations": [{"from": "human", "value": "<image>\nq"},
-                                         {"from": "human", "value": "q"}]}),
-        ("image_in_answer", {"id": "b13", "image": "img0.jpg",
-                             "conversations": conv("<image>\nq", "see <image>")}),
-        ("not_utf8", b'{"id": "b14", "image": "img0.jpg", "conversations": [{"from": "human", '
-                     b'"value": "<image>\\n\xff\xfe bad bytes"}, {"from": "gpt", "value": "a"}]}'),
+        (
+            "bad_roles",
+            {
+                "id": "b12",
+                "image": "img0.jpg",
+                "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "human", "value": "q"}],
+            },
+        ),
+        ("image_in_answer", {"id": "b13", "image": "img0.jpg", "conversations": conv("<image>\nq", "see <image>")}),
+        (
+            "not_utf8",
+            b'{"id": "b14", "image": "img0.jpg", "conversations": [{"from": "human", '
+            b'"value": "<image>\\n\xff\xfe bad bytes"}, {"from": "gpt", "value": "a"}]}',
+        ),
         ("bad_json", b'{"id": "b15", "image": "img0.jpg", "conversations": [ }'),
     ]
 
@@ -59,8 +66,11 @@ def dirty(tmp_path_factory):
     lines = []
     for i in range(GOOD):
         save_image(img_dir / f"img{i}.jpg", 60 + i, 50, seed=i)
-        row = {"id": f"g{i}", "image": f"img{i}.jpg",
-               "conversations": conv("<image>\n图中显示了什么？", f"编号{i}：肝脏可见低密度病灶。")}
+        row = {
+            "id": f"g{i}",
+            "image": f"img{i}.jpg",
+            "conversations": conv("<image>\n图中显示了什么？", f"编号{i}：肝脏可见低密度病灶。"),
+        }
         lines.append(json.dumps(row, ensure_ascii=False).encode())
     bad = _bad_rows(img_dir)
     for _, row in bad:
@@ -72,9 +82,18 @@ def dirty(tmp_path_factory):
 
 def _cfg(dirty, **kw):
     path, img, _ = dirty
-    base = dict(paths=[path], image_folder=img, image_size=28, seq_buckets=[128, 256],
-                batch_size=2, max_length=200, read_threads=0, prefetch_buffer=0, seed=3,
-                drop_remainder=False)
+    base = dict(
+        paths=[path],
+        image_folder=img,
+        image_size=28,
+        seq_buckets=[128, 256],
+        batch_size=2,
+        max_length=200,
+        read_threads=0,
+        prefetch_buffer=0,
+        seed=3,
+        drop_remainder=False,
+    )
     base.update(kw)
     return DataConfig(**base)
 
@@ -122,8 +141,7 @@ def test_strict_mode_names_file_sample_and_problem(dirty, tokenizer, index):
     # A file with the one bad row: strict mode raises on it with file:line, id and reason.
     one = Path(path).with_name(f"one_{index}.jsonl")
     one.write_bytes(row if isinstance(row, bytes) else json.dumps(row, ensure_ascii=False).encode())
-    loader = make_loader(_cfg(dirty, paths=[str(one)], strict=True), tokenizer,
-                         process_index=0, process_count=1)
+    loader = make_loader(_cfg(dirty, paths=[str(one)], strict=True), tokenizer, process_index=0, process_count=1)
     with pytest.raises(DataError) as e:
         next(loader)
     msg = str(e.value)
@@ -145,8 +163,7 @@ def test_unreadable_files_fail_early_with_the_file_name(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="top.json.*top level is a str"):
         make_loader(DataConfig(paths=[str(top)]), tokenizer, process_index=0, process_count=1)
     with pytest.raises(FileNotFoundError, match="missing.json"):
-        make_loader(DataConfig(paths=[str(tmp_path / "missing.json")]), tokenizer,
-                    process_index=0, process_count=1)
+        make_loader(DataConfig(paths=[str(tmp_path / "missing.json")]), tokenizer, process_index=0, process_count=1)
 
 
 def test_inspect_reports_the_same_reasons(dirty, tokenizer):

@@ -26,8 +26,14 @@ SYS = (
 CONVS = [
     conv("<image>\n图中显示了什么？", "胸部X光片显示左肺有一个结节。"),
     conv("<image>\n图中显示了什么？", "胸部X光片显示左肺有一个结节。", "病变位于哪里？", "肿瘤位于肝脏。"),
-    conv("<image>\nWhat is shown in the image?", "A chest X-ray with a 12 mm nodule.",
-         "Where is the lesion?", "In the left lung.", "Is it benign?", "Unclear."),
+    conv(
+        "<image>\nWhat is shown in the image?",
+        "A chest X-ray with a 12 mm nodule.",
+        "Where is the lesion?",
+        "In the left lung.",
+        "Is it benign?",
+        "Unclear.",
+    ),
     conv("<image>\n请基于图中的信息，撰写一段相关的描述。", "MRI of the brain shows a lesion.\n患者出现发热和咳嗽。"),
     conv("Text only question 1?", "Answer 2."),
 ]
@@ -77,7 +83,7 @@ def llava_preprocess_v1(conversation, tok, image_id):
         parts[0] += sep
         round_len = len(llava_tokenizer_image_token(rou, tok))
         instr_len = len(llava_tokenizer_image_token(parts[0], tok)) - 2
-        target[cur:cur + instr_len] = [IGN] * instr_len
+        target[cur : cur + instr_len] = [IGN] * instr_len
         cur += round_len
     target[cur:] = [IGN] * (len(target) - cur)
     assert cur == len(ids), "LLaVA would report a tokenization mismatch"
@@ -142,7 +148,7 @@ def test_llava_v1_differs_only_in_system_prompt(tokenizer):
     c = CONVS[1]
     text = prompt_text(c, "llava_v1")
     assert text.startswith("A chat between a curious human and an artificial intelligence assistant.")
-    assert text.endswith(prompt_text(c, "v1")[len(SYS):])
+    assert text.endswith(prompt_text(c, "v1")[len(SYS) :])
     ref_ids, ref_lab = llava_preprocess_v1(text, tokenizer, len(tokenizer))
     ids, labels = tokenize_conversation(c, tokenizer, "llava_v1", image_tokens=K)
     assert (ids.tolist(), labels.tolist()) == (ref_ids, ref_lab)

@@ -1,7 +1,5 @@
 """Images: CLIP preprocessing parity, colour modes, bad files, DICOM, composites."""
 
-import io
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -16,9 +14,7 @@ def clip_processor():
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     # The release's processor: openai/clip-vit-large-patch14-336 preprocessor_config.
-    return CLIPImageProcessorPil(
-        size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}
-    )
+    return CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
 
 
 @pytest.mark.parametrize("w,h", [(500, 375), (337, 900), (336, 336), (100, 60), (1023, 1024)])
@@ -72,8 +68,12 @@ def test_bad_image_files(tmp_path):
     (tmp_path / "trunc.jpg").write_bytes(data[: len(data) // 2])
     (tmp_path / "junk.jpg").write_bytes(b"this is not an image" * 10)
     (tmp_path / "empty.png").write_bytes(b"")
-    cases = {"trunc.jpg": "corrupt_image", "junk.jpg": "corrupt_image",
-             "empty.png": "corrupt_image", "nope.jpg": "missing_image"}
+    cases = {
+        "trunc.jpg": "corrupt_image",
+        "junk.jpg": "corrupt_image",
+        "empty.png": "corrupt_image",
+        "nope.jpg": "missing_image",
+    }
     for name, reason in cases.items():
         with pytest.raises(DataError) as e:
             im.load_image(str(tmp_path / name))
@@ -149,7 +149,9 @@ def test_dicom_truncated_is_corrupt_and_dicom_goes_through_preprocess():
     assert im.is_dicom(data)
     out = im.load_and_preprocess([data], ["scan.dcm"], size=56, mode="square")
     assert out.shape == (1, 3, 56, 56)
-    assert np.allclose(out[0, 0], (out[0, 1] * im.CLIP_STD[1] + im.CLIP_MEAN[1] - im.CLIP_MEAN[0]) / im.CLIP_STD[0], atol=1e-5)
+    assert np.allclose(
+        out[0, 0], (out[0, 1] * im.CLIP_STD[1] + im.CLIP_MEAN[1] - im.CLIP_MEAN[0]) / im.CLIP_STD[0], atol=1e-5
+    )
 
 
 # ---------------------------------------------------------------------------------- composites

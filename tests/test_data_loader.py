@@ -28,16 +28,24 @@ def dataset(tmp_path_factory):
 
 def cfg_for(dataset, **kw):
     path, img = dataset
-    base = dict(paths=[path], image_folder=img, image_size=SIZE, seq_buckets=BUCKETS,
-                batch_size=3, seed=7, read_threads=0, prefetch_buffer=0, max_length=None,
-                drop_remainder=False)
+    base = dict(
+        paths=[path],
+        image_folder=img,
+        image_size=SIZE,
+        seq_buckets=BUCKETS,
+        batch_size=3,
+        seed=7,
+        read_threads=0,
+        prefetch_buffer=0,
+        max_length=None,
+        drop_remainder=False,
+    )
     base.update(kw)
     return DataConfig(**base)
 
 
 def run(cfg, tok, **kw):
-    loader = make_loader(cfg, tok, process_index=kw.pop("process_index", 0),
-                         process_count=kw.pop("process_count", 1))
+    loader = make_loader(cfg, tok, process_index=kw.pop("process_index", 0), process_count=kw.pop("process_count", 1))
     batches = list(loader)
     return loader, batches
 
@@ -51,8 +59,15 @@ def test_batch_format_and_contents(dataset, tokenizer):
     for b in batches:
         B, T = b["input_ids"].shape
         assert B == 3 and T in BUCKETS
-        assert set(b) == {"input_ids", "labels", "attention_mask", "segment_ids", "position_ids",
-                          "pixel_values", "image_valid"}
+        assert set(b) == {
+            "input_ids",
+            "labels",
+            "attention_mask",
+            "segment_ids",
+            "position_ids",
+            "pixel_values",
+            "image_valid",
+        }
         for k in ("input_ids", "labels", "attention_mask", "segment_ids", "position_ids", "image_valid"):
             assert b[k].dtype == np.int32, k
         assert b["pixel_values"].shape == (3, 1, 3, SIZE, SIZE) and b["pixel_values"].dtype == np.float32
@@ -86,7 +101,9 @@ def test_batch_format_and_contents(dataset, tokenizer):
     s = loader.stats()
     assert s["samples"] == N and s["rows"] == N and s["batches"] == 4
     assert 0 < s["padding_fraction"] < 1
-    assert s["padding_fraction"] == pytest.approx(1 - sum(int(b["attention_mask"].sum()) for b in batches) / sum(b["attention_mask"].size for b in batches))
+    assert s["padding_fraction"] == pytest.approx(
+        1 - sum(int(b["attention_mask"].sum()) for b in batches) / sum(b["attention_mask"].size for b in batches)
+    )
 
 
 def order(batches, tok):
@@ -238,7 +255,12 @@ def test_release_max_length_counts_each_image_as_one_token(dataset, tokenizer):
 def test_prompt_mode_is_seeded_per_sample(dataset, tokenizer):
     cfg = cfg_for(dataset, shuffle=False, batch_size=1, template="v1", prompt_mode="instruction")
     a = [b["input_ids"].copy() for b in run(cfg, tokenizer)[1]]
-    b = [x["input_ids"].copy() for x in run(cfg_for(dataset, shuffle=True, batch_size=1, template="v1", prompt_mode="instruction"), tokenizer)[1]]
+    b = [
+        x["input_ids"].copy()
+        for x in run(cfg_for(dataset, shuffle=True, batch_size=1, template="v1", prompt_mode="instruction"), tokenizer)[
+            1
+        ]
+    ]
     # Same sample -> same prompt whatever the order; the prompt text is in the ids.
     key = lambda ids: tuple(ids[ids != 0].tolist())
     assert sorted(map(key, a)) == sorted(map(key, b))
@@ -247,11 +269,21 @@ def test_prompt_mode_is_seeded_per_sample(dataset, tokenizer):
 
 
 def test_text_only_samples(tmp_path, tokenizer):
-    rows = [{"id": "t0", "conversations": [{"from": "human", "value": "肝脏在哪里？"},
-                                           {"from": "gpt", "value": "编号0：右上腹。"}]}]
+    rows = [
+        {
+            "id": "t0",
+            "conversations": [{"from": "human", "value": "肝脏在哪里？"}, {"from": "gpt", "value": "编号0：右上腹。"}],
+        }
+    ]
     (tmp_path / "t.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
-    cfg = DataConfig(paths=[str(tmp_path / "t.json")], image_size=SIZE, seq_buckets=BUCKETS,
-                     batch_size=1, read_threads=0, prefetch_buffer=0)
+    cfg = DataConfig(
+        paths=[str(tmp_path / "t.json")],
+        image_size=SIZE,
+        seq_buckets=BUCKETS,
+        batch_size=1,
+        read_threads=0,
+        prefetch_buffer=0,
+    )
     (b,) = list(make_loader(cfg, tokenizer, process_index=0, process_count=1))
     assert b["image_valid"].tolist() == [[0]] and not b["pixel_values"].any()
     assert not (b["input_ids"] == len(tokenizer)).any()
@@ -276,8 +308,17 @@ def test_config_from_dict_and_validation():
 def test_worker_processes_give_the_same_batches_and_resume(dataset, tokenizer):
     base = cfg_for(dataset, num_epochs=2, batch_size=2, packing=True, pack_length=192, pack_buffer=5)
     ref = run(base, tokenizer)[1]
-    cfg = cfg_for(dataset, num_epochs=2, batch_size=2, packing=True, pack_length=192,
-                  pack_buffer=5, worker_count=2, read_threads=1, prefetch_buffer=2)
+    cfg = cfg_for(
+        dataset,
+        num_epochs=2,
+        batch_size=2,
+        packing=True,
+        pack_length=192,
+        pack_buffer=5,
+        worker_count=2,
+        read_threads=1,
+        prefetch_buffer=2,
+    )
     loader = make_loader(cfg, tokenizer, process_index=0, process_count=1)
     got = [next(loader) for _ in range(3)]
     state = json.loads(json.dumps(loader.get_state()))
@@ -298,13 +339,29 @@ def test_group_by_length(tmp_path, tokenizer):
     rows = []
     for i in range(24):
         words = " ".join(["word"] * (2 + 5 * (i % 4)))  # four length classes (64-109 tokens)
-        rows.append({"id": f"s{i}", "conversations": [
-            {"from": "human", "value": f"question {i} {words}"},
-            {"from": "gpt", "value": f"answer {i}"}]})
+        rows.append(
+            {
+                "id": f"s{i}",
+                "conversations": [
+                    {"from": "human", "value": f"question {i} {words}"},
+                    {"from": "gpt", "value": f"answer {i}"},
+                ],
+            }
+        )
     path = tmp_path / "text.json"
     path.write_text(json.dumps(rows))
-    base = dict(paths=[str(path)], image_size=SIZE, seq_buckets=[64, 80, 96, 112, 128], batch_size=3,
-                seed=1, read_threads=0, prefetch_buffer=0, max_length=None, num_epochs=2, pack_buffer=13)
+    base = dict(
+        paths=[str(path)],
+        image_size=SIZE,
+        seq_buckets=[64, 80, 96, 112, 128],
+        batch_size=3,
+        seed=1,
+        read_threads=0,
+        prefetch_buffer=0,
+        max_length=None,
+        num_epochs=2,
+        pack_buffer=13,
+    )
     plain_loader, plain = run(DataConfig(**base), tokenizer)
     cfg = DataConfig(**base, group_by_length=True)
     loader, grouped = run(cfg, tokenizer)
@@ -325,9 +382,9 @@ def test_group_by_length(tmp_path, tokenizer):
     # batches in a window have non-overlapping length ranges, and their order is shuffled.
     lengths = [b["attention_mask"].sum(1) for b in grouped]
     for w in range(0, 16, 4):
-        spans = sorted((int(x.min()), int(x.max())) for x in lengths[w:w + 4])
+        spans = sorted((int(x.min()), int(x.max())) for x in lengths[w : w + 4])
         assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans
-    starts = [[int(x.min()) for x in lengths[w:w + 4]] for w in range(0, 16, 4)]
+    starts = [[int(x.min()) for x in lengths[w : w + 4]] for w in range(0, 16, 4)]
     assert any(s != sorted(s) for s in starts)  # not simply short-to-long
     assert run(cfg, tokenizer)[1][5]["input_ids"].tolist() == grouped[5]["input_ids"].tolist()  # seeded
     for k in (2, 5):  # resume inside a window

@@ -4,7 +4,6 @@ import csv
 import json
 import sys
 
-import numpy as np
 import pytest
 
 from qilin_jax.data import DataConfig, DataError, make_loader
@@ -18,21 +17,41 @@ from qilin_jax.data.sources import (
 from tests.data_fixtures import make_llava_dataset, save_image
 
 PMC_ROWS = [
-    {"Figure_path": "PMC1_F1.jpg", "Question": "Which organ is shown?", "Answer": "Liver",
-     "Choice A": "A:Liver", "Choice B": " B:Lung", "Choice C": "C:Heart", "Choice D": "Brain",
-     "Answer_label": "A"},
-    {"Figure_path": "PMC2_F2.jpg", "Question": "What modality?", "Answer": "CT",
-     "Choice A": "A: MRI", "Choice B": "B: CT", "Choice C": "C: X-ray", "Choice D": "D: US",
-     "Answer_label": "B"},
-    {"Figure_path": "PMC3_F3.jpg", "Question": "Where is the lesion?", "Answer": "Left lobe",
-     "Choice A": "A:Left lobe", "Choice B": "B:Right lobe", "Choice C": "C:None", "Choice D": "D:Both",
-     "Answer_label": "E"},  # bad label
+    {
+        "Figure_path": "PMC1_F1.jpg",
+        "Question": "Which organ is shown?",
+        "Answer": "Liver",
+        "Choice A": "A:Liver",
+        "Choice B": " B:Lung",
+        "Choice C": "C:Heart",
+        "Choice D": "Brain",
+        "Answer_label": "A",
+    },
+    {
+        "Figure_path": "PMC2_F2.jpg",
+        "Question": "What modality?",
+        "Answer": "CT",
+        "Choice A": "A: MRI",
+        "Choice B": "B: CT",
+        "Choice C": "C: X-ray",
+        "Choice D": "D: US",
+        "Answer_label": "B",
+    },
+    {
+        "Figure_path": "PMC3_F3.jpg",
+        "Question": "Where is the lesion?",
+        "Answer": "Left lobe",
+        "Choice A": "A:Left lobe",
+        "Choice B": "B:Right lobe",
+        "Choice C": "C:None",
+        "Choice D": "D:Both",
+        "Answer_label": "E",
+    },  # bad label
 ]
 
 
 def write_pmc_csv(path, rows, answer_col="Answer"):
-    cols = ["Figure_path", "Question", answer_col, "Choice A", "Choice B", "Choice C",
-            "Choice D", "Answer_label"]
+    cols = ["Figure_path", "Question", answer_col, "Choice A", "Choice B", "Choice C", "Choice D", "Answer_label"]
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
@@ -51,9 +70,12 @@ def test_pmc_vqa_csv_both_answer_spellings(tmp_path):
         sid, refs, names, turns = row_to_sample(src[0], str(tmp_path / "images"))
         assert names == ["PMC1_F1.jpg"] and refs == [str(tmp_path / "images" / "PMC1_F1.jpg")]
         assert turns == [
-            {"from": "human", "value": "<image>\nWhich organ is shown?\nA:Liver\nB:Lung\nC:Heart\n"
-                                       "D: Brain\nAnswer with the option's letter from the given "
-                                       "choices directly."},
+            {
+                "from": "human",
+                "value": "<image>\nWhich organ is shown?\nA:Liver\nB:Lung\nC:Heart\n"
+                "D: Brain\nAnswer with the option's letter from the given "
+                "choices directly.",
+            },
             {"from": "gpt", "value": "A"},
         ]
         _, _, _, turns = row_to_sample(src[1], "", pmc_style="open")
@@ -130,12 +152,22 @@ def test_chimed_vl_build_and_read_without_tensorflow(chimed_tfds):
 
 def test_loader_over_tfds_equals_loader_over_json(chimed_tfds, tokenizer):
     d, path, img_dir = chimed_tfds
-    common = dict(image_size=28, seq_buckets=[64, 128, 192], batch_size=2, shuffle=False,
-                  read_threads=0, prefetch_buffer=0, drop_remainder=False)
-    from_tfds = list(make_loader(DataConfig(format="tfds", paths=[d], **common), tokenizer,
-                                 process_index=0, process_count=1))
-    from_json = make_loader(DataConfig(paths=[path], image_folder=img_dir, **common), tokenizer,
-                            process_index=0, process_count=1)
+    common = dict(
+        image_size=28,
+        seq_buckets=[64, 128, 192],
+        batch_size=2,
+        shuffle=False,
+        read_threads=0,
+        prefetch_buffer=0,
+        drop_remainder=False,
+    )
+    from_tfds = list(
+        make_loader(DataConfig(format="tfds", paths=[d], **common), tokenizer, process_index=0, process_count=1)
+    )
+    from_json = make_loader(
+        DataConfig(paths=[path], image_folder=img_dir, **common), tokenizer, process_index=0, process_count=1
+    )
+
     # TFDS shuffles rows at build time; compare as multisets of rows.
     def rows(batches):
         out = []
@@ -143,9 +175,11 @@ def test_loader_over_tfds_equals_loader_over_json(chimed_tfds, tokenizer):
             for r in range(b["input_ids"].shape[0]):
                 n = int(b["attention_mask"][r].sum())
                 if n:
-                    out.append((tuple(b["input_ids"][r, :n]), tuple(b["labels"][r, :n]),
-                                b["pixel_values"][r].tobytes()))
+                    out.append(
+                        (tuple(b["input_ids"][r, :n]), tuple(b["labels"][r, :n]), b["pixel_values"][r].tobytes())
+                    )
         return sorted(out)
+
     assert rows(from_tfds) == rows(list(from_json))
 
 
@@ -163,19 +197,29 @@ def test_pmc_vqa_build_read_and_load(tmp_path, tokenizer):
     assert test.kind == "pmc_vqa" and len(test) == 2
     row = test[0]["row"]
     assert row["Answer"] in ("Liver", "CT") and isinstance(row["__image_bytes__"][0], bytes)
-    cfg = dict(image_size=28, seq_buckets=[128, 192], batch_size=1, shuffle=False,
-               read_threads=0, prefetch_buffer=0, max_length=None)
-    tf_loader = make_loader(DataConfig(format="tfds", paths=[d], split="train", **cfg), tokenizer,
-                            process_index=0, process_count=1)
+    cfg = dict(
+        image_size=28,
+        seq_buckets=[128, 192],
+        batch_size=1,
+        shuffle=False,
+        read_threads=0,
+        prefetch_buffer=0,
+        max_length=None,
+    )
+    tf_loader = make_loader(
+        DataConfig(format="tfds", paths=[d], split="train", **cfg), tokenizer, process_index=0, process_count=1
+    )
     tf_batches = list(tf_loader)
     # Row 3's Answer_label "E" passes the build (structural checks) but not the choice format.
     assert len(tf_batches) == 2 and tf_loader.skip_summary()["skipped"] == {"bad_record": 1}
     answers = sorted(tokenizer.decode(b["labels"][b["labels"] != -100].tolist()) for b in tf_batches)
     assert answers == ["A</s>", "B</s>"]
     csv_loader = make_loader(
-        DataConfig(format="pmc_vqa_csv", paths=[str(manual / "train.csv")],
-                   image_folder=str(manual / "images"), **cfg),
-        tokenizer, process_index=0, process_count=1)
+        DataConfig(format="pmc_vqa_csv", paths=[str(manual / "train.csv")], image_folder=str(manual / "images"), **cfg),
+        tokenizer,
+        process_index=0,
+        process_count=1,
+    )
     csv_batches = list(csv_loader)
     # The CSV loader checks Answer_label (row 3 has "E"): skipped and counted.
     assert len(csv_batches) == 2 and csv_loader.skip_summary()["skipped"] == {"bad_record": 1}

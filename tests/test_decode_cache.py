@@ -1,6 +1,7 @@
 """The accelerator inference path (stacked layers in a scan, the KV cache updated in place in
 the scan carry) equals the CPU path (unstacked layers), prefill and decode, and a cache-free
 forward."""
+
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -24,8 +25,7 @@ def test_stacked_decode_step_equals_unstacked_and_full_forward():
     assert set(layers[0]) == {"attn_norm", "mlp_norm"} | {m + "_t" for m in MATRICES}
     np.testing.assert_array_equal(layers[1]["down_proj_t"], model.llm.layers.down_proj.get_value()[1].T)
     assert set(layer_list(model.llm.layers, transpose=False)[0]) == {"attn_norm", "mlp_norm", *MATRICES}
-    u_logits, u_cache, u_pos = G._prefill(model, jnp.asarray(ids), jnp.asarray(mask), None, slots=32,
-                                          layers=layers)
+    u_logits, u_cache, u_pos = G._prefill(model, jnp.asarray(ids), jnp.asarray(mask), None, slots=32, layers=layers)
     np.testing.assert_allclose(logits, u_logits, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(cache.k, u_cache.k, atol=1e-6)
     np.testing.assert_array_equal(cache.mask, u_cache.mask)

@@ -337,10 +337,24 @@ def test_prepare_regenerates_data_made_with_other_options(tmp_path, monkeypatch,
     small = dict(SMALL, n_csv=0)
     real = make_demo.generate
 
-    def generate_small(out_dir, seed=0, n_align=small["n_align"], n_instruct=small["n_instruct"],
-                       n_heldout=small["n_heldout"], image_size=small["image_size"], n_csv=0):
-        return real(out_dir, seed=seed, n_align=n_align, n_instruct=n_instruct,
-                    n_heldout=n_heldout, image_size=image_size, n_csv=n_csv)
+    def generate_small(
+        out_dir,
+        seed=0,
+        n_align=small["n_align"],
+        n_instruct=small["n_instruct"],
+        n_heldout=small["n_heldout"],
+        image_size=small["image_size"],
+        n_csv=0,
+    ):
+        return real(
+            out_dir,
+            seed=seed,
+            n_align=n_align,
+            n_instruct=n_instruct,
+            n_heldout=n_heldout,
+            image_size=image_size,
+            n_csv=n_csv,
+        )
 
     monkeypatch.setattr(make_demo, "generate", generate_small)
     out = tmp_path / "gen"

@@ -3,6 +3,7 @@ DICOM CT slice -> report; the held-out accuracy must rise well above chance.
 
 Marked `demo` (about 8 minutes on 2 CPU cores): the default run, and so CI, includes it;
 `pytest -m "not slow and not demo"` leaves it out of a quick local run."""
+
 import json
 import os
 import subprocess
@@ -19,19 +20,36 @@ pytestmark = pytest.mark.demo
 def test_short_demo_learns(tmp_path):
     data = tmp_path / "demo_data"
     overrides = [
-        f"output_dir={tmp_path}", "name=short",
-        f"demo.data_dir={data}", "demo.n_align=800", "demo.n_instruct=600", "demo.n_heldout=100",
-        f"data.paths=[{data}/alignment.json]", f"data.image_folder={data}/images",
+        f"output_dir={tmp_path}",
+        "name=short",
+        f"demo.data_dir={data}",
+        "demo.n_align=800",
+        "demo.n_instruct=600",
+        "demo.n_heldout=100",
+        f"data.paths=[{data}/alignment.json]",
+        f"data.image_folder={data}/images",
         f"stages.0.data.paths=[{data}/grounding.json]",
         f"stages.1.data.paths=[{data}/count_size.json,{data}/grounding_size.json,{data}/grounding.json]",
         f"stages.3.data.paths=[{data}/instruction.json]",
-        "stages.0.max_steps=400", "stages.1.max_steps=100", "stages.2.max_steps=5", "stages.3.max_steps=200",
-        f"eval.json={data}/heldout.json", f"eval.image_folder={data}/images",
-        "checkpoint.every_steps=1000", "logging.progress_bar=false", "logging.every_steps=20",
+        "stages.0.max_steps=400",
+        "stages.1.max_steps=100",
+        "stages.2.max_steps=5",
+        "stages.3.max_steps=200",
+        f"eval.json={data}/heldout.json",
+        f"eval.image_folder={data}/images",
+        "checkpoint.every_steps=1000",
+        "logging.progress_bar=false",
+        "logging.every_steps=20",
     ]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "main.py", "--config", "configs/demo.yaml", *overrides],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+    proc = subprocess.run(
+        [sys.executable, "main.py", "--config", "configs/demo.yaml", *overrides],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("run folder: ")

@@ -1,4 +1,5 @@
 """KV-cache generation: equal to HF llava generate, to cache-free decoding, one compile per bucket."""
+
 import dataclasses
 
 import jax.numpy as jnp
@@ -19,15 +20,17 @@ def _cfg():
 def _prompts(cfg):
     img = cfg.image_token_id
     P = cfg.image_tokens
-    rows = [[1, 5, 6] + [img] * P + [7, 8, 9, 10, 11],
-            [1, 13] + [img] * P + [14, 15] + [img] * P + [16, 17],
-            [1, 20, 21, 22]]
+    rows = [
+        [1, 5, 6] + [img] * P + [7, 8, 9, 10, 11],
+        [1, 13] + [img] * P + [14, 15] + [img] * P + [16, 17],
+        [1, 20, 21, 22],
+    ]
     T = max(map(len, rows))
     ids = np.zeros((3, T), np.int64)
     mask = np.zeros((3, T), np.int64)
     for b, r in enumerate(rows):  # left padding, as HF generation expects
-        ids[b, T - len(r):] = r
-        mask[b, T - len(r):] = 1
+        ids[b, T - len(r) :] = r
+        mask[b, T - len(r) :] = 1
     px = np.random.default_rng(0).normal(size=(3, 3, 32, 32)).astype(np.float32)
     return ids, mask, px
 
@@ -39,11 +42,18 @@ def test_greedy_equals_hf_llava_generate():
     R.to_jax("llava", tm, model, cfg)
     ids, mask, px = _prompts(cfg)
     with torch.no_grad():
-        ref = tm.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                          pixel_values=torch.from_numpy(px), max_new_tokens=32, do_sample=False,
-                          eos_token_id=cfg.text.eos_token_id, pad_token_id=0,
-                          output_scores=True, return_dict_in_generate=True)
-    ref_new = ref.sequences[:, ids.shape[1]:].numpy()
+        ref = tm.generate(
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            pixel_values=torch.from_numpy(px),
+            max_new_tokens=32,
+            do_sample=False,
+            eos_token_id=cfg.text.eos_token_id,
+            pad_token_id=0,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    ref_new = ref.sequences[:, ids.shape[1] :].numpy()
     ours = G.generate(model, ids, px, mask, max_new_tokens=32)
     assert ours.shape == (3, 32)
     n = ref_new.shape[1]
@@ -67,7 +77,7 @@ def test_cache_equals_no_cache_and_right_padding():
     for b in range(3):
         row = list(ids[b][mask[b] == 1])
         n_img = sum(1 for i in range(1, len(row)) if row[i] == cfg.image_token_id and row[i - 1] != cfg.image_token_id)
-        rpx = px[img_start:img_start + n_img] if n_img else None
+        rpx = px[img_start : img_start + n_img] if n_img else None
         img_start += n_img
         for t in range(12):
             logits = model(np.asarray([row]), rpx).logits
@@ -79,8 +89,8 @@ def test_cache_equals_no_cache_and_right_padding():
     rmask = np.zeros_like(mask)
     for b in range(3):
         toks = ids[b][mask[b] == 1]
-        right[b, :len(toks)] = toks
-        rmask[b, :len(toks)] = 1
+        right[b, : len(toks)] = toks
+        rmask[b, : len(toks)] = 1
     np.testing.assert_array_equal(G.generate(model, right, px, rmask, max_new_tokens=12, eos_token_id=-1), cached)
 
 
@@ -137,8 +147,7 @@ def test_short_calls_layer_cache_and_prompt_buckets(monkeypatch):
     np.testing.assert_array_equal(G.generate(model, ids, px, mask, max_new_tokens=8, eos_token_id=-1), long)
     for n in (1, 2):
         assert n < G.UNSTACK_MIN_NEW_TOKENS
-        np.testing.assert_array_equal(G.generate(model, ids, px, mask, max_new_tokens=n, eos_token_id=-1),
-                                      long[:, :n])
+        np.testing.assert_array_equal(G.generate(model, ids, px, mask, max_new_tokens=n, eos_token_id=-1), long[:, :n])
     monkeypatch.undo()
     # New parameter values: the cache is remade, and generation follows the new weights.
     w = model.llm.layers.down_proj

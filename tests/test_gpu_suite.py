@@ -3,6 +3,7 @@ runs at tiny sizes on the CPU and writes the JSON a GPU run writes, with numbers
 run will have them, so a GPU's first minute is not spent on a typo. Also: a part that fails
 records its error in the JSON and the suite still writes it.
 """
+
 import json
 import math
 import os
@@ -17,8 +18,13 @@ sys.path.insert(0, str(ROOT))
 
 from bench import gpu_suite as S  # noqa: E402
 
-MEMORY_KEYS = {"jax_peak_bytes", "jax_bytes_limit", "torch_peak_bytes", "torch_peak_reserved_bytes",
-               "host_peak_rss_bytes"}
+MEMORY_KEYS = {
+    "jax_peak_bytes",
+    "jax_bytes_limit",
+    "torch_peak_bytes",
+    "torch_peak_reserved_bytes",
+    "host_peak_rss_bytes",
+}
 
 
 def _env():
@@ -35,8 +41,14 @@ def _number(x) -> bool:
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_suite")
-    proc = subprocess.run([str(ROOT / "bench/gpu_suite.sh"), "--dry-run", "--out", str(out)],
-                          check=False, env=_env(), capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(
+        [str(ROOT / "bench/gpu_suite.sh"), "--dry-run", "--out", str(out)],
+        check=False,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
     files = list(out.glob("*.json"))
     assert len(files) == 1 and files[0].name.endswith("_cpu_dry-run.json"), files
@@ -46,8 +58,12 @@ def dry_run(tmp_path_factory):
 def test_every_part_ran_and_recorded_memory(dry_run):
     assert dry_run["dry_run"] is True and dry_run["device_kind"] == "cpu"
     assert list(dry_run["parts"]) == list(S.PARTS) and dry_run["errors"] == []
-    assert dry_run["spec"] == {"name": "NVIDIA H200 SXM", "bf16_dense_tflops": 989.0,
-                               "hbm_bytes_per_s": 4.8e12, "hbm_bytes": 141e9}
+    assert dry_run["spec"] == {
+        "name": "NVIDIA H200 SXM",
+        "bf16_dense_tflops": 989.0,
+        "hbm_bytes_per_s": 4.8e12,
+        "hbm_bytes": 141e9,
+    }
     for name, part in dry_run["parts"].items():
         assert part["error"] is None and part["timed_out"] is False and part["returncode"] == 0, (name, part)
         assert _number(part["wall_s"]) and part["wall_s"] <= part["limit_s"]
@@ -68,14 +84,22 @@ def test_parity_part_records_every_error_with_its_limit(dry_run):
     p = dry_run["parts"]["parity"]["result"]
     assert p["torch_device"] == "cpu" and p["bf16_attention"] == "xla"  # cudnn on a GPU
     assert p["llama_variants"] == ["gqa"]  # the dry run's subset; a GPU run checks all three
-    expected = {"clip_hidden_states_max_rel", "llava_logits_rel", "llava_loss_rel", "llava_grads_max_rel",
-                "llava_bf16_logits_rel_vs_fp32_torch", "llama_gqa_logits_rel", "llama_gqa_loss_rel",
-                "llama_gqa_grads_max_rel"}
+    expected = {
+        "clip_hidden_states_max_rel",
+        "llava_logits_rel",
+        "llava_loss_rel",
+        "llava_grads_max_rel",
+        "llava_bf16_logits_rel_vs_fp32_torch",
+        "llama_gqa_logits_rel",
+        "llama_gqa_loss_rel",
+        "llama_gqa_grads_max_rel",
+    }
     assert set(p["checks"]) == expected
     for name, c in p["checks"].items():
         assert _number(c["max_rel_err"]) and c["max_rel_err"] >= 0, name
-        assert c["limit"] == S.PARITY_LIMITS[name if not name.startswith("llama_") else
-                                             "llama_" + name.split("_", 2)[2]]
+        assert (
+            c["limit"] == S.PARITY_LIMITS[name if not name.startswith("llama_") else "llama_" + name.split("_", 2)[2]]
+        )
         assert c["ok"] is True, (name, c)
     assert p["checks"]["llava_bf16_logits_rel_vs_fp32_torch"]["limit"] == 2e-2
     # bf16 logits are ~1e-2 off float32, float32 ~1e-7: the two checks measure different things
@@ -96,7 +120,8 @@ def test_train_step_part_has_mfu_against_the_peak(dry_run):
     for s in ("stage1", "stage2"):
         assert v[f"{s}_mfu"] == pytest.approx(r["step_flops"][s] / r[f"{s}_step_s"] / 989e12, rel=1e-3)
         assert v[f"torch_{s}_mfu"] == pytest.approx(
-            r["step_flops_all_positions"][s] / r[f"torch_{s}_step_s"] / 989e12, rel=1e-3)
+            r["step_flops_all_positions"][s] / r[f"torch_{s}_step_s"] / 989e12, rel=1e-3
+        )
         assert v[f"{s}_tokens_per_s"] == pytest.approx(tokens / r[f"{s}_step_s"], rel=1e-3)
         assert v[f"{s}_mfu"] > 0 and v[f"torch_{s}_mfu"] > 0
 
@@ -109,9 +134,15 @@ def test_decode_part_has_both_batches_and_the_roofline(dry_run):
     assert set(d["batches"]) == {"1", "16"}
     for b, row in d["batches"].items():
         B = int(b)
-        for key in ("decode_tokens_per_s", "torch_decode_tokens_per_s", "prefill_tokens_per_s",
-                    "torch_prefill_tokens_per_s", "decode_fraction_of_roofline",
-                    "torch_decode_fraction_of_roofline", "decode_ratio_vs_torch"):
+        for key in (
+            "decode_tokens_per_s",
+            "torch_decode_tokens_per_s",
+            "prefill_tokens_per_s",
+            "torch_prefill_tokens_per_s",
+            "decode_fraction_of_roofline",
+            "torch_decode_fraction_of_roofline",
+            "decode_ratio_vs_torch",
+        ):
             assert _number(row[key]) and row[key] > 0, (b, key)
         head_dim = t["hidden_size"] // t["num_attention_heads"]
         kv = 2 * t["num_hidden_layers"] * B * (T + N / 2) * t["num_key_value_heads"] * head_dim * 2  # bf16
@@ -119,7 +150,8 @@ def test_decode_part_has_both_batches_and_the_roofline(dry_run):
         assert row["bytes_per_step"] == d["weight_bytes"] + row["kv_cache_bytes_per_step"]
         assert row["roofline_tokens_per_s"] == pytest.approx(B * d["hbm_bytes_per_s"] / row["bytes_per_step"], rel=1e-3)
         assert row["decode_fraction_of_roofline"] == pytest.approx(
-            row["decode_tokens_per_s"] / row["roofline_tokens_per_s"], rel=1e-3)
+            row["decode_tokens_per_s"] / row["roofline_tokens_per_s"], rel=1e-3
+        )
         assert d[f"decode_tokens_per_s_b{b}"] == pytest.approx(row["decode_tokens_per_s"], rel=1e-3)
 
 
@@ -135,8 +167,14 @@ def test_a_failing_part_is_recorded_and_the_suite_writes_its_json(tmp_path):
     # Without --dry-run the suite insists on a GPU: on this CPU the env part fails, and the
     # JSON still comes out with the error (and the next part still runs).
     out = tmp_path / "real.json"
-    proc = subprocess.run([str(ROOT / "bench/gpu_suite.sh"), "--parts", "env,parity", "--out", str(out)],
-                          check=False, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [str(ROOT / "bench/gpu_suite.sh"), "--parts", "env,parity", "--out", str(out)],
+        check=False,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     data = json.loads(out.read_text())
     assert data["dry_run"] is False and data["errors"] == ["env", "parity"]
@@ -162,7 +200,8 @@ def test_decode_weights_start_like_the_models_own_init():
     cfg = model_config("tiny")
     ours = jax.tree_util.tree_flatten_with_path(nnx.state(init_on_device(cfg)))[0]
     ref = jax.tree_util.tree_flatten_with_path(
-        nnx.state(QilinMedVL(dataclasses.replace(cfg, dtype="float32"), rngs=nnx.Rngs(0))))[0]
+        nnx.state(QilinMedVL(dataclasses.replace(cfg, dtype="float32"), rngs=nnx.Rngs(0)))
+    )[0]
     assert [p for p, _ in ours] == [p for p, _ in ref]
     constants = 0
     for (path, a), (_, b) in zip(ours, ref):

@@ -1,5 +1,6 @@
 """Batch inference: JSONL/CSV in, JSONL out; interrupted runs resume without redoing or losing rows;
 bad rows reported and skipped (or raised when strict)."""
+
 import csv
 import json
 
@@ -12,8 +13,10 @@ from qilin_jax.infer.config import BatchConfig
 
 def _rows(demo_dir):
     held = json.loads((demo_dir / "heldout.json").read_text())
-    rows = [{"id": h["id"], "image": h["image"],
-             "question": h["conversations"][0]["value"].replace("<image>\n", "")} for h in held[:7]]
+    rows = [
+        {"id": h["id"], "image": h["image"], "question": h["conversations"][0]["value"].replace("<image>\n", "")}
+        for h in held[:7]
+    ]
     rows.insert(3, {"id": "bad-image", "image": "nope.png", "question": "这是什么？"})
     rows.insert(5, {"id": "no-question", "image": held[0]["image"]})
     rows.append({"id": "text-only", "question": "你好"})
@@ -33,8 +36,15 @@ def test_resume_after_interruption(tiny_model, tokenizer, demo_dir, tmp_path):
     inp = tmp_path / "q.jsonl"
     _write_jsonl(inp, rows)
     out = tmp_path / "answers.jsonl"
-    cfg = BatchConfig(input=str(inp), output=str(out), image_folder=str(demo_dir / "images"),
-                      batch_size=3, max_new_tokens=5, limit=4, progress=False)
+    cfg = BatchConfig(
+        input=str(inp),
+        output=str(out),
+        image_folder=str(demo_dir / "images"),
+        batch_size=3,
+        max_new_tokens=5,
+        limit=4,
+        progress=False,
+    )
     s1 = run_batch(tiny_model, tokenizer, cfg)  # "killed" after 4 rows (one of them bad)
     first = _lines(out)
     assert [r["id"] for r in first] == [rows[i]["id"] for i in (0, 1, 2)]
@@ -61,9 +71,14 @@ def test_resume_after_interruption(tiny_model, tokenizer, demo_dir, tmp_path):
     assert s3["answered"] == 0 and out.read_text() == before
 
     # Answers do not depend on how the run was split: a fresh one-shot run gives the same.
-    cfg2 = BatchConfig(input=str(inp), output=str(tmp_path / "fresh.jsonl"),
-                       image_folder=str(demo_dir / "images"), batch_size=3, max_new_tokens=5,
-                       progress=False)
+    cfg2 = BatchConfig(
+        input=str(inp),
+        output=str(tmp_path / "fresh.jsonl"),
+        image_folder=str(demo_dir / "images"),
+        batch_size=3,
+        max_new_tokens=5,
+        progress=False,
+    )
     run_batch(tiny_model, tokenizer, cfg2)
     fresh = {r["id"]: r for r in _lines(tmp_path / "fresh.jsonl")}
     assert {r["id"]: r for r in final} == fresh
@@ -81,8 +96,14 @@ def test_csv_input_strict_and_no_resume(tiny_model, tokenizer, demo_dir, tmp_pat
         for r in rows[:3]:
             w.writerow({"id": r["id"], "image": r["image"], "question": r.get("question", "")})
     out = tmp_path / "a.jsonl"
-    cfg = BatchConfig(input=str(inp), output=str(out), image_folder=str(demo_dir / "images"),
-                      batch_size=2, max_new_tokens=3, progress=False)
+    cfg = BatchConfig(
+        input=str(inp),
+        output=str(out),
+        image_folder=str(demo_dir / "images"),
+        batch_size=2,
+        max_new_tokens=3,
+        progress=False,
+    )
     s = run_batch(tiny_model, tokenizer, cfg)
     assert s["answered"] == 3 and len(_lines(out)) == 3
     cfg.max_new_tokens = 4  # resuming with other settings would mix two set-ups in one file
@@ -94,8 +115,13 @@ def test_csv_input_strict_and_no_resume(tiny_model, tokenizer, demo_dir, tmp_pat
 
     bad = tmp_path / "bad.jsonl"
     _write_jsonl(bad, rows[3:4])
-    strict = BatchConfig(input=str(bad), output=str(tmp_path / "b.jsonl"), strict=True, progress=False,
-                         image_folder=str(demo_dir / "images"))
+    strict = BatchConfig(
+        input=str(bad),
+        output=str(tmp_path / "b.jsonl"),
+        strict=True,
+        progress=False,
+        image_folder=str(demo_dir / "images"),
+    )
     with pytest.raises(DataError, match=r"bad\.jsonl:1 \(id bad-image\).*nope\.png"):
         run_batch(tiny_model, tokenizer, strict)
 

@@ -1,5 +1,6 @@
 """Evaluation end to end on the generated demo data: PMC-VQA CSV (prompt, parsing, accuracy by
 letter, files, resume), the demo task report (the keys issue 7 reads), open-ended metrics."""
+
 import csv
 import json
 
@@ -14,8 +15,10 @@ def _lines(path):
 
 
 def test_pmc_vqa_prompt_languages(demo_dir):
-    for lang, suffix in (("en", "Answer with the option's letter from the given choices directly."),
-                         ("zh", "请直接回答选项字母。")):
+    for lang, suffix in (
+        ("en", "Answer with the option's letter from the given choices directly."),
+        ("zh", "请直接回答选项字母。"),
+    ):
         pairs = E.pmc_vqa_requests(str(demo_dir / "pmc_vqa_style.csv"), str(demo_dir / "images"), lang)
         req, gold = pairs[0]
         q = req.turns[0]["value"]
@@ -37,8 +40,15 @@ def test_pmc_vqa_csv_end_to_end(tiny_model, tokenizer, demo_dir, tmp_path):
         w.writeheader()
         w.writerows(rows)
     out = tmp_path / "eval"
-    cfg = EvalConfig(task="pmc_vqa", csv=str(csv_path), image_folder=str(demo_dir / "images"),
-                     output_dir=str(out), batch_size=4, max_new_tokens=6, progress=False)
+    cfg = EvalConfig(
+        task="pmc_vqa",
+        csv=str(csv_path),
+        image_folder=str(demo_dir / "images"),
+        output_dir=str(out),
+        batch_size=4,
+        max_new_tokens=6,
+        progress=False,
+    )
     report = E.run_eval(tiny_model, tokenizer, cfg)
     assert json.loads((out / "report.json").read_text()) == report
     preds = _lines(out / "predictions.jsonl")
@@ -65,24 +75,27 @@ def test_pmc_vqa_csv_end_to_end(tiny_model, tokenizer, demo_dir, tmp_path):
     finally:
         E.answer_requests = real
     assert (out / "generations.jsonl").read_text() == gens
-    assert {k: v for k, v in again.items() if k != "seconds"} == \
-        {k: v for k, v in report.items() if k != "seconds"}
+    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in report.items() if k != "seconds"}
 
 
 def _fake_answers(monkeypatch, answer_for):
     """Replace generation with answers derived from the request (scoring tests, no model)."""
+
     def fake(model, tokenizer, requests, opts, **kw):
         recs = {r.id: {"id": r.id, **r.echo, "answer": answer_for(r)} for r in requests if not r.error}
         return {"records": recs, "errors": [], "answered": len(recs), "reused": 0}
+
     monkeypatch.setattr(E, "answer_requests", fake)
 
 
 def test_demo_report_perfect_and_wrong_answers(demo_dir, tmp_path, monkeypatch):
     held = {h["id"]: h for h in json.loads((demo_dir / "heldout.json").read_text())}
+
     # Answers as a trained model phrases them (sentences, "答案是B"): all must score as correct.
     def good(r):
         h = held[r.id]
         return f"答案是{h['answer']}" if h["qtype"] == "choice" else f"病灶：{h['answer']}。"
+
     _fake_answers(monkeypatch, good)
     rep = E.evaluate_demo(None, None, str(demo_dir / "heldout.json"), output_dir=str(tmp_path))
     assert rep["heldout_accuracy"] == 1.0
@@ -97,17 +110,28 @@ def test_demo_report_perfect_and_wrong_answers(demo_dir, tmp_path, monkeypatch):
 
 
 def test_demo_with_model_runs_from_run_eval(tiny_model, tokenizer, demo_dir, tmp_path):
-    cfg = EvalConfig(task="demo", json=str(demo_dir / "heldout.json"), output_dir=str(tmp_path),
-                     batch_size=4, max_new_tokens=4, progress=False)
+    cfg = EvalConfig(
+        task="demo",
+        json=str(demo_dir / "heldout.json"),
+        output_dir=str(tmp_path),
+        batch_size=4,
+        max_new_tokens=4,
+        progress=False,
+    )
     rep = E.run_eval(tiny_model, tokenizer, cfg)
     assert 0.0 <= rep["heldout_accuracy"] <= 1.0 and rep["n"] == 10
     assert {"location", "modality", "count", "size", "choice"} == set(rep["heldout_accuracy_by_type"])
 
 
 def test_open_ended_metrics(tmp_path, monkeypatch):
-    rows = [{"id": "a", "image": "x.png", "conversations": [{"from": "human", "value": "<image>\n位置？"},
-                                                              {"from": "gpt", "value": "左肺上叶结节"}]},
-            {"id": "b", "question": "模态？", "answer": "左上"}]
+    rows = [
+        {
+            "id": "a",
+            "image": "x.png",
+            "conversations": [{"from": "human", "value": "<image>\n位置？"}, {"from": "gpt", "value": "左肺上叶结节"}],
+        },
+        {"id": "b", "question": "模态？", "answer": "左上"},
+    ]
     path = tmp_path / "open.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     _fake_answers(monkeypatch, lambda r: {"a": "右肺上叶有结节", "b": "左上。"}[r.id])
@@ -125,5 +149,6 @@ def test_config_validation_names_the_field():
     with pytest.raises(ValueError, match="eval.language"):
         EvalConfig(task="pmc_vqa", csv="x.csv", language="fr").validate()
     from qilin_jax.infer.config import ChatConfig, section_from_dict
+
     with pytest.raises(ValueError, match=r"chat: unknown key\(s\) \['temprature'\]"):
         section_from_dict(ChatConfig, {"temprature": 0.2}, "chat")

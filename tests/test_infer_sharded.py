@@ -1,5 +1,6 @@
 """Sharded generation on 8 simulated CPU devices: tensor parallel over heads gives the tokens of
 one device, with the weights really split over the tensor axis."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,8 +8,14 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from qilin_jax.infer.generate import generate
-from qilin_jax.infer.sharded import (inference_mesh, inference_sharding, load_for_inference,
-                                     model_mesh, prepare, shard_model)
+from qilin_jax.infer.sharded import (
+    inference_mesh,
+    inference_sharding,
+    load_for_inference,
+    model_mesh,
+    prepare,
+    shard_model,
+)
 from qilin_jax.models import model_preset
 from tests.infer_fixtures import random_model
 
@@ -18,14 +25,18 @@ pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulat
 def _inputs(cfg):
     P_ = cfg.image_tokens
     img = cfg.image_token_id
-    rows = [[1, 5, 6] + [img] * P_ + [7, 8, 9], [1, 13] + [img] * P_ + [14, 15, 16, 17],
-            [1, 20, 21, 22], [1] + [img] * P_ + [30]]
+    rows = [
+        [1, 5, 6] + [img] * P_ + [7, 8, 9],
+        [1, 13] + [img] * P_ + [14, 15, 16, 17],
+        [1, 20, 21, 22],
+        [1] + [img] * P_ + [30],
+    ]
     T = max(map(len, rows))
     ids = np.zeros((4, T), np.int32)
     mask = np.zeros((4, T), np.int32)
     for b, r in enumerate(rows):
-        ids[b, :len(r)] = r
-        mask[b, :len(r)] = 1
+        ids[b, : len(r)] = r
+        mask[b, : len(r)] = 1
     px = np.random.default_rng(0).normal(size=(3, 3, 32, 32)).astype(np.float32)
     return ids, mask, px
 

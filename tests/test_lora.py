@@ -1,5 +1,6 @@
 """LoRA against `peft` on transformers' LlavaForConditionalGeneration (random weights, float32):
 logits, gradients, three AdamW steps, PEFT import/export and merge-lora."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,8 +34,9 @@ def tiny_cfg():
 
 
 def lora_config(**kw):
-    return peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
-                           target_modules=CP.TARGET_REGEX.format("|".join(TARGETS)), **kw)
+    return peft.LoraConfig(
+        r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=CP.TARGET_REGEX.format("|".join(TARGETS)), **kw
+    )
 
 
 def randomize_lora_(pm, seed=1):
@@ -89,17 +91,20 @@ def batch(cfg, seed=0):
     ids = np.zeros((2, T), np.int64)
     mask = np.zeros((2, T), np.int64)
     for b, r in enumerate(rows):
-        ids[b, :len(r)] = r
-        mask[b, :len(r)] = 1
+        ids[b, : len(r)] = r
+        mask[b, : len(r)] = 1
     labels = np.where((mask == 1) & (ids != it), ids, -100)
     px = rng.normal(size=(3, 3, cfg.vision.image_size, cfg.vision.image_size)).astype(np.float32)
     return ids, mask, labels, px
 
 
 def torch_out(pm, ids, mask, px, labels=None):
-    return pm(input_ids=torch.from_numpy(ids), pixel_values=torch.from_numpy(px),
-              attention_mask=torch.from_numpy(mask),
-              labels=None if labels is None else torch.from_numpy(labels))
+    return pm(
+        input_ids=torch.from_numpy(ids),
+        pixel_values=torch.from_numpy(px),
+        attention_mask=torch.from_numpy(mask),
+        labels=None if labels is None else torch.from_numpy(labels),
+    )
 
 
 def our_lora_grads_as_torch(cfg, grads):
@@ -113,10 +118,14 @@ def test_peft_key_names_and_logits(ref):
     assert saved["r"] == RANK
     model = ours(cfg, base_sd, peft_dir)
     # Every PEFT LoRA weight has our key form, and ours are exactly PEFT's (transposed).
-    peft_sd = {k.replace(".default", ""): v.detach().numpy() for k, v in pm.state_dict().items()
-               if "lora_" in k}
-    mine = CP.export_arrays({k: np.asarray(getattr(model.llm.layers, k).get_value())
-                             for k in vars(model.llm.layers) if k.endswith(("_lora_a", "_lora_b"))})
+    peft_sd = {k.replace(".default", ""): v.detach().numpy() for k, v in pm.state_dict().items() if "lora_" in k}
+    mine = CP.export_arrays(
+        {
+            k: np.asarray(getattr(model.llm.layers, k).get_value())
+            for k in vars(model.llm.layers)
+            if k.endswith(("_lora_a", "_lora_b"))
+        }
+    )
     assert set(mine) == set(peft_sd) and len(mine) == 2 * len(TARGETS) * cfg.text.num_hidden_layers
     for k in mine:
         np.testing.assert_array_equal(mine[k], peft_sd[k])
@@ -140,17 +149,16 @@ def test_lora_gradients_match_peft(ref):
     pm.zero_grad()
     out = torch_out(pm, ids, mask, px, labels)
     out.loss.backward()
-    tgrads = {k.replace(".default", ""): p.grad.numpy() for k, p in pm.named_parameters()
-              if "lora_" in k}
+    tgrads = {k.replace(".default", ""): p.grad.numpy() for k, p in pm.named_parameters() if "lora_" in k}
     graphdef, state = nnx.split(model, nnx.Param)
     params = state.to_pure_dict()
     mask_t = trainable_mask(params, L.trainable_patterns())
     trainable, frozen = partition(params, mask_t)
-    assert set(trainable) == {"llm"} and all(k.endswith(("_lora_a", "_lora_b"))
-                                             for k in trainable["llm"]["layers"])
+    assert set(trainable) == {"llm"} and all(k.endswith(("_lora_a", "_lora_b")) for k in trainable["llm"]["layers"])
     micro = {"input_ids": ids, "pixel_values": px, "labels": labels, "segment_ids": mask}
-    (lsum, n), g = jax.value_and_grad(lambda t: loss_terms(graphdef, t, frozen, micro, packed=False),
-                                      has_aux=True)(trainable)
+    (lsum, n), g = jax.value_and_grad(lambda t: loss_terms(graphdef, t, frozen, micro, packed=False), has_aux=True)(
+        trainable
+    )
     g = jax.tree.map(lambda x: x / n, g)
     assert abs(float(lsum / n) - out.loss.item()) <= 1e-5 * abs(out.loss.item())
     mine = our_lora_grads_as_torch(cfg, g)
@@ -174,8 +182,9 @@ def test_three_adamw_steps_match_torch(ref):
     proj_p = [p for k, p in pm.named_parameters() if p.requires_grad and "modules_to_save" in k]
     assert len(lora_p) == 2 * len(TARGETS) * cfg.text.num_hidden_layers and len(proj_p) == 4
     assert len(lora_p) + len(proj_p) == sum(p.requires_grad for p in pm.parameters())
-    opt = torch.optim.AdamW([{"params": lora_p, "lr": lr}, {"params": proj_p, "lr": proj_lr}],
-                            betas=(0.9, 0.999), eps=1e-8, weight_decay=wd)
+    opt = torch.optim.AdamW(
+        [{"params": lora_p, "lr": lr}, {"params": proj_p, "lr": proj_lr}], betas=(0.9, 0.999), eps=1e-8, weight_decay=wd
+    )
     batches = [batch(cfg, seed=s) for s in (2, 3, 4)]
     for ids, mask, labels, px in batches:
         opt.zero_grad()
@@ -188,8 +197,15 @@ def test_three_adamw_steps_match_torch(ref):
     patterns = L.trainable_patterns() + ["adapter/.*"]
     trainable, frozen = partition(params, trainable_mask(params, patterns))
     frozen0 = jax.tree.map(np.array, frozen)
-    tx = guarded_adamw(lambda step: lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=wd, max_grad_norm=0,
-                       lr_scales=[("adapter/.*", proj_lr / lr)])
+    tx = guarded_adamw(
+        lambda step: lr,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        weight_decay=wd,
+        max_grad_norm=0,
+        lr_scales=[("adapter/.*", proj_lr / lr)],
+    )
     st = init_state(trainable, tx)
     step = jax.jit(lambda s, f, b: train_step(graphdef, tx, lambda c: lr, s, f, b))
     for ids, mask, labels, px in batches:
@@ -197,8 +213,11 @@ def test_three_adamw_steps_match_torch(ref):
         st, m = step(st, frozen, b)
         assert bool(m["finite"])
     got = CP.export_arrays(st.trainable["llm"]["layers"], st.trainable["adapter"])
-    want = {k.replace(".default", "").replace("modules_to_save.", ""): p.detach().numpy()
-            for k, p in pm.named_parameters() if p.requires_grad}
+    want = {
+        k.replace(".default", "").replace("modules_to_save.", ""): p.detach().numpy()
+        for k, p in pm.named_parameters()
+        if p.requires_grad
+    }
     assert set(got) == set(want)
     errs = {k: R.rel_err(got[k], want[k]) for k in got}
     assert max(errs.values()) <= 1e-5, max(errs.items(), key=lambda kv: kv[1])
@@ -219,8 +238,10 @@ def test_dropout_deterministic_and_off_in_eval(ref):
     trainable, frozen = partition(params, trainable_mask(params, L.trainable_patterns()))
     ids, mask, labels, px = batch(cfg)
     micro = {"input_ids": ids, "pixel_values": px, "labels": labels, "segment_ids": mask}
-    f = jax.jit(lambda rng, rate: loss_terms(graphdef, trainable, frozen, micro, packed=False,
-                                             rng=rng, lora_dropout=rate)[0], static_argnums=1)
+    f = jax.jit(
+        lambda rng, rate: loss_terms(graphdef, trainable, frozen, micro, packed=False, rng=rng, lora_dropout=rate)[0],
+        static_argnums=1,
+    )
     k1, k2 = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
     plain = float(f(k1, 0.0))
     a, a2, b = float(f(k1, 0.3)), float(f(k1, 0.3)), float(f(k2, 0.3))

@@ -1,5 +1,6 @@
 """LoRA stages in the real training loop (8 simulated devices, FSDP): what trains, what stays
 frozen, the sharding of the adapters, the saved checkpoint, the config contract."""
+
 from __future__ import annotations
 
 import jax
@@ -21,8 +22,7 @@ def lora_run(tmp_path_factory):
     data = make_data(tmp_path_factory.getbasetemp() / "demo_data")
     raw = base_config(data, tmp / "runs", steps=(2, 3), every_steps=2)
     raw["stages"][1].update(lora=True, trainable=["adapter/.*"])
-    raw["stages"].append({"name": "stage3", "trainable": ["adapter/.*"], "learning_rate": 1e-4,
-                          "max_steps": 1})
+    raw["stages"].append({"name": "stage3", "trainable": ["adapter/.*"], "learning_rate": 1e-4, "max_steps": 1})
     raw["train"] = {"lora": {"rank": 4, "alpha": 8, "dropout": 0.1, "trainable_learning_rate": 1e-5}}
     cfg = load_config(write_config(tmp / "cfg.yaml", raw))
     results = run_training(cfg)
@@ -69,8 +69,8 @@ def test_adapters_shard_like_their_matrix():
     from qilin_jax.config import LoraConfig
     from qilin_jax.models import model_preset
     from qilin_jax.sharding import make_mesh
-    from qilin_jax.train.state import model_parts
     from qilin_jax.train.lora import lora_parts
+    from qilin_jax.train.state import model_parts
 
     mesh = make_mesh(1, 4, 2)
     from qilin_jax.sharding import DEFAULT_RULES as rules
@@ -95,10 +95,13 @@ def test_config_contract(tmp_path, tmp_path_factory):
     assert L.resolve_targets(cfg.train.lora.targets) == ["q_proj", "v_proj"]
     assert load_config(path, ["stages.1.trainable=[]"]).stages[1].trainable == []  # adapters alone
     assert load_config(path, ["model.quantize=nf4"]).model.quantize == "nf4"  # QLoRA
-    for bad, msg in ((["train.lora.rank=0"], "rank"), (["train.lora.targets=[qproj]"], "qproj"),
-                     (["stages.1.trainable=[llm/.*]"], "keeps the LLM frozen"),
-                     (["stages.0.trainable=[]"], "must train something"),
-                     (["model.quantize=nf4", "stages.0.trainable=[llm/.*]"], "cannot train in full"),
-                     (["model.quantize=int3"], "model.quantize")):
+    for bad, msg in (
+        (["train.lora.rank=0"], "rank"),
+        (["train.lora.targets=[qproj]"], "qproj"),
+        (["stages.1.trainable=[llm/.*]"], "keeps the LLM frozen"),
+        (["stages.0.trainable=[]"], "must train something"),
+        (["model.quantize=nf4", "stages.0.trainable=[llm/.*]"], "cannot train in full"),
+        (["model.quantize=int3"], "model.quantize"),
+    ):
         with pytest.raises(ConfigError, match=msg):
             load_config(path, bad)

@@ -1,7 +1,7 @@
 """Numerical parity of the Flax NNX models with the `transformers` PyTorch modules."""
+
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -10,7 +10,6 @@ from flax import nnx
 
 from converters.mapping import nested_to_flat
 from qilin_jax.models import QilinMedVL, model_preset
-from qilin_jax.models.configs import TextConfig
 from qilin_jax.models.llama import LlamaModel
 from qilin_jax.models.vit import VisionTransformer
 from tests import torch_ref as R
@@ -51,9 +50,12 @@ def test_clip_vision_every_hidden_state():
 LLAMA_VARIANTS = {
     "mha": dict(num_key_value_heads=4),
     "gqa": dict(num_key_value_heads=2),
-    "rope_linear_tied": dict(num_key_value_heads=1, rope_theta=500.0,
-                             rope_scaling={"rope_type": "linear", "factor": 4.0},
-                             tie_word_embeddings=True),
+    "rope_linear_tied": dict(
+        num_key_value_heads=1,
+        rope_theta=500.0,
+        rope_scaling={"rope_type": "linear", "factor": 4.0},
+        tie_word_embeddings=True,
+    ),
 }
 
 
@@ -73,12 +75,12 @@ def test_llama_logits_loss_grads(variant):
     labels = np.where(mask == 1, ids, -100)
     labels[0, :3] = -100
 
-    out = tm(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-             labels=torch.from_numpy(labels))
+    out = tm(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), labels=torch.from_numpy(labels))
     out.loss.backward()
 
     def jax_loss(model):
         from qilin_jax.models.qilin import cross_entropy, shift_labels
+
         seg = jnp.asarray(mask, jnp.int32)
         pos = jnp.maximum(jnp.cumsum(seg, 1) - 1, 0)
         h, _ = model.llm(model.llm.embed(jnp.asarray(ids)), segment_ids=seg, position_ids=pos)
@@ -108,8 +110,8 @@ def _llava_batch(cfg, rng):
     ids = np.zeros((2, T), np.int64)
     mask = np.zeros((2, T), np.int64)
     for b, r in enumerate([row0, row1]):
-        ids[b, :len(r)] = r
-        mask[b, :len(r)] = 1
+        ids[b, : len(r)] = r
+        mask[b, : len(r)] = 1
     labels = np.where((ids != img) & (mask == 1), ids, -100)
     labels[:, :2] = -100
     px = rng.normal(size=(3, 3, cfg.vision.image_size, cfg.vision.image_size)).astype(np.float32)
@@ -123,8 +125,12 @@ def test_llava_logits_loss_grads(dtype):
     model = QilinMedVL(dataclasses.replace(cfg, dtype=dtype), rngs=nnx.Rngs(0))
     R.to_jax("llava", tm, model, cfg)
     ids, mask, labels, px = _llava_batch(cfg, np.random.default_rng(2))
-    out = tm(input_ids=torch.from_numpy(ids), pixel_values=torch.from_numpy(px),
-             attention_mask=torch.from_numpy(mask), labels=torch.from_numpy(labels))
+    out = tm(
+        input_ids=torch.from_numpy(ids),
+        pixel_values=torch.from_numpy(px),
+        attention_mask=torch.from_numpy(mask),
+        labels=torch.from_numpy(labels),
+    )
     valid = mask.astype(bool)
     ref_logits = out.logits.detach().numpy()[valid]
 
@@ -178,9 +184,12 @@ def test_linear_adapter_against_torch_linear():
     lin = torch.nn.Linear(cfg.vision.hidden_size, cfg.text.hidden_size)
     R.randomize_(lin, seed=9)
     from converters.mapping import convert_state
-    flat = convert_state(R.state_items({"model.mm_projector." + k: v for k, v in lin.state_dict().items()}),
-                         cfg, "mm-projector")
+
+    flat = convert_state(
+        R.state_items({"model.mm_projector." + k: v for k, v in lin.state_dict().items()}), cfg, "mm-projector"
+    )
     from converters.mapping import load_into_model
+
     load_into_model(model, flat)
     x = np.random.default_rng(0).normal(size=(2, 5, cfg.vision.hidden_size)).astype(np.float32)
     with torch.no_grad():
@@ -190,6 +199,7 @@ def test_linear_adapter_against_torch_linear():
 
 def test_13b_builds_abstractly_with_expected_counts():
     from qilin_jax.models import param_count
+
     counts = param_count(model_preset("qilin_med_vl_13b"))
     assert round(counts["total"] / 1e9, 2) == 13.35
     assert round(counts["llm"] / 1e9, 2) == 13.02

@@ -1,5 +1,6 @@
 """GuardedAdamW (train/optim.py) against the plain optax chain it stands for, and the train
 step's non-finite guard through it."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,8 +14,10 @@ from qilin_jax.train.step import TrainState, train_step
 
 def _tree(seed, scale=1.0):
     k = jax.random.split(jax.random.PRNGKey(seed), 3)
-    return {"a": jax.random.normal(k[0], (7, 5)) * scale,
-            "b": {"w": jax.random.normal(k[1], (3, 4, 6)) * scale, "bias": jax.random.normal(k[2], (6,)) * scale}}
+    return {
+        "a": jax.random.normal(k[0], (7, 5)) * scale,
+        "b": {"w": jax.random.normal(k[1], (3, 4, 6)) * scale, "bias": jax.random.normal(k[2], (6,)) * scale},
+    }
 
 
 def _assert_trees_equal(x, y):
@@ -23,19 +26,23 @@ def _assert_trees_equal(x, y):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("max_grad_norm,weight_decay,grad_scale", [
-    (1.0, 0.0, 3.0),    # clipping active (the gradients' norm is ~25)
-    (1.0, 0.1, 0.01),   # clipping inactive, weight decay on
-    (0.0, 0.05, 3.0),   # no clipping at all
-])
+@pytest.mark.parametrize(
+    "max_grad_norm,weight_decay,grad_scale",
+    [
+        (1.0, 0.0, 3.0),  # clipping active (the gradients' norm is ~25)
+        (1.0, 0.1, 0.01),  # clipping inactive, weight decay on
+        (0.0, 0.05, 3.0),  # no clipping at all
+    ],
+)
 def test_guarded_adamw_equals_optax_chain(max_grad_norm, weight_decay, grad_scale):
     """Same state pytree as optax's clip_by_global_norm -> adamw, and bit for bit the same
     updates and state over several steps (warmup and cosine), compiled as in the train step."""
     schedule = warmup_cosine(1e-2, 10, 0.2)
-    tx = guarded_adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay,
-                       max_grad_norm=max_grad_norm)
-    ref = optax.chain(*([optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm else []),
-                      optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay))
+    tx = guarded_adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
+    ref = optax.chain(
+        *([optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm else []),
+        optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay),
+    )
     params = _tree(0)
     s_ours, s_ref = tx.init(params), ref.init(params)
     _assert_trees_equal(s_ours, s_ref)
@@ -96,13 +103,14 @@ def test_train_step_drops_a_non_finite_update():
 
     def fake_loss_terms(graphdef, trainable, frozen, micro, *, packed):
         y = micro["input_ids"].astype(jnp.float32) @ trainable["w"]
-        return jnp.sum(y ** 2) * micro["labels"][0, 0], jnp.float32(2.0)
+        return jnp.sum(y**2) * micro["labels"][0, 0], jnp.float32(2.0)
 
     stage = StageConfig(name="s", trainable=[".*"], learning_rate=1e-2, warmup_ratio=0.0)
     tx, schedule = make_optimizer(stage, 10)
     orig = step_mod.loss_terms
     step_mod.loss_terms = fake_loss_terms
     try:
+
         def run(tx_, state, labels):
             batch = {"input_ids": jnp.ones((1, 2, 3), jnp.int32), "labels": jnp.full((1, 2, 1), labels)}
             return jax.jit(lambda s: train_step(graphdef, tx_, schedule, s, {}, batch))(state)
@@ -110,8 +118,9 @@ def test_train_step_drops_a_non_finite_update():
         state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(0))
         s_nan, m = run(tx, state, jnp.nan)
         assert not bool(m["finite"])
-        _assert_trees_equal((s_nan.step, s_nan.trainable, s_nan.opt_state),
-                            (state.step, state.trainable, state.opt_state))
+        _assert_trees_equal(
+            (s_nan.step, s_nan.trainable, s_nan.opt_state), (state.step, state.trainable, state.opt_state)
+        )
         s_good, m = run(tx, s_nan, 1.0)
         s_ref, _ = run(tx.reference, state, 1.0)  # the plain chain: the step's own keep-selects
         assert bool(m["finite"]) and int(s_good.step) == 1

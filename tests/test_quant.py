@@ -1,6 +1,7 @@
 """Weight-only quantization (models/quant.py): error bounds from the definitions, the
 dequantize-in-the-matmul path against the dequantized float model, logit KL, quantized
 checkpoints, and QLoRA in the training loop."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -81,14 +82,15 @@ def test_bad_shapes_and_kinds():
 def qcfg():
     """A tiny model wide enough for int4's groups of 128."""
     cfg = tiny_config()
-    return dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, hidden_size=128,
-                                                            intermediate_size=256, head_dim=None))
+    return dataclasses.replace(
+        cfg, text=dataclasses.replace(cfg.text, hidden_size=128, intermediate_size=256, head_dim=None)
+    )
 
 
 def _inputs(cfg, seed=0):
     rng = np.random.default_rng(seed)
     ids = rng.integers(3, cfg.text.vocab_size, size=(2, 24))
-    ids[:, 2:2 + cfg.image_tokens] = cfg.image_token_id
+    ids[:, 2 : 2 + cfg.image_tokens] = cfg.image_token_id
     px = rng.normal(size=(2, 3, cfg.vision.image_size, cfg.vision.image_size)).astype(np.float32)
     return ids, px
 
@@ -141,8 +143,9 @@ def test_quantized_logits_close_to_float(float_model):
     assert ent < 0.8 * np.log(qcfg().text.vocab_size)  # peaky enough to tell the kinds apart
     out = {k: np.asarray(Q.quantize_model(_clone(float_model), k)(ids, px).logits) for k in Q.KINDS}
     kls = {k: _kl(ref, v) for k, v in out.items()}
-    rel = {k: float(np.linalg.norm(v - ref) / np.linalg.norm(ref - ref.mean(-1, keepdims=True)))
-           for k, v in out.items()}
+    rel = {
+        k: float(np.linalg.norm(v - ref) / np.linalg.norm(ref - ref.mean(-1, keepdims=True))) for k, v in out.items()
+    }
     agree = {k: float(np.mean(v.argmax(-1) == ref.argmax(-1))) for k, v in out.items()}
     # Per weight, int8's rounding noise is ~0.7% of the weights' spread and 4-bit's ~10%
     # (step absmax/127 vs absmax/7 over a Gaussian group); the logits follow, and KL with

@@ -2,6 +2,7 @@
 the official rule on tricky answers, checked against difflib ratios computed here from the
 rule's definition and against hand-derived outcomes; the PMC-VQA and demo reports carrying both
 accuracies, by letter, with per-row decisions."""
+
 import csv
 import difflib
 import json
@@ -38,24 +39,47 @@ def benchmark_correct(text, choices, gold):
 
 TRICKY = [
     # letters alone and in sentences
-    ("B", EN, "B"), ("b", EN, "B"), ("(B)", EN, "B"), ("B.", ZH, "B"),
-    ("Answer: B", EN, "B"), ("The answer is B.", EN, "B"), ("I think the answer is C", EN, "C"),
-    ("答案是B", ZH, "B"), ("答案：D", ZH, "D"), ("答案是C", MOD, "C"),
+    ("B", EN, "B"),
+    ("b", EN, "B"),
+    ("(B)", EN, "B"),
+    ("B.", ZH, "B"),
+    ("Answer: B", EN, "B"),
+    ("The answer is B.", EN, "B"),
+    ("I think the answer is C", EN, "C"),
+    ("答案是B", ZH, "B"),
+    ("答案：D", ZH, "D"),
+    ("答案是C", MOD, "C"),
     # full-width letters
-    ("Ｂ", EN, "B"), ("Ｂ", ZH, "B"), ("答案是Ｃ", ZH, "C"),
+    ("Ｂ", EN, "B"),
+    ("Ｂ", ZH, "B"),
+    ("答案是Ｃ", ZH, "C"),
     # option text, with and without its letter
-    ("Focal uptake pattern", EN, "B"), ("B:Focal uptake pattern", EN, "B"), ("Uptake in bone", EN, "D"),
-    ("右上", ZH, "B"), ("左下", ZH, "C"), ("超声", MOD, "D"),
+    ("Focal uptake pattern", EN, "B"),
+    ("B:Focal uptake pattern", EN, "B"),
+    ("Uptake in bone", EN, "D"),
+    ("右上", ZH, "B"),
+    ("左下", ZH, "C"),
+    ("超声", MOD, "D"),
     # option text inside a sentence
-    ("The image shows a focal uptake pattern.", EN, "B"), ("There is no uptake in the lesion.", EN, "C"),
-    ("病灶位于图像的右上方。", ZH, "B"), ("这是一张超声图像", MOD, "D"),
+    ("The image shows a focal uptake pattern.", EN, "B"),
+    ("There is no uptake in the lesion.", EN, "C"),
+    ("病灶位于图像的右上方。", ZH, "B"),
+    ("这是一张超声图像", MOD, "D"),
     # the other language
-    ("局灶性摄取", EN, "B"), ("病灶位于左上", EN, "A"), ("right upper", ZH, "B"), ("Ultrasound", MOD, "D"),
+    ("局灶性摄取", EN, "B"),
+    ("病灶位于左上", EN, "A"),
+    ("right upper", ZH, "B"),
+    ("Ultrasound", MOD, "D"),
     # empty, whitespace, a long answer (autojunk applies to the text once it has 200 characters)
-    ("", EN, "A"), ("   ", EN, "A"), ("", ZH, "C"),
+    ("", EN, "A"),
+    ("   ", EN, "A"),
+    ("", ZH, "C"),
     ("The scan shows a focal uptake pattern in the left femur. " * 5, EN, "B"),
     # ties and no shared character
-    (":", ZH, "A"), (":", ZH, "C"), ("上", ZH, "B"), ("xyz", ZH, "A"),
+    (":", ZH, "A"),
+    (":", ZH, "C"),
+    ("上", ZH, "B"),
+    ("xyz", ZH, "A"),
 ]
 
 
@@ -114,8 +138,7 @@ def test_argument_order_and_junk_settings():
     long = "The scan shows a focal uptake pattern in the left femur. " * 5
     assert len(long) >= 200
     assert official_similarity(EN[1], long) == difflib.SequenceMatcher(None, EN[1], long).ratio()
-    assert official_similarity(EN[1], long) != \
-        difflib.SequenceMatcher(None, EN[1], long, autojunk=False).ratio()
+    assert official_similarity(EN[1], long) != difflib.SequenceMatcher(None, EN[1], long, autojunk=False).ratio()
 
 
 def test_score_choice_checks_its_arguments():
@@ -132,6 +155,7 @@ def _fake_answers(monkeypatch, answer_for):
     def fake(model, tokenizer, requests, opts, **kw):
         recs = {r.id: {"id": r.id, **r.echo, "answer": answer_for(r)} for r in requests if not r.error}
         return {"records": recs, "errors": [], "answered": len(recs), "reused": 0}
+
     monkeypatch.setattr(E, "answer_requests", fake)
 
 
@@ -144,13 +168,29 @@ def test_pmc_vqa_report_has_both_rules(demo_dir, tmp_path, monkeypatch):
         i = int(r.id)
         row = rows[i]
         full_width = chr(ord(row["Answer_label"]) + 0xFEE0)  # "Ｂ"
-        return [f"答案是{row['Answer_label']}", row["Answer"], full_width,
-                f"The answer is {row['Answer_label']}.", "", f"病灶：{row['Answer']}。"][i % 6]
+        return [
+            f"答案是{row['Answer_label']}",
+            row["Answer"],
+            full_width,
+            f"The answer is {row['Answer_label']}.",
+            "",
+            f"病灶：{row['Answer']}。",
+        ][i % 6]
+
     _fake_answers(monkeypatch, answer)
     out = tmp_path / "eval"
     from qilin_jax.infer.config import EvalConfig
-    rep = E.run_eval(None, None, EvalConfig(task="pmc_vqa", csv=str(demo_dir / "pmc_vqa_style.csv"),
-                                            image_folder=str(demo_dir / "images"), output_dir=str(out)))
+
+    rep = E.run_eval(
+        None,
+        None,
+        EvalConfig(
+            task="pmc_vqa",
+            csv=str(demo_dir / "pmc_vqa_style.csv"),
+            image_folder=str(demo_dir / "images"),
+            output_dir=str(out),
+        ),
+    )
     preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     assert rep["scoring"] == "official" and set(rep["scoring_rules"]) == {"official", "letter"}
     assert len(preds) == rep["n"] == len(rows)
@@ -160,10 +200,10 @@ def test_pmc_vqa_report_has_both_rules(demo_dir, tmp_path, monkeypatch):
     assert rep["accuracy_letter"] == pytest.approx(sum(let) / len(let))
     assert rep["accuracy"] < rep["accuracy_letter"]  # a full-width letter is never right officially
     assert rep["rules_disagree"] == sum(a != b for a, b in zip(off, let)) > 0
-    for p, o, l in zip(preds, off, let):
+    for p, o, lt in zip(preds, off, let):
         assert p["choices"] == choices[int(p["id"])]
         assert p["pred"] == benchmark_pick(p["answer"], p["choices"]) and p["correct"] is o
-        assert p["pred_letter"] == parse_choice(p["answer"], p["choices"])[0] and p["correct_letter"] is l
+        assert p["pred_letter"] == parse_choice(p["answer"], p["choices"])[0] and p["correct_letter"] is lt
         assert p["method"] == parse_choice(p["answer"], p["choices"])[1]
     for letter, s in rep["by_answer_letter"].items():
         idx = [k for k, p in enumerate(preds) if p["label"] == letter]
@@ -184,12 +224,14 @@ def test_demo_report_names_its_choice_rule(demo_dir, tmp_path, monkeypatch):
         if h["qtype"] != "choice":
             return h["answer"]
         return chr(ord(h["answer"]) + 0xFEE0) if r.id == choice_ids[0] else h["answer_text"]
+
     _fake_answers(monkeypatch, answer)
     rep = E.evaluate_demo(None, None, str(demo_dir / "heldout.json"), output_dir=str(tmp_path))
     assert rep["choice_scoring"] == "official"
     by_rule = rep["choice_accuracy_by_rule"]
-    exp_off = [benchmark_correct(answer(type("R", (), {"id": i})), held[i]["choices"], held[i]["answer"])
-               for i in choice_ids]
+    exp_off = [
+        benchmark_correct(answer(type("R", (), {"id": i})), held[i]["choices"], held[i]["answer"]) for i in choice_ids
+    ]
     assert exp_off == [False, True]  # full-width letters share nothing with "A:..." choices
     assert by_rule == {"official": 0.5, "letter": 1.0}
     assert rep["heldout_accuracy_by_type"]["choice"] == by_rule["official"]
@@ -212,6 +254,7 @@ def test_demo_choice_row_without_choices_is_a_bad_record(demo_dir, tmp_path, mon
         recs = {r.id: {"id": r.id, **r.echo, "answer": "A"} for r in requests if not r.error}
         errs = [{"id": r.id, "reason": r.reason, "error": r.error} for r in requests if r.error]
         return {"records": recs, "errors": errs, "answered": len(recs), "reused": 0}
+
     monkeypatch.setattr(E, "answer_requests", fake)
     rep = E.evaluate_demo(None, None, str(path), image_folder=str(demo_dir / "images"))
     assert seen[bad["id"]].reason == "bad_record" and "'choices'" in seen[bad["id"]].error

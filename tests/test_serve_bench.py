@@ -1,6 +1,7 @@
 """bench/serve.py runs end to end on the tiny model and prints its JSON (speed is not asserted:
 the benchmark measures it): the contract keys, greedy answers equal to `generate` and to
 torch's, nothing compiled after warm-up."""
+
 import json
 import sys
 from pathlib import Path
@@ -10,8 +11,15 @@ sys.path.insert(0, str(ROOT))
 
 from bench import serve as S  # noqa: E402
 
-CONTRACT = ("decode_tokens_per_s_c1", "decode_tokens_per_s_c4", "decode_tokens_per_s_c16", "ttft_p50_s",
-            "ttft_p95_s", "scaling_16_vs_1", "throughput_ratio_vs_torch_sequential")
+CONTRACT = (
+    "decode_tokens_per_s_c1",
+    "decode_tokens_per_s_c4",
+    "decode_tokens_per_s_c16",
+    "ttft_p50_s",
+    "ttft_p95_s",
+    "scaling_16_vs_1",
+    "throughput_ratio_vs_torch_sequential",
+)
 
 
 def test_serve_bench_tiny(capsys):

@@ -1,5 +1,6 @@
 """The chat page in a real headless Chromium (Debian's /usr/bin/chromium, driven by playwright):
 upload a PNG, ask, ask a follow-up; the answers streamed into the page equal the API's."""
+
 import os
 
 import pytest
@@ -7,8 +8,15 @@ import pytest
 from tests.serve_fixtures import API_KEY, client, data_url, png_bytes, server  # noqa: F401
 
 CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} missing (apt-get install chromium)")
 
@@ -37,13 +45,18 @@ def test_page_streams_the_api_answer(server, client, tmp_path):
                 page.click("#send")
                 page.wait_for_selector(f".msg.assistant >> nth={i}", state="attached")
                 page.wait_for_function(
-                    f"document.querySelectorAll('.msg.assistant')[{i}].dataset.done === '1'", timeout=120_000)
+                    f"document.querySelectorAll('.msg.assistant')[{i}].dataset.done === '1'", timeout=120_000
+                )
                 answers.append(page.locator(".msg.assistant").nth(i).text_content())
             assert page.locator(".msg.error").count() == 0
         finally:
             browser.close()
-    msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(raw)}},
-                                         {"type": "text", "text": q1}]}]
+    msgs = [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": data_url(raw)}}, {"type": "text", "text": q1}],
+        }
+    ]
     first = client.chat.completions.create(model="qilin-med-vl", messages=msgs, temperature=0)
     assert answers[0] == first.choices[0].message.content
     msgs += [{"role": "assistant", "content": answers[0]}, {"role": "user", "content": q2}]

@@ -1,6 +1,7 @@
 """The engine without HTTP: over the inference mesh (8 simulated CPU devices, tensor parallel),
 its greedy tokens equal single-device `generate`, the KV cache is split over the mesh, and
 nothing compiles after warm-up."""
+
 import jax
 import numpy as np
 import pytest
@@ -18,13 +19,16 @@ def test_sharded_engine_equals_generate(tokenizer):
     cfg = tiny_config()
     img = cfg.image_token_id
     rng = np.random.default_rng(0)
-    prompts = [np.asarray([1, 5, 6] + [img] * cfg.image_tokens + list(rng.integers(3, 3000, k)), np.int32)
-               for k in (3, 9, 20)] + [np.asarray([1, 20, 21, 22], np.int32)]
+    prompts = [
+        np.asarray([1, 5, 6] + [img] * cfg.image_tokens + list(rng.integers(3, 3000, k)), np.int32) for k in (3, 9, 20)
+    ] + [np.asarray([1, 20, 21, 22], np.int32)]
     pixels = [rng.normal(size=(1, 3, 32, 32)).astype(np.float32) for _ in range(3)] + [None]
     limits = [6, 11, 4, 9]
     ref_model = random_model(cfg, seed=3)
-    refs = [generate(ref_model, ids[None], px, max_new_tokens=n, eos_token_id=-1)[0]
-            for ids, px, n in zip(prompts, pixels, limits)]
+    refs = [
+        generate(ref_model, ids[None], px, max_new_tokens=n, eos_token_id=-1)[0]
+        for ids, px, n in zip(prompts, pixels, limits)
+    ]
 
     model = random_model(cfg, seed=3)  # the same weights, fresh Variables
     mesh = inference_mesh(2)  # data 4 x tensor 2

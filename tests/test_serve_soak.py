@@ -1,5 +1,6 @@
 """A bounded soak on loopback: 300 requests at concurrency 16 (text and images, plain and
 streamed, greedy and sampled): none lost, no 5xx, the process's memory steady."""
+
 import concurrent.futures as cf
 
 import httpx
@@ -17,8 +18,13 @@ def test_soak_300_requests_at_concurrency_16(server, client):
         content = f"问题 {i}: 这张图像显示了什么？" if i % 2 else f"question {i}"
         if i % 3 == 0:
             content = [{"type": "image_url", "image_url": {"url": images[i % 4]}}, {"type": "text", "text": content}]
-        kw = dict(model=MODEL, messages=[{"role": "user", "content": content}], max_tokens=2 + i % 7,
-                  temperature=0.8 if i % 4 == 1 else 0.0, seed=i)
+        kw = dict(
+            model=MODEL,
+            messages=[{"role": "user", "content": content}],
+            max_tokens=2 + i % 7,
+            temperature=0.8 if i % 4 == 1 else 0.0,
+            seed=i,
+        )
         if i % 2:
             chunks = list(client.chat.completions.create(stream=True, **kw))
             return [c.choices[0].finish_reason for c in chunks if c.choices][-1]

@@ -1,6 +1,7 @@
 """`python main.py --config configs/serve.yaml` (the `serve` task): a one-line error without the
 checkpoint; with one, it serves on the configured port until interrupted, then prints
 `run folder: <path>`."""
+
 import os
 import signal
 import socket
@@ -22,13 +23,26 @@ def _env():
 
 
 def test_missing_checkpoint_is_one_line(tmp_path):
-    out = subprocess.run([sys.executable, "main.py", "--config", "configs/serve.yaml",
-                          f"serve.checkpoint={tmp_path / 'nope'}", f"output_dir={tmp_path}"],
-                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "main.py",
+            "--config",
+            "configs/serve.yaml",
+            f"serve.checkpoint={tmp_path / 'nope'}",
+            f"output_dir={tmp_path}",
+        ],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1] == (
         f"serve.checkpoint '{tmp_path / 'nope'}' has no checkpoint (config.json): run the demo first "
-        "(python main.py --config configs/demo.yaml) or set serve.checkpoint=PATH")
+        "(python main.py --config configs/demo.yaml) or set serve.checkpoint=PATH"
+    )
 
 
 def test_serve_task_serves_until_interrupted(tmp_path):
@@ -40,10 +54,25 @@ def test_serve_task_serves_until_interrupted(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "main.py", "--config", "configs/serve.yaml",
-                             f"serve.checkpoint={tmp_path / 'ckpt'}", f"serve.port={port}", "serve.slots=2",
-                             "serve.max_context=128", "serve.prompt_buckets=[64]", f"output_dir={tmp_path}"],
-                            cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "main.py",
+            "--config",
+            "configs/serve.yaml",
+            f"serve.checkpoint={tmp_path / 'ckpt'}",
+            f"serve.port={port}",
+            "serve.slots=2",
+            "serve.max_context=128",
+            "serve.prompt_buckets=[64]",
+            f"output_dir={tmp_path}",
+        ],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.time() + 400
@@ -57,8 +86,11 @@ def test_serve_task_serves_until_interrupted(tmp_path):
             time.sleep(0.5)
         else:
             pytest.fail("the server did not become healthy")
-        r = httpx.post(url + "/v1/chat/completions", timeout=60, json={
-            "model": "qilin-med-vl", "max_tokens": 4, "messages": [{"role": "user", "content": "你好"}]})
+        r = httpx.post(
+            url + "/v1/chat/completions",
+            timeout=60,
+            json={"model": "qilin-med-vl", "max_tokens": 4, "messages": [{"role": "user", "content": "你好"}]},
+        )
         assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] > 0
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)

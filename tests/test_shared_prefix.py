@@ -6,6 +6,7 @@ rows attending to it (`QilinMedVL(..., prefix_ids=)`). That must be exact: the s
 logits and gradients as the whole rows. (The full training run with it on is compared with
 one without it in tests/test_train_resume.py.)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,8 +22,12 @@ from tests.infer_fixtures import random_model, tiny_config
 CONVERSATIONS = [
     [{"from": "human", "value": "<image>\n病灶位于图像的哪个位置？"}, {"from": "gpt", "value": "左上"}],
     [{"from": "human", "value": "Describe the image.\n<image>"}, {"from": "gpt", "value": "A CT slice."}],
-    [{"from": "human", "value": "这张图像属于哪种检查方式？<image>"}, {"from": "gpt", "value": "CT"},
-     {"from": "human", "value": "有几个病灶？"}, {"from": "gpt", "value": "2"}],
+    [
+        {"from": "human", "value": "这张图像属于哪种检查方式？<image>"},
+        {"from": "gpt", "value": "CT"},
+        {"from": "human", "value": "有几个病灶？"},
+        {"from": "gpt", "value": "2"},
+    ],
     [{"from": "human", "value": " 1) 选项"}, {"from": "gpt", "value": "B"}],
 ]
 
@@ -33,8 +38,8 @@ def test_template_preamble_starts_every_conversation(tokenizer, template):
     assert len(pre) >= 20 and pre[0] == tokenizer.bos_token_id and 4000 not in pre
     for conv in CONVERSATIONS:
         ids, labels = tokenize_conversation(conv, tokenizer, template, image_tokens=16, image_token_id=4000)
-        assert np.array_equal(ids[:len(pre)], pre), (template, conv)
-        assert np.all(labels[:len(pre) + 1] == IGNORE_INDEX)
+        assert np.array_equal(ids[: len(pre)], pre), (template, conv)
+        assert np.all(labels[: len(pre) + 1] == IGNORE_INDEX)
     if template == "v1":  # BOS, the system prompt and the first role tag
         assert tokenizer.decode(pre, skip_special_tokens=True).endswith("questions. USER:")
 
@@ -54,12 +59,18 @@ def _batch(prefix, rows=3, tail=12, seed=0):
         n = T - 2 * b
         ids[b, :P] = prefix
         ids[b, P:n] = rng.integers(5, 3000, n - P)
-        labels[b, n - 3:n] = ids[b, n - 3:n]
+        labels[b, n - 3 : n] = ids[b, n - 3 : n]
         mask[b, :n] = 1
     pos = np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "segment_ids": mask.copy(),
-            "position_ids": pos, "pixel_values": np.zeros((rows, 1, 3, 8, 8), np.float32),
-            "image_valid": np.ones((rows, 1), bool)}
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "attention_mask": mask,
+        "segment_ids": mask.copy(),
+        "position_ids": pos,
+        "pixel_values": np.zeros((rows, 1, 3, 8, 8), np.float32),
+        "image_valid": np.ones((rows, 1), bool),
+    }
 
 
 def test_split_shared_prefix_cuts_every_sequence_key():
@@ -79,8 +90,10 @@ def test_split_shared_prefix_cuts_every_sequence_key():
     np.testing.assert_array_equal(micro["prefix_ids"], np.stack([prefix] * 3))
 
 
-@pytest.mark.parametrize("break_it", ["other_token", "label_after_prefix", "label_in_prefix",
-                                      "padding_in_prefix", "row_too_short", "positions"])
+@pytest.mark.parametrize(
+    "break_it",
+    ["other_token", "label_after_prefix", "label_in_prefix", "padding_in_prefix", "row_too_short", "positions"],
+)
 def test_split_shared_prefix_refuses_batches_it_does_not_fit(break_it):
     prefix = np.arange(100, 110, dtype=np.int32)
     local = _batch(prefix)
@@ -149,16 +162,23 @@ def test_model_with_prefix_ids_equals_whole_rows(supervised_only):
     B, P, tail, n_img = 3, 9, 2 + cfg.image_tokens + 12, cfg.image_tokens
     prefix = rng.integers(5, 3000, P).astype(np.int32)
     local = _batch(prefix, rows=B, tail=tail)
-    local["input_ids"][:, P + 1:P + 1 + n_img] = cfg.image_token_id  # an image inside each row
-    local["pixel_values"] = rng.standard_normal(
-        (B, 1, 3, cfg.vision.image_size, cfg.vision.image_size)).astype(np.float32)
+    local["input_ids"][:, P + 1 : P + 1 + n_img] = cfg.image_token_id  # an image inside each row
+    local["pixel_values"] = rng.standard_normal((B, 1, 3, cfg.vision.image_size, cfg.vision.image_size)).astype(
+        np.float32
+    )
     shared = split_shared_prefix(local, prefix)
     assert shared is not None
 
     def run(params, b, **kw):
         model = nnx.merge(graphdef, params)
-        return model(b["input_ids"], b["pixel_values"], labels=b["labels"], segment_ids=b["segment_ids"],
-                     position_ids=b["position_ids"], **kw)
+        return model(
+            b["input_ids"],
+            b["pixel_values"],
+            labels=b["labels"],
+            segment_ids=b["segment_ids"],
+            position_ids=b["position_ids"],
+            **kw,
+        )
 
     def loss(params, b, **kw):
         return run(params, b, return_logits=False, **kw).loss
@@ -168,14 +188,17 @@ def test_model_with_prefix_ids_equals_whole_rows(supervised_only):
     np.testing.assert_allclose(float(ls), float(lw), rtol=1e-6)
     scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(gw))
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(gs), jax.tree.leaves(gw)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6 * scale,
-                                   err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(
+            np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6 * scale, err_msg=jax.tree_util.keystr(path)
+        )
     real = local["attention_mask"][:, P:, None] == 1
     whole = np.asarray(run(params, local).logits)[:, P:]
     part = np.asarray(run(params, shared, prefix_ids=prefix).logits)
     np.testing.assert_allclose(np.where(real, part, 0), np.where(real, whole, 0), atol=2e-5)
     # position_ids left to the model: they start at P
-    default = np.asarray(nnx.merge(graphdef, params)(shared["input_ids"], shared["pixel_values"],
-                                                     segment_ids=shared["segment_ids"],
-                                                     prefix_ids=prefix).logits)
+    default = np.asarray(
+        nnx.merge(graphdef, params)(
+            shared["input_ids"], shared["pixel_values"], segment_ids=shared["segment_ids"], prefix_ids=prefix
+        ).logits
+    )
     np.testing.assert_allclose(np.where(real, default, 0), np.where(real, whole, 0), atol=2e-5)

@@ -1,5 +1,6 @@
 """Splash attention (run by the Pallas interpreter on CPU) equals the XLA attention:
 causal + packed segment ids + right padding, GQA, gradients, and under a mesh (shard_map)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,9 +36,8 @@ def test_splash_matches_xla_forward_and_grad(kv_heads):
     valid = (seg != 0)[..., None, None]  # padding rows' outputs are never used
     spl = lambda q, k, v: splash.splash_attention(q, k, v, segment_ids=seg, causal=True, interpret=True)
     ref = lambda q, k, v: _reference(q, k, v, seg)
-    np.testing.assert_allclose(np.where(valid, spl(q, k, v), 0), np.where(valid, ref(q, k, v), 0),
-                               atol=2e-5)
-    loss = lambda f: (lambda *a: jnp.sum(jnp.where(valid, f(*a), 0.0) ** 2))
+    np.testing.assert_allclose(np.where(valid, spl(q, k, v), 0), np.where(valid, ref(q, k, v), 0), atol=2e-5)
+    loss = lambda f: lambda *a: jnp.sum(jnp.where(valid, f(*a), 0.0) ** 2)
     g_s = jax.grad(loss(spl), argnums=(0, 1, 2))(q, k, v)
     g_r = jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(g_s, g_r):
@@ -50,5 +50,4 @@ def test_splash_under_mesh_uses_shard_map():
     with S.activation_sharding(mesh):
         out = jax.jit(lambda q, k, v: splash.splash_attention(q, k, v, segment_ids=seg, interpret=True))(q, k, v)
     valid = (seg != 0)[..., None, None]
-    np.testing.assert_allclose(np.where(valid, out, 0), np.where(valid, _reference(q, k, v, seg), 0),
-                               atol=2e-5)
+    np.testing.assert_allclose(np.where(valid, out, 0), np.where(valid, _reference(q, k, v, seg), 0), atol=2e-5)

@@ -13,6 +13,7 @@ cost estimate, so the formula's attention term is left out of the comparison; wh
 beyond the formula's matmuls is elementwise work (norms, activations, softmax of the
 cross-entropy, AdamW), ~2% at this size, so 5% holds.
 """
+
 import dataclasses
 import sys
 from pathlib import Path
@@ -32,11 +33,28 @@ from qilin_jax.models.configs import QilinConfig, TextConfig, VisionConfig  # no
 from qilin_jax.train.flops import step_flops  # noqa: E402
 
 CFG = QilinConfig(
-    vision=VisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=3,
-                        num_attention_heads=2, image_size=112, patch_size=14),
-    text=TextConfig(vocab_size=1024, hidden_size=256, intermediate_size=768, num_hidden_layers=2,
-                    num_attention_heads=2, max_position_embeddings=1024),
-    image_token_id=1023, dtype="bfloat16", attention="splash", remat="none", loss_chunk=0)
+    vision=VisionConfig(
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        image_size=112,
+        patch_size=14,
+    ),
+    text=TextConfig(
+        vocab_size=1024,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=1024,
+    ),
+    image_token_id=1023,
+    dtype="bfloat16",
+    attention="splash",
+    remat="none",
+    loss_chunk=0,
+)
 ROWS, SEQ = 4, 512
 
 

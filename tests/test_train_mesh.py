@@ -1,4 +1,5 @@
 """The same train steps on meshes of 8 simulated CPU devices equal one device."""
+
 import jax
 import numpy as np
 import pytest
@@ -21,18 +22,17 @@ def _batches(cfg, n, B=8, T=40, seed=0, answer_tokens=None):
         ids = rng.integers(3, cfg.text.vocab_size, size=(B, T)).astype(np.int32)
         mask = np.ones((B, T), np.int32)
         for b in range(B):
-            ids[b, 2:2 + P_] = img
-            mask[b, T - rng.integers(0, 8):] = 0
+            ids[b, 2 : 2 + P_] = img
+            mask[b, T - rng.integers(0, 8) :] = 0
         ids = np.where(mask == 1, ids, 0)
         labels = np.where((mask == 1) & (ids != img), ids, -100).astype(np.int32)
         if answer_tokens is not None:  # supervise only a short answer span per row
             for b in range(B):
                 end = int(mask[b].sum())
-                labels[b, :end - answer_tokens[b % len(answer_tokens)]] = -100
+                labels[b, : end - answer_tokens[b % len(answer_tokens)]] = -100
         pos = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
         px = rng.normal(size=(B, 1, 3, 32, 32)).astype(np.float32)
-        batch = dict(input_ids=ids, labels=labels, segment_ids=mask, position_ids=pos,
-                     pixel_values=px)
+        batch = dict(input_ids=ids, labels=labels, segment_ids=mask, position_ids=pos, pixel_values=px)
         out.append({k: v[None] for k, v in batch.items()})  # one micro-batch
     return out
 
@@ -46,8 +46,9 @@ def _run(mesh_shape, cfg, stage, batches):
     tx, schedule = make_optimizer(stage, 10)
     state, frozen, state_sh, f_sh = init_stage_state(parts, params, stage.trainable, tx, mesh)
     b_sh = batch_shardings(mesh, rules, batches[0])
-    step = compile_train_step(parts.graphdef, tx, schedule, state_shardings=state_sh,
-                              frozen_shardings=f_sh, batch_shardings=b_sh)
+    step = compile_train_step(
+        parts.graphdef, tx, schedule, state_shardings=state_sh, frozen_shardings=f_sh, batch_shardings=b_sh
+    )
     losses = []
     for b in batches:
         with S.activation_sharding(mesh, rules):

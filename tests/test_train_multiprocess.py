@@ -19,6 +19,7 @@ length the two hosts pick different buckets in some steps, which exercises the c
 padding; it also preempts one host only and resumes. Timing (2 shared CPU cores): the
 default test ~1 min, the slow one ~3 min (every process compiles its own programs).
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -82,11 +83,18 @@ def _run_two_processes(cfg, *overrides, timeout=600, env1=None):
     port = H.free_port()
     procs = []
     for i in range(2):
-        ov = [*overrides, f"distributed.coordinator_address=127.0.0.1:{port}",
-              "distributed.num_processes=2", f"distributed.process_id={i}"]
+        ov = [
+            *overrides,
+            f"distributed.coordinator_address=127.0.0.1:{port}",
+            "distributed.num_processes=2",
+            f"distributed.process_id={i}",
+        ]
         env = H.subprocess_env(4, **((env1 or {}) if i == 1 else {}))
-        procs.append(subprocess.Popen(H.main_cmd(cfg, *ov), cwd=H.REPO, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                H.main_cmd(cfg, *ov), cwd=H.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
     out = []
     deadline = time.time() + timeout
     try:
@@ -166,8 +174,9 @@ def test_two_processes_curriculum_preempted_on_one_host(tmp_path, tmp_path_facto
     2 steps, so both hosts agree to stop at step 2, save it and exit; the same two commands
     resume and finish. The result equals the uninterrupted one-process reference."""
     cfg = _config(tmp_path, tmp_path_factory, steps=(2, 4), buckets=(96, 128), every_steps=3)
-    stopped = _run_two_processes(cfg, "logging.every_steps=2",
-                                 env1={"QILIN_TEST_KILL_AT": "stage2:1:after_step:SIGTERM"})
+    stopped = _run_two_processes(
+        cfg, "logging.every_steps=2", env1={"QILIN_TEST_KILL_AT": "stage2:1:after_step:SIGTERM"}
+    )
     # Both exit 143 (128 + SIGTERM): process 0 never got the signal but stopped with process 1.
     assert [rc for rc, _ in stopped] == [143, 143], [err[-2000:] for _, err in stopped]
     mp_run = tmp_path / "mp" / "run"
@@ -183,17 +192,26 @@ def test_two_processes_curriculum_preempted_on_one_host(tmp_path, tmp_path_facto
     _assert_same_training(mp_run, tmp_path / "one" / "run", "stage2", 6)
 
 
-@pytest.mark.parametrize("env, dist, expect", [
-    ({}, {}, None),  # one process, nothing detected: no jax.distributed
-    ({"SLURM_NTASKS": "1"}, {}, None),
-    ({"SLURM_NTASKS": "16"}, {}, {}),  # SLURM job step of 16 tasks: JAX auto-detects the rest
-    ({"SLURM_NTASKS": "2"}, {"local_device_ids": [0, 1, 2, 3]},
-     {"local_device_ids": [0, 1, 2, 3]}),  # one process per node keeps all its GPUs
-    ({}, {"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1},
-     {"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1}),
-    ({}, {"enabled": "on"}, {}),  # e.g. a TPU pod slice: JAX reads the TPU metadata
-    ({"SLURM_NTASKS": "16"}, {"enabled": "off"}, None),
-])
+@pytest.mark.parametrize(
+    "env, dist, expect",
+    [
+        ({}, {}, None),  # one process, nothing detected: no jax.distributed
+        ({"SLURM_NTASKS": "1"}, {}, None),
+        ({"SLURM_NTASKS": "16"}, {}, {}),  # SLURM job step of 16 tasks: JAX auto-detects the rest
+        (
+            {"SLURM_NTASKS": "2"},
+            {"local_device_ids": [0, 1, 2, 3]},
+            {"local_device_ids": [0, 1, 2, 3]},
+        ),  # one process per node keeps all its GPUs
+        (
+            {},
+            {"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1},
+            {"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1},
+        ),
+        ({}, {"enabled": "on"}, {}),  # e.g. a TPU pod slice: JAX reads the TPU metadata
+        ({"SLURM_NTASKS": "16"}, {"enabled": "off"}, None),
+    ],
+)
 def test_distributed_initialize_arguments(monkeypatch, env, dist, expect):
     """What maybe_initialize_distributed passes to jax.distributed.initialize (or whether it
     calls it at all) for configured values and detected cluster environments."""
@@ -202,8 +220,7 @@ def test_distributed_initialize_arguments(monkeypatch, env, dist, expect):
     from qilin_jax.config import DistributedConfig
     from qilin_jax.train import distributed
 
-    for k in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS",
-              "JAX_COORDINATOR_ADDRESS"):
+    for k in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS"):
         monkeypatch.delenv(k, raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)

@@ -1,5 +1,6 @@
 """One stage-1 and one stage-2 optimizer run equal to the same steps in PyTorch (HF llava,
 torch AdamW, HF get_cosine_schedule_with_warmup, clip_grad_norm_ 1.0)."""
+
 import dataclasses
 
 import jax
@@ -37,14 +38,21 @@ def _batch(cfg):
     ids = np.zeros((2, T), np.int32)
     mask = np.zeros((2, T), np.int32)
     for b, r in enumerate(rows):
-        ids[b, :len(r)] = r
-        mask[b, :len(r)] = 1
+        ids[b, : len(r)] = r
+        mask[b, : len(r)] = 1
     labels = np.where((ids != img) & (mask == 1), ids, -100).astype(np.int32)
     labels[:, :2] = -100
     px = np.random.default_rng(0).normal(size=(2, 1, 3, 32, 32)).astype(np.float32)
     pos = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
-    return dict(input_ids=ids, labels=labels, attention_mask=mask, segment_ids=mask,
-                position_ids=pos, pixel_values=px, image_valid=np.ones((2, 1), np.int32))
+    return dict(
+        input_ids=ids,
+        labels=labels,
+        attention_mask=mask,
+        segment_ids=mask,
+        position_ids=pos,
+        pixel_values=px,
+        image_valid=np.ones((2, 1), np.int32),
+    )
 
 
 STAGES = {
@@ -84,11 +92,14 @@ def test_steps_equal_torch(stage_name):
     jbatch = jax.tree.map(jnp.asarray, stack_micro(batch, 1))
     step = jax.jit(lambda s, f, b: train_step(graphdef, tx, schedule, s, f, b))
 
-    t_in = {k: torch.from_numpy(v.astype(np.int64) if v.dtype == np.int32 else v)
-            for k, v in batch.items()}
+    t_in = {k: torch.from_numpy(v.astype(np.int64) if v.dtype == np.int32 else v) for k, v in batch.items()}
     for i in range(steps):
-        out = tm(input_ids=t_in["input_ids"], attention_mask=t_in["attention_mask"],
-                 pixel_values=t_in["pixel_values"][:, 0], labels=t_in["labels"])
+        out = tm(
+            input_ids=t_in["input_ids"],
+            attention_mask=t_in["attention_mask"],
+            pixel_values=t_in["pixel_values"][:, 0],
+            labels=t_in["labels"],
+        )
         opt.zero_grad()
         out.loss.backward()
         tnorm = torch.nn.utils.clip_grad_norm_(trainable_t, 1.0)

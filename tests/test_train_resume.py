@@ -10,6 +10,7 @@ compared with one uninterrupted run of the same config: subprocesses share the e
 a persistent compilation cache, so the comparison is exact (bit-identical losses, gradient
 norms and final parameters).
 """
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,9 @@ def curriculum(data_dir, tmp_path_factory):
     assert p.returncode == 0, p.stderr[-4000:]
     run = root / "runs" / "run"
     rows = H.read_metrics(run)
-    assert [(r["stage"], r["step"]) for r in rows] == \
-        [("stage1", i) for i in range(1, 7)] + [("stage2", i) for i in range(1, 7)]
+    assert [(r["stage"], r["step"]) for r in rows] == [("stage1", i) for i in range(1, 7)] + [
+        ("stage2", i) for i in range(1, 7)
+    ]
     assert all(r["finite"] for r in rows)
     return raw, run, rows
 
@@ -127,6 +129,7 @@ def test_sigkill_sigterm_resume_equals_uninterrupted(curriculum, tmp_path):
     with pytest.raises(json.JSONDecodeError):  # really cut mid-write
         json.loads(half[0].read_text())
     from qilin_jax.train.checkpointing import TrainCheckpointer
+
     ck = TrainCheckpointer(str(run / "stage2" / "checkpoints"), async_save=False)
     try:
         assert ck.latest_step() == 3
@@ -213,8 +216,7 @@ def fsdp8_runs(data_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh", [("data=2", "fsdp=4"), ("fsdp=4", "tensor=2")],
-                         ids=["data2_fsdp4", "fsdp4_tensor2"])
+@pytest.mark.parametrize("mesh", [("data=2", "fsdp=4"), ("fsdp=4", "tensor=2")], ids=["data2_fsdp4", "fsdp4_tensor2"])
 def test_restore_onto_other_mesh(fsdp8_runs, tmp_path, mesh):
     """The fsdp=8 checkpoint of step 3 resumes on another mesh shape and goes on with the
     same losses and final parameters (<= 1e-5) as the uninterrupted fsdp=8 run."""
@@ -244,8 +246,7 @@ def test_grad_accum_step_sees_batch_size_times_accum_rows(curriculum, tmp_path):
     raw, ref_run, _ = curriculum
     cfg = _config_copy(raw, tmp_path)
     run = tmp_path / "runs" / "run"
-    p = H.run_main(cfg, "data.batch_size=2", "stages.0.grad_accum_steps=2",
-                   "stages.1.grad_accum_steps=2")
+    p = H.run_main(cfg, "data.batch_size=2", "stages.0.grad_accum_steps=2", "stages.1.grad_accum_steps=2")
     assert p.returncode == 0, p.stderr[-4000:]
     H.assert_same_training(run, ref_run)
 
@@ -258,8 +259,13 @@ def test_shared_prefix_run_equals_whole_rows(curriculum, tmp_path):
     raw, ref_run, _ = curriculum
     cfg = _config_copy(raw, tmp_path)
     run = tmp_path / "runs" / "run"
-    p = H.run_main(cfg, "train.shared_prefix=true", "data.batch_size=2",
-                   "stages.0.grad_accum_steps=2", "stages.1.grad_accum_steps=2")
+    p = H.run_main(
+        cfg,
+        "train.shared_prefix=true",
+        "data.batch_size=2",
+        "stages.0.grad_accum_steps=2",
+        "stages.1.grad_accum_steps=2",
+    )
     assert p.returncode == 0, p.stderr[-4000:]
     summary = {s["name"]: s for s in json.loads((run / "train_summary.json").read_text())}
     assert summary["stage1"]["shared_prefix_tokens"] == 0

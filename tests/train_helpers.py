@@ -3,11 +3,13 @@
 `make_data(dir)` generates a small demo data set; `write_config(tmp_path, ...)` writes a tiny
 two-stage run config (toy model, every step logged, a checkpoint every 3 steps, async saves)
 into tmp_path; `run_main(...)` runs `python main.py --config ...` in a subprocess with a
-chosen CPU device count and the fault-injection hooks of tests/train_launcher.py; `read_metrics(run_dir)` reads metrics.jsonl.
+chosen CPU device count and the fault-injection hooks of tests/train_launcher.py;
+`read_metrics(run_dir)` reads metrics.jsonl.
 
 Subprocess runs are compared with each other only (same environment, same device count),
 so their losses are bit-identical when the code is deterministic.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,32 +53,53 @@ def make_model(out: Path) -> Path:
     return out
 
 
-def base_config(data_dir: Path, out_dir: Path, *, name: str = "run", steps=(6, 6),
-                every_steps: int = 3, buckets=(128,), batch_size: int = 4) -> dict:
+def base_config(
+    data_dir: Path,
+    out_dir: Path,
+    *,
+    name: str = "run",
+    steps=(6, 6),
+    every_steps: int = 3,
+    buckets=(128,),
+    batch_size: int = 4,
+) -> dict:
     """The raw YAML dict of a tiny curriculum: stage1 (adapter, alignment captions) then stage2
     (LLM + adapter, instruction data); steps[i] = max_steps of stage i+1, None drops the stage.
     One sequence bucket by default: one compiled step per stage."""
     data_dir = Path(data_dir)
     stages = [
-        {"name": "stage1", "trainable": ["adapter/.*"], "learning_rate": 1.0e-3,
-         "max_steps": steps[0]},
-        {"name": "stage2", "trainable": ["llm/.*", "adapter/.*"], "learning_rate": 2.0e-4,
-         "max_steps": steps[1],
-         "data": {"paths": [str(data_dir / "instruction.json")], "template": "v1",
-                  "image_mode": "pad"}},
+        {"name": "stage1", "trainable": ["adapter/.*"], "learning_rate": 1.0e-3, "max_steps": steps[0]},
+        {
+            "name": "stage2",
+            "trainable": ["llm/.*", "adapter/.*"],
+            "learning_rate": 2.0e-4,
+            "max_steps": steps[1],
+            "data": {"paths": [str(data_dir / "instruction.json")], "template": "v1", "image_mode": "pad"},
+        },
     ]
     stages = [s for s, n in zip(stages, steps) if n is not None]
     return {
         "name": name,
         "output_dir": str(out_dir),
         "tasks": ["train"],
-        "model": {"preset": "tiny", "tokenizer": str(REPO / "qilin_jax" / "demo_data" / "tokenizer"),
-                  "overrides": {"text": {"vocab_size": 4000}, "image_token_id": 4000},
-                  "checkpoint": str(make_model(data_dir / "model"))},
-        "data": {"format": "llava_json", "paths": [str(data_dir / "alignment.json")],
-                 "image_folder": str(data_dir / "images"), "template": "plain",
-                 "image_mode": "square", "max_length": max(buckets), "batch_size": batch_size,
-                 "seq_buckets": list(buckets), "shuffle": True, "seed": 0},
+        "model": {
+            "preset": "tiny",
+            "tokenizer": str(REPO / "qilin_jax" / "demo_data" / "tokenizer"),
+            "overrides": {"text": {"vocab_size": 4000}, "image_token_id": 4000},
+            "checkpoint": str(make_model(data_dir / "model")),
+        },
+        "data": {
+            "format": "llava_json",
+            "paths": [str(data_dir / "alignment.json")],
+            "image_folder": str(data_dir / "images"),
+            "template": "plain",
+            "image_mode": "square",
+            "max_length": max(buckets),
+            "batch_size": batch_size,
+            "seq_buckets": list(buckets),
+            "shuffle": True,
+            "seed": 0,
+        },
         "stages": stages,
         "checkpoint": {"every_steps": every_steps, "keep": 3, "async_save": True},
         "logging": {"every_steps": 1, "tensorboard": False, "jsonl": True, "progress_bar": False},
@@ -103,6 +126,7 @@ def compile_cache_dir() -> str:
         import atexit
         import shutil
         import tempfile
+
         _COMPILE_CACHE.append(tempfile.mkdtemp(prefix="qilin_test_xla_cache_"))
         atexit.register(shutil.rmtree, _COMPILE_CACHE[0], ignore_errors=True)
     return _COMPILE_CACHE[0]
@@ -114,12 +138,17 @@ def subprocess_env(devices: int, **extra: str) -> dict:
     env = dict(os.environ)
     for k in ("QILIN_TEST_KILL_AT", "QILIN_TEST_NAN_AT"):
         env.pop(k, None)
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
-               JAX_COMPILATION_CACHE_DIR=compile_cache_dir(),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-               PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
+    env.update(
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+        JAX_COMPILATION_CACHE_DIR=compile_cache_dir(),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+    )
     env.update(extra)
     return env
 
@@ -130,11 +159,18 @@ def main_cmd(config: Path, *overrides: str) -> list[str]:
     return [sys.executable, "-m", "tests.train_launcher", "--config", str(config), *overrides]
 
 
-def run_main(config: Path, *overrides: str, devices: int = 1, timeout: float = 300,
-             **env: str) -> subprocess.CompletedProcess:
+def run_main(
+    config: Path, *overrides: str, devices: int = 1, timeout: float = 300, **env: str
+) -> subprocess.CompletedProcess:
     """Run main.py to completion (or death) in a subprocess; returns the CompletedProcess."""
-    return subprocess.run(main_cmd(config, *overrides), cwd=REPO, env=subprocess_env(devices, **env),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        main_cmd(config, *overrides),
+        cwd=REPO,
+        env=subprocess_env(devices, **env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

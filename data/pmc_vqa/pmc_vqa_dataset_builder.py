@@ -41,8 +41,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         splits = {s: manual / f for s, f in tb.PMC_VQA_SPLITS.items() if (manual / f).exists()}
         if not splits:
             raise FileNotFoundError(
-                f"pmc_vqa: none of {sorted(tb.PMC_VQA_SPLITS.values())} in {manual}.\n"
-                + tb.PMC_VQA_MANUAL
+                f"pmc_vqa: none of {sorted(tb.PMC_VQA_SPLITS.values())} in {manual}.\n" + tb.PMC_VQA_MANUAL
             )
         image_dir = tb.find_image_dir(manual)
         return {s: self._generate_examples(str(p), image_dir, s) for s, p in splits.items()}

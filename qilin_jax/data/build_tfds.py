@@ -41,9 +41,7 @@ def build(
     kwargs = {"config": config} if config else {}
     builder = cls(data_dir=data_dir, file_format="array_record", **kwargs)
     builder.strict = strict
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
-    )
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     return str(builder.data_path)
 
 

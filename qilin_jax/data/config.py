@@ -72,7 +72,7 @@ class DataConfig:
     strict: bool = False  # raise on the first bad sample instead of skipping and counting it
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "data") -> "DataConfig":
+    def from_dict(cls, d: dict, where: str = "data") -> DataConfig:
         """Returns a validated DataConfig from a plain dict; unknown keys, wrong types and
         impossible combinations raise ConfigError naming the key (`data.batch_size`)."""
         from qilin_jax.config_parse import parse_dataclass
@@ -116,32 +116,42 @@ class DataConfig:
                 raise FieldError(f"{where}.{key}", msg)
 
         check(self.format in SOURCE_FORMATS, "format", f"must be one of {SOURCE_FORMATS}, got {self.format!r}")
-        check(self.template in TEMPLATES, "template",
-              f"must be one of {sorted(TEMPLATES)}, got {self.template!r}")
+        check(self.template in TEMPLATES, "template", f"must be one of {sorted(TEMPLATES)}, got {self.template!r}")
         check(self.prompt_mode in PROMPT_MODES, "prompt_mode", f"must be one of {PROMPT_MODES}")
         check(self.prompt_language in ("zh", "en"), "prompt_language", "must be zh or en")
         check(self.pmc_vqa_style in PMC_STYLES, "pmc_vqa_style", f"must be one of {PMC_STYLES}")
         check(self.pmc_vqa_language in ("zh", "en"), "pmc_vqa_language", "must be zh or en")
-        check(self.image_mode in IMAGE_MODES, "image_mode",
-              f"must be one of {IMAGE_MODES}")
+        check(self.image_mode in IMAGE_MODES, "image_mode", f"must be one of {IMAGE_MODES}")
         check(self.image_size > 0, "image_size", "must be > 0")
         check(self.patch_size > 0, "patch_size", "must be > 0")
         check(self.resolved_image_tokens() > 0, "image_tokens", "must be > 0")
         check(1 <= self.composite_max, "composite_max", "must be >= 1")
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
         b = list(self.seq_buckets)
-        check(len(b) > 0 and all(int(x) > 0 for x in b) and b == sorted(b), "seq_buckets",
-              f"must be a non-empty increasing list, got {b}")
+        check(
+            len(b) > 0 and all(int(x) > 0 for x in b) and b == sorted(b),
+            "seq_buckets",
+            f"must be a non-empty increasing list, got {b}",
+        )
         check(self.max_length is None or self.max_length > 0, "max_length", "must be > 0 or null")
-        check(self.row_length() > self.resolved_image_tokens() + 2, "pack_length" if self.packing else "seq_buckets",
-              f"the longest row ({self.row_length()}) cannot hold one image "
-              f"({self.resolved_image_tokens()} tokens): raise seq_buckets / pack_length")
-        check(self.image_slots() >= (1 if self.composite else self.composite_max), "images_per_row",
-              "too small for one sample's images (composite off: >= composite_max)")
+        check(
+            self.row_length() > self.resolved_image_tokens() + 2,
+            "pack_length" if self.packing else "seq_buckets",
+            f"the longest row ({self.row_length()}) cannot hold one image "
+            f"({self.resolved_image_tokens()} tokens): raise seq_buckets / pack_length",
+        )
+        check(
+            self.image_slots() >= (1 if self.composite else self.composite_max),
+            "images_per_row",
+            "too small for one sample's images (composite off: >= composite_max)",
+        )
         check(self.pack_buffer >= 1, "pack_buffer", "must be >= 1")
-        check(not (self.group_by_length and self.packing), "group_by_length",
-              "group_by_length applies to unpacked rows (packing already fills each row): "
-              "set one of group_by_length / packing")
+        check(
+            not (self.group_by_length and self.packing),
+            "group_by_length",
+            "group_by_length applies to unpacked rows (packing already fills each row): "
+            "set one of group_by_length / packing",
+        )
         check(self.num_epochs is None or self.num_epochs >= 1, "num_epochs", "must be >= 1 or null")
         check(self.worker_count >= 0, "worker_count", "must be >= 0")
         check(self.read_threads >= 0, "read_threads", "must be >= 0")

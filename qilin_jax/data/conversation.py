@@ -21,8 +21,9 @@ token of each "[/INST]" supervised by an off-by-one, which we do not copy.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -98,9 +99,7 @@ def validate_conversation(conversations: Any, *, for_generation: bool = False) -
     dropped; for generation the conversation must end with the human turn to answer.
     """
     if not isinstance(conversations, (list, tuple)):
-        raise DataError(
-            "bad_record", f"'conversations' must be a list of turns, got {type(conversations).__name__}"
-        )
+        raise DataError("bad_record", f"'conversations' must be a list of turns, got {type(conversations).__name__}")
     if len(conversations) == 0:
         raise DataError("empty_conversation", "'conversations' is empty")
     turns = []
@@ -113,9 +112,7 @@ def validate_conversation(conversations: Any, *, for_generation: bool = False) -
             )
         role = turn["from"]
         if role not in ROLES:
-            raise DataError(
-                "bad_record", f"turn {i}: 'from' must be 'human' or 'gpt', got {role!r}"
-            )
+            raise DataError("bad_record", f"turn {i}: 'from' must be 'human' or 'gpt', got {role!r}")
         value = turn["value"]
         if value is None and for_generation and role == "gpt" and i == len(conversations) - 1:
             continue  # an open assistant slot at the end of a generation prompt
@@ -134,9 +131,7 @@ def validate_conversation(conversations: Any, *, for_generation: bool = False) -
             raise DataError("image_in_answer", f"turn {i}: <image> tag in an assistant answer")
     if for_generation:
         if turns[-1]["from"] != "human":
-            raise DataError(
-                "bad_roles", "a generation prompt must end with the human turn to answer"
-            )
+            raise DataError("bad_roles", "a generation prompt must end with the human turn to answer")
     else:
         if len(turns) % 2 == 1:
             turns = turns[:-1]
@@ -169,18 +164,12 @@ def prepare_conversation(
     turn with tags becomes "<image>\\n" + its text stripped of the tags.
     """
     if n_images > composite_max:
-        raise DataError(
-            "too_many_images", f"{n_images} images > composite_max={composite_max} (dropped)"
-        )
+        raise DataError("too_many_images", f"{n_images} images > composite_max={composite_max} (dropped)")
     tags = count_image_tags(conversations)
     if n_images == 0 and tags:
-        raise DataError(
-            "image_count_mismatch", f"{tags} <image> tag(s) in the text but the record has no image"
-        )
+        raise DataError("image_count_mismatch", f"{tags} <image> tag(s) in the text but the record has no image")
     if n_images and not tags:
-        raise DataError(
-            "image_count_mismatch", f"{n_images} image(s) but no <image> tag in the human turns"
-        )
+        raise DataError("image_count_mismatch", f"{n_images} image(s) but no <image> tag in the human turns")
     expected_tags = 1 if (composite and n_images > 1) else n_images
     if n_images and tags != n_images and not (composite and tags == 1):
         raise DataError(
@@ -218,8 +207,7 @@ def _segments(turns: list[dict], template: Template, generation: bool) -> list[t
     """Returns [(kind, text, supervised)] with kind bos | eos | text; texts joined = the prompt."""
     segs: list[tuple] = [("bos", None, False)]
     pairs = [
-        (turns[i]["value"], turns[i + 1]["value"] if i + 1 < len(turns) else None)
-        for i in range(0, len(turns), 2)
+        (turns[i]["value"], turns[i + 1]["value"] if i + 1 < len(turns) else None) for i in range(0, len(turns), 2)
     ]
     if template.style == "plain":
         if len(pairs) != 1:
@@ -379,8 +367,7 @@ def tokenize_conversation(
     if all(x == IGNORE_INDEX for x in labels):
         raise DataError(
             "no_supervised_tokens",
-            "no supervised token"
-            + (f" within max_length={max_length}" if max_length is not None else ""),
+            "no supervised token" + (f" within max_length={max_length}" if max_length is not None else ""),
         )
     return np.asarray(ids, np.int32), np.asarray(labels, np.int32)
 
@@ -390,16 +377,22 @@ def tokenize_conversation(
 _PREAMBLE_PROBES = (IMAGE_TAG + "\n?", "?", "甲", "A", "a", "1", "(", "\n", " x", IMAGE_TAG)
 
 
-def template_preamble(tokenizer, template: str = "v1", image_tokens: int = 1,
-                      image_token_id: int | None = None) -> np.ndarray:
+def template_preamble(
+    tokenizer, template: str = "v1", image_tokens: int = 1, image_token_id: int | None = None
+) -> np.ndarray:
     """Returns the int32 ids every tokenized conversation of `template` starts with: BOS, the
     system prompt and the first role tag, as far as no first question can change them (the
     longest common prefix of probe conversations; no image token, no label). Training shares
     it between the rows of a batch (`train.shared_prefix`); "plain" has only BOS."""
     prefix = None
     for q in _PREAMBLE_PROBES:
-        ids, labels = tokenize_conversation([{"from": "human", "value": q}, {"from": "gpt", "value": "x"}],
-                                            tokenizer, template, image_tokens, image_token_id)
+        ids, labels = tokenize_conversation(
+            [{"from": "human", "value": q}, {"from": "gpt", "value": "x"}],
+            tokenizer,
+            template,
+            image_tokens,
+            image_token_id,
+        )
         n = int(np.argmax(labels != IGNORE_INDEX))  # the first label: the answer
         ids = ids[:n]
         if prefix is None:

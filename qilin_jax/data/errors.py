@@ -30,4 +30,3 @@ class DataError(ValueError):
             raise KeyError(f"unknown data error reason {reason!r}; known: {sorted(REASONS)}")
         super().__init__(message)
         self.reason = reason
-

@@ -16,7 +16,7 @@ import io
 import math
 import os
 import warnings
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -30,16 +30,13 @@ PAD_COLOR = tuple(int(m * 255) for m in CLIP_MEAN)  # (122, 116, 104)
 IMAGE_MODES = ("square", "pad")
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
 
-ImageSource = Union[str, os.PathLike, bytes, Image.Image]
+ImageSource = str | os.PathLike | bytes | Image.Image
 
 # uint8 value -> normalised float32, per channel; computed like transformers
 # (float64 rescale, cast to float32, then (x - mean) / std in float32).
 _LUT = np.stack(
     [
-        (
-            (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32) - np.float32(m)
-        )
-        / np.float32(s)
+        ((np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32) - np.float32(m)) / np.float32(s)
         for m, s in zip(CLIP_MEAN, CLIP_STD)
     ]
 ).astype(np.float32)
@@ -65,9 +62,7 @@ def _dicom_window(ds) -> tuple[float, float] | None:
     return c, w
 
 
-def decode_dicom(
-    data: bytes, name: str = "<bytes>", percentiles: Sequence[float] = (0.5, 99.5)
-) -> Image.Image:
+def decode_dicom(data: bytes, name: str = "<bytes>", percentiles: Sequence[float] = (0.5, 99.5)) -> Image.Image:
     """Returns an 8-bit RGB PIL image from DICOM bytes (modality LUT, VOI window, middle frame)."""
     import pydicom
     from pydicom.pixels import apply_modality_lut
@@ -146,9 +141,7 @@ def load_image(
                 with open(path, "rb") as f:
                     data = f.read()
             except FileNotFoundError as e:
-                raise DataError(
-                    "missing_image", f"image file not found: {path} (check image_folder)"
-                ) from e
+                raise DataError("missing_image", f"image file not found: {path} (check image_folder)") from e
             except OSError as e:
                 raise DataError("missing_image", f"cannot read image file {path}: {e}") from e
         if not data:
@@ -163,14 +156,16 @@ def load_image(
                     img.draft("RGB", (draft_size, draft_size))
                 img.load()  # decode now, so truncated files fail here
         except UnidentifiedImageError:
-            raise DataError(
-                "corrupt_image", f"cannot decode image {name}: not a recognised image format"
-            ) from None
-        except (OSError, SyntaxError, ValueError, EOFError,
-                Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise DataError(
-                "corrupt_image", f"cannot decode image {name}: {type(e).__name__}: {e}"
-            ) from e
+            raise DataError("corrupt_image", f"cannot decode image {name}: not a recognised image format") from None
+        except (
+            OSError,
+            SyntaxError,
+            ValueError,
+            EOFError,
+            Image.DecompressionBombError,
+            Image.DecompressionBombWarning,
+        ) as e:
+            raise DataError("corrupt_image", f"cannot decode image {name}: {type(e).__name__}: {e}") from e
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         return _high_bit_to_rgb(img)
     if img.mode == "P" and "transparency" in img.info:
@@ -278,13 +273,10 @@ def load_and_preprocess(
 ) -> np.ndarray:
     """Returns [n, 3, size, size] float32 for a sample's images (n = 1 when composited)."""
     if len(sources) > composite_max:
-        raise DataError(
-            "too_many_images", f"{len(sources)} images > composite_max={composite_max}"
-        )
+        raise DataError("too_many_images", f"{len(sources)} images > composite_max={composite_max}")
     names = list(names) if names is not None else [None] * len(sources)
     imgs = [
-        load_image(s, n, dicom_percentiles=dicom_percentiles, draft_size=draft_size)
-        for s, n in zip(sources, names)
+        load_image(s, n, dicom_percentiles=dicom_percentiles, draft_size=draft_size) for s, n in zip(sources, names)
     ]
     if composite and len(imgs) > 1:
         imgs = [composite_images(imgs, composite_max)]

@@ -16,8 +16,8 @@ import json
 
 import numpy as np
 
-from qilin_jax.data.errors import DataError
 from qilin_jax.data.config import DataConfig
+from qilin_jax.data.errors import DataError
 from qilin_jax.data.processor import SampleProcessor
 from qilin_jax.data.sources import open_source
 
@@ -40,11 +40,8 @@ def inspect_dataset(cfg: DataConfig, tokenizer, limit: int | None = None, images
                 ex.append(f"{proc.describe(i)}: {e}")
             continue
         lengths.append(len(out["input_ids"]))
-    pct = {} if not lengths else {
-        str(p): int(np.percentile(lengths, p)) for p in (1, 25, 50, 75, 95, 99, 100)
-    }
-    return {"rows": n, "kept": len(lengths), "skipped": skipped, "examples": examples,
-            "length_percentiles": pct}
+    pct = {} if not lengths else {str(p): int(np.percentile(lengths, p)) for p in (1, 25, 50, 75, 95, 99, 100)}
+    return {"rows": n, "kept": len(lengths), "skipped": skipped, "examples": examples, "length_percentiles": pct}
 
 
 def main(argv=None) -> None:
@@ -62,8 +59,14 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     from transformers import AutoTokenizer
 
-    cfg = DataConfig(format=a.format, paths=a.paths, image_folder=a.image_folder, split=a.split,
-                     template=a.template, image_mode=a.image_mode)
+    cfg = DataConfig(
+        format=a.format,
+        paths=a.paths,
+        image_folder=a.image_folder,
+        split=a.split,
+        template=a.template,
+        image_mode=a.image_mode,
+    )
     cfg.validate()
     tok = AutoTokenizer.from_pretrained(a.tokenizer)
     print(json.dumps(inspect_dataset(cfg, tok, a.limit, not a.no_images), ensure_ascii=False, indent=1))

@@ -49,22 +49,18 @@ ALIGNMENT_PROMPTS_EN = (
     "What does the illustration show? Write a related passage.\n<image>",
     "Based on the content in the image, provide a related description.\n<image>",
     "<image>\n Based on the illustration, provide a textual description related to its content.",
-    "Read and understand the following image, then write a passage related to the content in "
-    "the image.\n<image>",
-    "<image>\n What does the information in the image reveal? Please write a related passage to "
-    "explain.",
+    "Read and understand the following image, then write a passage related to the content in the image.\n<image>",
+    "<image>\n What does the information in the image reveal? Please write a related passage to explain.",
     "<image>\n Analyze the information in the image and provide a related textual description.",
     "Write a passage based on the content in the image.\n<image>",
     "Please provide a passage based on the details in the image.\n<image>",
     "<image>\n Extract key information from the image and write a related passage.",
-    "<image>\n What information is provided in the image? Please describe it in a related "
-    "passage.",
+    "<image>\n What information is provided in the image? Please describe it in a related passage.",
     "Based on the elements and components in the image, write a related passage.\n<image>",
     "Please write a passage based on the content presented in the image. \n<image>",
     "<image>\n Based on the information in the image, write a descriptive passage.",
     "<image>\n What does the content in the image imply? Please write a related passage.",
-    "What message does the content in the image convey? Please write a related descriptive "
-    "passage.\n<image>",
+    "What message does the content in the image convey? Please write a related descriptive passage.\n<image>",
 )
 
 # 7 prompts for stage 2, medical instruction tuning; <question> is replaced by the question.
@@ -107,8 +103,7 @@ def prompt_set(mode: str, language: str = "zh") -> tuple[str, ...]:
     }
     if (mode, language) not in table:
         raise ValueError(
-            f"no prompt set for mode={mode!r} language={language!r}; "
-            "modes: alignment|instruction, languages: zh|en"
+            f"no prompt set for mode={mode!r} language={language!r}; modes: alignment|instruction, languages: zh|en"
         )
     return table[(mode, language)]
 

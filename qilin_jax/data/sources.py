@@ -16,8 +16,9 @@ import csv
 import io
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -132,9 +133,7 @@ class PmcVqaCsvSource:
             if not any(a in header for a in PMC_ANSWER):
                 missing.append("Answer (or Anwser)")
             if missing:
-                raise ValueError(
-                    f"{path}: PMC-VQA CSV is missing column(s) {missing}; found {header}"
-                )
+                raise ValueError(f"{path}: PMC-VQA CSV is missing column(s) {missing}; found {header}")
             name = os.path.basename(path)
             for ln, row in enumerate(reader, 2):
                 rows.append({(k or "").strip(): v for k, v in row.items()})
@@ -249,9 +248,7 @@ def pmc_vqa_conversation(row: dict, style: str = "choice", language: str = "en")
     if style == "choice":
         label = (row.get("Answer_label") or "").strip().upper()[:1]
         if label not in ("A", "B", "C", "D"):
-            raise DataError(
-                "bad_record", f"'Answer_label' must be A, B, C or D, got {row.get('Answer_label')!r}"
-            )
+            raise DataError("bad_record", f"'Answer_label' must be A, B, C or D, got {row.get('Answer_label')!r}")
         lines = [_choice_line(x, row.get(f"Choice {x}")) for x in "ABCD"]
         human = f"{IMAGE_TAG}\n{question.strip()}\n" + "\n".join(lines) + "\n" + MC_SUFFIX[language]
         return [{"from": "human", "value": human}, {"from": "gpt", "value": label}]
@@ -281,9 +278,7 @@ def row_to_sample(
         conversations = pmc_vqa_conversation(row, pmc_style, pmc_language)
     else:
         if "conversations" not in row:
-            raise DataError(
-                "bad_record", f"no 'conversations' field (fields found: {sorted(row)})"
-            )
+            raise DataError("bad_record", f"no 'conversations' field (fields found: {sorted(row)})")
         conversations = row["conversations"]
         if isinstance(conversations, dict) and "__error__" in conversations:
             raise DataError("bad_record", f"'conversations' is not valid JSON: {conversations['__error__']}")
@@ -296,9 +291,7 @@ def row_to_sample(
         elif isinstance(image, list) and all(isinstance(x, str) and x for x in image):
             names = list(image)
         else:
-            raise DataError(
-                "bad_record", f"'image' must be a file name or a list of names, got {image!r:.80}"
-            )
+            raise DataError("bad_record", f"'image' must be a file name or a list of names, got {image!r:.80}")
     for n in names:
         if _has_surrogates(n):
             raise DataError("not_utf8", f"image name {n!r} is not valid UTF-8")

@@ -16,8 +16,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -97,8 +97,7 @@ def chimed_vl_file(manual_dir: str | os.PathLike, config: str) -> str:
         if p.exists():
             return str(p)
     raise FileNotFoundError(
-        f"chimed_vl/{config}: none of {CHIMED_VL_FILES[config]} in manual_dir {manual_dir}.\n"
-        + CHIMED_VL_MANUAL
+        f"chimed_vl/{config}: none of {CHIMED_VL_FILES[config]} in manual_dir {manual_dir}.\n" + CHIMED_VL_MANUAL
     )
 
 
@@ -142,9 +141,7 @@ class SkipCounter:
                 log.warning("  skipped (%s) %s", reason, e)
 
 
-def generate_chimed_vl(
-    json_path: str, image_dir: str, counter: SkipCounter
-) -> Iterator[tuple[str, dict]]:
+def generate_chimed_vl(json_path: str, image_dir: str, counter: SkipCounter) -> Iterator[tuple[str, dict]]:
     """Yields (key, example) for every usable row of a ChiMed-VL/LLaVA JSON or JSONL file."""
     source = LlavaJsonSource([json_path], image_dir)
     for i in range(len(source)):
@@ -158,18 +155,19 @@ def generate_chimed_vl(
             counter.skip(e, where)
             continue
         counter.kept += 1
-        yield where, {
-            "id": sample_id or where,
-            "origin": where,
-            "images": images,
-            "image_names": names,
-            "conversations": json.dumps(conversations, ensure_ascii=False),
-        }
+        yield (
+            where,
+            {
+                "id": sample_id or where,
+                "origin": where,
+                "images": images,
+                "image_names": names,
+                "conversations": json.dumps(conversations, ensure_ascii=False),
+            },
+        )
 
 
-def generate_pmc_vqa(
-    csv_path: str, image_dir: str, counter: SkipCounter
-) -> Iterator[tuple[str, dict]]:
+def generate_pmc_vqa(csv_path: str, image_dir: str, counter: SkipCounter) -> Iterator[tuple[str, dict]]:
     """Yields (key, example) for every usable row of a PMC-VQA CSV file."""
     source = PmcVqaCsvSource([csv_path], image_dir)
     for i in range(len(source)):
@@ -189,15 +187,18 @@ def generate_pmc_vqa(
             continue
         counter.kept += 1
         answer = row.get("Answer") or row.get("Anwser") or ""
-        yield where, {
-            "origin": where,
-            "image": image,
-            "image_name": names[0],
-            "question": row["Question"],
-            "answer": answer,
-            "choice_a": row.get("Choice A") or "",
-            "choice_b": row.get("Choice B") or "",
-            "choice_c": row.get("Choice C") or "",
-            "choice_d": row.get("Choice D") or "",
-            "answer_label": (row.get("Answer_label") or "").strip(),
-        }
+        yield (
+            where,
+            {
+                "origin": where,
+                "image": image,
+                "image_name": names[0],
+                "question": row["Question"],
+                "answer": answer,
+                "choice_a": row.get("Choice A") or "",
+                "choice_b": row.get("Choice B") or "",
+                "choice_c": row.get("Choice C") or "",
+                "choice_d": row.get("Choice D") or "",
+                "answer_label": (row.get("Answer_label") or "").strip(),
+            },
+        )

@@ -42,8 +42,7 @@ from qilin_jax.demo_data.templates import (  # noqa: F401  (re-exported for eval
 
 GENERATOR_VERSION = 4
 # Split ids keep the per-sample RNG streams of the splits independent.
-_SPLIT_ID = {"alignment": 1, "instruction": 2, "heldout": 3, "csv": 4, "grounding": 5,
-             "grounding_size": 6}
+_SPLIT_ID = {"alignment": 1, "instruction": 2, "heldout": 3, "csv": 4, "grounding": 5, "grounding_size": 6}
 # Lesion radius as a fraction of the shorter image side, per size class.
 SIZE_RADIUS = {"小": 0.05, "中": 0.08, "大": 0.115}
 # Quadrant centres (x, y) as fractions of width/height.
@@ -109,8 +108,9 @@ def _render_xray(rng, x, y) -> tuple[np.ndarray, np.ndarray]:
     s = rng.uniform(0.95, 1.04)
     torso = _ellipse(x, y, 0.5, 0.55, 0.52 * s, 0.6, 0.08)
     img = 0.05 + torso * 0.5
-    lungs = np.maximum(_ellipse(x, y, 0.27, 0.48, 0.19 * s, 0.36, 0.12),
-                       _ellipse(x, y, 0.73, 0.48, 0.19 * s, 0.36, 0.12))
+    lungs = np.maximum(
+        _ellipse(x, y, 0.27, 0.48, 0.19 * s, 0.36, 0.12), _ellipse(x, y, 0.73, 0.48, 0.19 * s, 0.36, 0.12)
+    )
     img -= lungs * 0.35
     # Ribs: bright curved horizontal stripes over the lungs.
     phase = rng.uniform(0, 6.3)
@@ -133,8 +133,9 @@ def _render_us(rng, x, y) -> tuple[np.ndarray, np.ndarray]:
     r = np.sqrt((x - ax) ** 2 + (y - ay) ** 2)
     ang = np.arctan2(x - ax, y - ay)
     half = np.deg2rad(rng.uniform(48, 52))
-    fan = (np.clip((half - np.abs(ang)) / 0.03, 0, 1) * np.clip((r - 0.14) / 0.02, 0, 1)
-           * np.clip((1.04 - r) / 0.02, 0, 1))
+    fan = (
+        np.clip((half - np.abs(ang)) / 0.03, 0, 1) * np.clip((r - 0.14) / 0.02, 0, 1) * np.clip((1.04 - r) / 0.02, 0, 1)
+    )
     tissue = 0.42 + _smooth_noise(rng, *x.shape, 12) * 0.08 - (r - 0.5) * 0.15  # depth attenuation
     speckle = rng.rayleigh(1.0, x.shape).astype(np.float32) / 1.25
     img = 0.02 + fan * tissue * (1 - SPECKLE + SPECKLE * speckle)
@@ -245,9 +246,14 @@ def _case_for_qtype(rng, qtype: str, n_images: int = 1, modality: str | None = N
 
 def _public_case(case: dict) -> dict:
     """Return the case description stored next to each sample (for analysis)."""
-    return {"modality": case["modality"], "count": case["count"], "kind": case["kind"],
-            "size": case["size"] if case["count"] else None, "locations": list(case["locations"]),
-            "n_images": case["n_images"]}
+    return {
+        "modality": case["modality"],
+        "count": case["count"],
+        "kind": case["kind"],
+        "size": case["size"] if case["count"] else None,
+        "locations": list(case["locations"]),
+        "n_images": case["n_images"],
+    }
 
 
 def make_alignment_sample(seed: int, idx: int, image_size: int, img_dir: Path) -> dict:
@@ -283,8 +289,14 @@ def make_instruction_sample(seed: int, idx: int, image_size: int, img_dir: Path)
         qa = T.question(case, q, rng, topic=topic if t == 0 else None)
         conv.append({"from": "human", "value": ("<image>\n" if t == 0 else "") + qa["question"]})
         conv.append({"from": "gpt", "value": qa["reply"]})
-    return {"id": stem, "image": image, "conversations": conv, "qtype": qtype, "qtypes": qtypes,
-            "case": _public_case(case)}
+    return {
+        "id": stem,
+        "image": image,
+        "conversations": conv,
+        "qtype": qtype,
+        "qtypes": qtypes,
+        "case": _public_case(case),
+    }
 
 
 # The one-lesion curriculum files: question type -> (RNG split, id prefix).
@@ -308,10 +320,16 @@ def make_grounding_sample(seed: int, idx: int, alignment: dict, qtype: str = "lo
         return None
     split, prefix = GROUNDING[qtype]
     qa = T.question(case, qtype, _rng(seed, split, idx))
-    return {"id": f"{prefix}_{idx:05d}", "image": alignment["image"],
-            "conversations": [{"from": "human", "value": "<image>\n" + qa["question"]},
-                              {"from": "gpt", "value": qa["reply"]}],
-            "qtype": qtype, "case": case}
+    return {
+        "id": f"{prefix}_{idx:05d}",
+        "image": alignment["image"],
+        "conversations": [
+            {"from": "human", "value": "<image>\n" + qa["question"]},
+            {"from": "gpt", "value": qa["reply"]},
+        ],
+        "qtype": qtype,
+        "case": case,
+    }
 
 
 def make_heldout_sample(seed: int, idx: int, image_size: int, img_dir: Path) -> dict:
@@ -342,8 +360,10 @@ def make_heldout_sample(seed: int, idx: int, image_size: int, img_dir: Path) -> 
     sample = {
         "id": stem,
         "image": image,
-        "conversations": [{"from": "human", "value": "<image>\n" + qa["question"]},
-                          {"from": "gpt", "value": qa["reply"]}],
+        "conversations": [
+            {"from": "human", "value": "<image>\n" + qa["question"]},
+            {"from": "gpt", "value": qa["reply"]},
+        ],
         "qtype": qtype,
         "answer": qa["answer"],
         "case": _public_case(case),
@@ -377,8 +397,15 @@ def _dump_json(obj, path: Path) -> None:
     path.write_text(text, encoding="utf-8")
 
 
-def generate(out_dir: str | Path, seed: int = 0, n_align: int = 2000, n_instruct: int = 3000,
-             n_heldout: int = 300, image_size: int = 64, n_csv: int = 100) -> dict:
+def generate(
+    out_dir: str | Path,
+    seed: int = 0,
+    n_align: int = 2000,
+    n_instruct: int = 3000,
+    n_heldout: int = 300,
+    image_size: int = 64,
+    n_csv: int = 100,
+) -> dict:
     """Generate the demo task into out_dir; return the meta dict (also written as meta.json)."""
     if n_heldout and n_heldout < len(QTYPES):
         raise ValueError(f"n_heldout={n_heldout}: need at least {len(QTYPES)} (one per question type)")
@@ -422,10 +449,15 @@ def generate(out_dir: str | Path, seed: int = 0, n_align: int = 2000, n_instruct
         "seed": seed,
         "image_size": image_size,
         "image_dir": "images",
-        "files": {"alignment": "alignment.json", "instruction": "instruction.json",
-                  "heldout": "heldout.json", "grounding": "grounding.json", "count_size": "count_size.json",
-                  "grounding_size": "grounding_size.json",
-                  "pmc_vqa_style": "pmc_vqa_style.csv"},
+        "files": {
+            "alignment": "alignment.json",
+            "instruction": "instruction.json",
+            "heldout": "heldout.json",
+            "grounding": "grounding.json",
+            "count_size": "count_size.json",
+            "grounding_size": "grounding_size.json",
+            "pmc_vqa_style": "pmc_vqa_style.csv",
+        },
         "counts": {
             "alignment": len(alignment),
             "instruction": len(instruction),
@@ -469,13 +501,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n-csv", type=int, default=100)
     ap.add_argument("--image-size", type=int, default=64)
     a = ap.parse_args(argv)
-    meta = generate(a.out, seed=a.seed, n_align=a.n_align, n_instruct=a.n_instruct,
-                    n_heldout=a.n_heldout, image_size=a.image_size, n_csv=a.n_csv)
+    meta = generate(
+        a.out,
+        seed=a.seed,
+        n_align=a.n_align,
+        n_instruct=a.n_instruct,
+        n_heldout=a.n_heldout,
+        image_size=a.image_size,
+        n_csv=a.n_csv,
+    )
     c = meta["counts"]
-    print(f"wrote {a.out}: {c['alignment']} alignment, {c['instruction']} instruction, {c['grounding']} grounding, "
-          f"{c['heldout']} held-out, "
-          f"{c['pmc_vqa_style']} csv rows, {c['images']} images, {meta['total_bytes'] / 1e6:.1f} MB "
-          f"in {meta['_seconds']:.1f} s")
+    print(
+        f"wrote {a.out}: {c['alignment']} alignment, {c['instruction']} instruction, {c['grounding']} grounding, "
+        f"{c['heldout']} held-out, "
+        f"{c['pmc_vqa_style']} csv rows, {c['images']} images, {meta['total_bytes'] / 1e6:.1f} MB "
+        f"in {meta['_seconds']:.1f} s"
+    )
 
 
 if __name__ == "__main__":

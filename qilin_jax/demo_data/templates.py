@@ -177,8 +177,9 @@ def applicable_qtypes(case: dict) -> list[str]:
     return out
 
 
-def _choice_options(case: dict, topic: str, rng: np.random.Generator,
-                    answer_pos: int | None = None) -> tuple[list[str], str]:
+def _choice_options(
+    case: dict, topic: str, rng: np.random.Generator, answer_pos: int | None = None
+) -> tuple[list[str], str]:
     """Return (4 options in display order, correct option) for a multiple-choice topic."""
     if topic == "kind":
         correct = kind_name(case)
@@ -211,8 +212,9 @@ def choice_topics(case: dict) -> list[str]:
     return out
 
 
-def question(case: dict, qtype: str, rng: np.random.Generator, topic: str | None = None,
-             answer_pos: int | None = None) -> dict:
+def question(
+    case: dict, qtype: str, rng: np.random.Generator, topic: str | None = None, answer_pos: int | None = None
+) -> dict:
     """Return {'question','answer','reply'} (+ 'choices','topic','stem','answer_text' for choice).
 
     `answer` is the gold label (a letter for choice questions), `reply` the assistant's turn in
@@ -246,8 +248,14 @@ def question(case: dict, qtype: str, rng: np.random.Generator, topic: str | None
     }
 
 
-def sample_case(rng: np.random.Generator, modality: str | None = None, count: int | None = None,
-                n_images: int = 1, size: str | None = None, location: str | None = None) -> dict:
+def sample_case(
+    rng: np.random.Generator,
+    modality: str | None = None,
+    count: int | None = None,
+    n_images: int = 1,
+    size: str | None = None,
+    location: str | None = None,
+) -> dict:
     """Return a random case description (modality, count, kind, size, distinct quadrants).
 
     `location` (only with count 1) and `size` force those attributes, for balanced splits.
@@ -265,8 +273,14 @@ def sample_case(rng: np.random.Generator, modality: str | None = None, count: in
         if count != 1:
             raise ValueError("location can only be forced for single-lesion cases (count=1)")
         locs = [location]
-    return {"modality": modality, "count": int(count), "kind": kind, "size": size,
-            "locations": locs, "n_images": int(n_images)}
+    return {
+        "modality": modality,
+        "count": int(count),
+        "kind": kind,
+        "size": size,
+        "locations": locs,
+        "n_images": int(n_images),
+    }
 
 
 # ---------------------------------------------------------------------------------------------

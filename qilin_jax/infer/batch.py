@@ -11,6 +11,7 @@ Input fields (names configurable): `id` (optional: "row-<n>"), `image` (a path, 
 `image_folder`, or a list of paths composited into one image as in training; optional),
 `question` (or LLaVA `conversations`: the first human turn; or PMC-VQA `Question`).
 """
+
 from __future__ import annotations
 
 import csv
@@ -18,16 +19,25 @@ import io
 import json
 import os
 import sys
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
 from qilin_jax.data.conversation import IMAGE_TAG
 from qilin_jax.data.errors import DataError
-from qilin_jax.infer.common import (check_tokenizer, first_turn, load_pixels, pad_batch, prompt_ids,
-                                    sampling_kwargs, template_name, cut_at_stop)
+from qilin_jax.infer.common import (
+    check_tokenizer,
+    cut_at_stop,
+    first_turn,
+    load_pixels,
+    pad_batch,
+    prompt_ids,
+    sampling_kwargs,
+    template_name,
+)
 from qilin_jax.infer.config import BatchConfig, DecodeOptions
 
 MAX_REPORTED_ERRORS = 20
@@ -47,8 +57,9 @@ class Request:
     reason: str = ""
 
 
-def request(id: str, question: str, images: Sequence = (), *, image_folder: str = "",
-            origin: str = "", echo: dict | None = None) -> Request:
+def request(
+    id: str, question: str, images: Sequence = (), *, image_folder: str = "", origin: str = "", echo: dict | None = None
+) -> Request:
     """A single-turn Request; relative image paths are resolved against image_folder."""
     refs, names = [], []
     for im in images:
@@ -83,8 +94,10 @@ def _read_rows(path: str) -> list[tuple[str, Any]]:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e}); a .json input is one list of objects, "
-                             "use .jsonl for one object per line") from None
+            raise ValueError(
+                f"{path}: not valid JSON ({e}); a .json input is one list of objects, "
+                "use .jsonl for one object per line"
+            ) from None
         if not isinstance(data, list):
             raise ValueError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
         rows = [(f"{name}[{i}]", r) for i, r in enumerate(data)]
@@ -143,15 +156,22 @@ def read_requests(cfg: BatchConfig) -> list[Request]:
                 rid = str(row[cfg.id_field])
             q = _question_of(row, cfg.question_field)
             ims = _images_of(row, cfg.image_field)
-            req = request(rid, q, ims, image_folder=cfg.image_folder, origin=origin,
-                          echo={"image": ims[0] if len(ims) == 1 else ims or None,
-                                "question": q.replace(IMAGE_TAG, "").strip()})
+            req = request(
+                rid,
+                q,
+                ims,
+                image_folder=cfg.image_folder,
+                origin=origin,
+                echo={"image": ims[0] if len(ims) == 1 else ims or None, "question": q.replace(IMAGE_TAG, "").strip()},
+            )
         except DataError as e:
             req = Request(rid, [], origin=origin, error=str(e), reason=e.reason)
         if rid in seen:
-            raise ValueError(f"{cfg.input}: id {rid!r} appears at {seen[rid]} and {origin}; ids key the "
-                             f"output for resuming, so make them unique (or drop the "
-                             f"{cfg.id_field!r} field to number rows)")
+            raise ValueError(
+                f"{cfg.input}: id {rid!r} appears at {seen[rid]} and {origin}; ids key the "
+                f"output for resuming, so make them unique (or drop the "
+                f"{cfg.id_field!r} field to number rows)"
+            )
         seen[rid] = origin
         out.append(req)
     return out
@@ -181,8 +201,10 @@ def read_done(path: str | os.PathLike) -> dict[str, dict]:
         try:
             k, rec = parse(line)
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-            raise ValueError(f"{p}:{i + 1}: not a JSON record with an 'id'; fix or delete that "
-                             "line, then rerun (the other rows are kept)") from None
+            raise ValueError(
+                f"{p}:{i + 1}: not a JSON record with an 'id'; fix or delete that "
+                "line, then rerun (the other rows are kept)"
+            ) from None
         done[k] = rec
     if torn.strip():
         try:  # a complete record that only lacks its newline: keep it
@@ -193,8 +215,7 @@ def read_done(path: str | os.PathLike) -> dict[str, dict]:
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
             with open(p, "r+b") as f:  # an interrupted write: drop it, that row is redone
                 f.truncate(len(data) - len(torn))
-            print(f"{p}: dropped an incomplete last line (interrupted write); its row will be redone",
-                  file=sys.stderr)
+            print(f"{p}: dropped an incomplete last line (interrupted write); its row will be redone", file=sys.stderr)
     return done
 
 
@@ -207,11 +228,19 @@ def settings_of(model, opts: DecodeOptions) -> dict:
     cfg_json = json.dumps(model.config.to_dict(), sort_keys=True, default=str)
     emb = model.llm.embed_tokens.get_value()
     sample = np.asarray(jax.device_get(emb[:2, :16]), np.float32).tobytes()
-    return {"max_new_tokens": opts.max_new_tokens, "do_sample": opts.do_sample,
-            "temperature": opts.temperature, "top_k": opts.top_k, "top_p": opts.top_p,
-            "seed": opts.seed, "stop": list(opts.stop), "template": opts.template,
-            "system": opts.system, "image_mode": opts.image_mode,
-            "model": hashlib.sha256(cfg_json.encode() + sample).hexdigest()[:16]}
+    return {
+        "max_new_tokens": opts.max_new_tokens,
+        "do_sample": opts.do_sample,
+        "temperature": opts.temperature,
+        "top_k": opts.top_k,
+        "top_p": opts.top_p,
+        "seed": opts.seed,
+        "stop": list(opts.stop),
+        "template": opts.template,
+        "system": opts.system,
+        "image_mode": opts.image_mode,
+        "model": hashlib.sha256(cfg_json.encode() + sample).hexdigest()[:16],
+    }
 
 
 def check_settings(output: Path, settings: dict) -> None:
@@ -221,10 +250,12 @@ def check_settings(output: Path, settings: dict) -> None:
         old = json.loads(meta.read_text(encoding="utf-8"))
         diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
         if diff:
-            raise ValueError(f"{output} was written with other settings ({', '.join(diff)} differ: "
-                             f"{ {k: old.get(k) for k in diff} } then, { {k: settings.get(k) for k in diff} } "
-                             "now); its answers would mix two set-ups. Use another output path, or "
-                             "delete it (eval: resume=false) to start over")
+            raise ValueError(
+                f"{output} was written with other settings ({', '.join(diff)} differ: "
+                f"{ {k: old.get(k) for k in diff} } then, { {k: settings.get(k) for k in diff} } "
+                "now); its answers would mix two set-ups. Use another output path, or "
+                "delete it (eval: resume=false) to start over"
+            )
         return
     meta.write_text(json.dumps(settings, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
 
@@ -244,14 +275,18 @@ def prepare_request(model, tokenizer, req: Request, opts: DecodeOptions):
     pixels = load_pixels(model, req.images, req.names, opts.image_mode) if req.images else None
     ids = prompt_ids(model, tokenizer, req.turns, template_name(opts.template, opts.system))
     if len(ids) > _prompt_limit(model, opts):
-        raise DataError("bad_record", f"prompt of {len(ids)} tokens + max_new_tokens="
-                        f"{opts.max_new_tokens} exceeds the model's {model.config.text.max_position_embeddings} "
-                        "positions; shorten the question or lower max_new_tokens")
+        raise DataError(
+            "bad_record",
+            f"prompt of {len(ids)} tokens + max_new_tokens="
+            f"{opts.max_new_tokens} exceeds the model's {model.config.text.max_position_embeddings} "
+            "positions; shorten the question or lower max_new_tokens",
+        )
     return ids, pixels
 
 
-def generate_batch(model, tokenizer, prepared: Sequence[tuple], opts: DecodeOptions, *,
-                   batch_size: int | None = None) -> list[tuple[str, int, bool]]:
+def generate_batch(
+    model, tokenizer, prepared: Sequence[tuple], opts: DecodeOptions, *, batch_size: int | None = None
+) -> list[tuple[str, int, bool]]:
     """(answer, generated tokens, finished) per prepared (ids, pixels); padded to batch_size rows."""
     from qilin_jax.infer.generate import generate
 
@@ -263,24 +298,36 @@ def generate_batch(model, tokenizer, prepared: Sequence[tuple], opts: DecodeOpti
     pix = [r[1] for r in rows if r[1] is not None]
     pixels = np.concatenate(pix) if pix else None
     eos = tokenizer.eos_token_id
-    out = generate(model, ids, pixels, mask, max_new_tokens=opts.max_new_tokens,
-                   eos_token_id=eos, **sampling_kwargs(opts))
+    out = generate(
+        model, ids, pixels, mask, max_new_tokens=opts.max_new_tokens, eos_token_id=eos, **sampling_kwargs(opts)
+    )
     results = []
     for b in range(n):
         toks = [int(t) for t in out[b]]
         finished = eos in toks
         n_tok = toks.index(eos) + 1 if finished else len(toks)
-        raw = tokenizer.decode(toks[:n_tok - finished], skip_special_tokens=True)
+        raw = tokenizer.decode(toks[: n_tok - finished], skip_special_tokens=True)
         text, hit = cut_at_stop(raw, opts.stop)
         results.append((text.strip(), n_tok, finished or hit))
     return results
 
 
-def answer_requests(model, tokenizer, requests: Iterable[Request], opts: DecodeOptions, *,
-                    output: str | os.PathLike | None = None, batch_size: int = 8, limit: int = 0,
-                    resume: bool = True, strict: bool = False, progress: bool = True,
-                    mesh=None, desc: str = "answering",
-                    on_record: Callable[[dict], None] | None = None) -> dict:
+def answer_requests(
+    model,
+    tokenizer,
+    requests: Iterable[Request],
+    opts: DecodeOptions,
+    *,
+    output: str | os.PathLike | None = None,
+    batch_size: int = 8,
+    limit: int = 0,
+    resume: bool = True,
+    strict: bool = False,
+    progress: bool = True,
+    mesh=None,
+    desc: str = "answering",
+    on_record: Callable[[dict], None] | None = None,
+) -> dict:
     """Answer requests in batches; returns {"records": {id: record}, "answered", "reused", "errors", ...}.
 
     With `output`, records are appended to that JSONL (flushed per batch) and ids already in it
@@ -298,8 +345,10 @@ def answer_requests(model, tokenizer, requests: Iterable[Request], opts: DecodeO
     if output is not None:
         output = Path(output)
         if output.exists() and output.stat().st_size and not resume:
-            raise FileExistsError(f"{output} exists; delete it, choose another output, or set "
-                                  "resume=true to keep its rows and answer the rest")
+            raise FileExistsError(
+                f"{output} exists; delete it, choose another output, or set "
+                "resume=true to keep its rows and answer the rest"
+            )
         output.parent.mkdir(parents=True, exist_ok=True)
         check_settings(output, settings_of(model, opts))
         done = read_done(output) if resume else {}
@@ -348,8 +397,7 @@ def answer_requests(model, tokenizer, requests: Iterable[Request], opts: DecodeO
                 prep = prepare_request(model, tokenizer, req, opts)
             except (DataError, OSError) as e:
                 if strict:
-                    msg = (f"{req.origin} (id {req.id}): {e}; fix the row or set strict=false to "
-                           "skip bad rows")
+                    msg = f"{req.origin} (id {req.id}): {e}; fix the row or set strict=false to skip bad rows"
                     raise (DataError(e.reason, msg) if isinstance(e, DataError) else OSError(msg)) from e
                 report(req, e)
                 bar.update(1)
@@ -364,11 +412,16 @@ def answer_requests(model, tokenizer, requests: Iterable[Request], opts: DecodeO
         if fh is not None:
             fh.close()
     if errors:
-        print(f"{len(errors)} row(s) skipped ({', '.join(sorted({e['reason'] for e in errors}))})",
-              file=sys.stderr)
+        print(f"{len(errors)} row(s) skipped ({', '.join(sorted({e['reason'] for e in errors}))})", file=sys.stderr)
     remaining = sum(1 for r in requests if r.id not in records) - len(errors)
-    return {"records": records, "answered": answered, "reused": len(done), "errors": errors,
-            "remaining": max(remaining, 0), "output": str(output) if output is not None else None}
+    return {
+        "records": records,
+        "answered": answered,
+        "reused": len(done),
+        "errors": errors,
+        "remaining": max(remaining, 0),
+        "output": str(output) if output is not None else None,
+    }
 
 
 def default_output(cfg: BatchConfig) -> str:
@@ -384,9 +437,20 @@ def run_batch(model, tokenizer, batch_cfg: BatchConfig, *, mesh=None) -> dict:
     batch_cfg.validate("batch")
     reqs = read_requests(batch_cfg)
     out = default_output(batch_cfg)
-    res = answer_requests(model, tokenizer, reqs, batch_cfg, output=out, batch_size=batch_cfg.batch_size,
-                          limit=batch_cfg.limit, resume=batch_cfg.resume, strict=batch_cfg.strict,
-                          progress=batch_cfg.progress, mesh=mesh, desc="batch")
+    res = answer_requests(
+        model,
+        tokenizer,
+        reqs,
+        batch_cfg,
+        output=out,
+        batch_size=batch_cfg.batch_size,
+        limit=batch_cfg.limit,
+        resume=batch_cfg.resume,
+        strict=batch_cfg.strict,
+        progress=batch_cfg.progress,
+        mesh=mesh,
+        desc="batch",
+    )
     err_path = Path(out).with_name(Path(out).stem + ".errors.jsonl")
     if res["errors"]:
         with open(err_path, "w", encoding="utf-8") as f:
@@ -395,8 +459,9 @@ def run_batch(model, tokenizer, batch_cfg: BatchConfig, *, mesh=None) -> dict:
     elif err_path.exists():
         err_path.unlink()
     summary = {k: v for k, v in res.items() if k != "records"}
-    summary.update(rows=len(reqs), written=len(res["records"]),
-                   errors_file=str(err_path) if res["errors"] else None)
-    print(f"batch: {res['answered']} answered, {res['reused']} already done, "
-          f"{len(res['errors'])} skipped -> {out}", file=sys.stderr)
+    summary.update(rows=len(reqs), written=len(res["records"]), errors_file=str(err_path) if res["errors"] else None)
+    print(
+        f"batch: {res['answered']} answered, {res['reused']} already done, {len(res['errors'])} skipped -> {out}",
+        file=sys.stderr,
+    )
     return summary

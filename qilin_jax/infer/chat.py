@@ -5,19 +5,30 @@ the new question) in the template the checkpoint was trained with, as the releas
 does, then streams tokens with the KV cache. Commands: /image PATH (new image, new
 conversation), /reset, /help, /exit (or end of input).
 """
+
 from __future__ import annotations
 
 import sys
-from typing import Callable, TextIO
+from collections.abc import Callable
+from typing import TextIO
 
 from qilin_jax.data.errors import DataError
-from qilin_jax.infer.common import (IncrementalDecoder, check_tokenizer, first_turn, load_pixels,
-                                    prompt_ids, sampling_kwargs, template_name)
+from qilin_jax.infer.common import (
+    IncrementalDecoder,
+    check_tokenizer,
+    first_turn,
+    load_pixels,
+    prompt_ids,
+    sampling_kwargs,
+    template_name,
+)
 from qilin_jax.infer.config import ChatConfig
 
-HELP = ("commands: /image PATH  load an image (JPEG/PNG/DICOM) and start a new conversation\n"
-        "          /reset       forget the conversation (keep the image)\n"
-        "          /exit        quit (also /quit or end of input)")
+HELP = (
+    "commands: /image PATH  load an image (JPEG/PNG/DICOM) and start a new conversation\n"
+    "          /reset       forget the conversation (keep the image)\n"
+    "          /exit        quit (also /quit or end of input)"
+)
 
 
 class ChatSession:
@@ -68,9 +79,11 @@ class ChatSession:
             if n <= self._max_prompt():
                 return turns, has_image and (image_first or not history)
             if not history:
-                raise ValueError(f"the question is {n} prompt tokens, more than the {self._max_prompt()} "
-                                 "allowed (max_position_embeddings - max_new_tokens); shorten it or "
-                                 "lower chat.max_new_tokens")
+                raise ValueError(
+                    f"the question is {n} prompt tokens, more than the {self._max_prompt()} "
+                    "allowed (max_position_embeddings - max_new_tokens); shorten it or "
+                    "lower chat.max_new_tokens"
+                )
             # Drop the oldest round; the image moves to the next round so it stays in view.
             history = history[2:]
             if history and image_first:
@@ -88,8 +101,15 @@ class ChatSession:
         cfg = self.cfg
         try:
             with inference_sharding(self.mesh):
-                for tok in stream(self.model, ids[None], pixels, None, max_new_tokens=cfg.max_new_tokens,
-                                  eos_token_id=self.tokenizer.eos_token_id, **sampling_kwargs(cfg)):
+                for tok in stream(
+                    self.model,
+                    ids[None],
+                    pixels,
+                    None,
+                    max_new_tokens=cfg.max_new_tokens,
+                    eos_token_id=self.tokenizer.eos_token_id,
+                    **sampling_kwargs(cfg),
+                ):
                     piece = dec.push(int(tok[0]))
                     if piece and on_text is not None:
                         on_text(piece)
@@ -112,8 +132,9 @@ def _write(out: TextIO, text: str) -> None:
     out.flush()
 
 
-def run_chat(model, tokenizer, chat_cfg: ChatConfig, *, stdin: TextIO = sys.stdin,
-             stdout: TextIO = sys.stdout, mesh=None) -> list[dict]:
+def run_chat(
+    model, tokenizer, chat_cfg: ChatConfig, *, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout, mesh=None
+) -> list[dict]:
     """Chat on stdin/stdout (one-shot when chat_cfg.question is set); returns the last conversation's turns."""
     session = ChatSession(model, tokenizer, chat_cfg, mesh=mesh)
     cfg = session.cfg
@@ -124,8 +145,7 @@ def run_chat(model, tokenizer, chat_cfg: ChatConfig, *, stdin: TextIO = sys.stdi
         _write(stdout, ("" if cfg.stream else answer) + "\n")
         return session.history
 
-    _write(stdout, f"Qilin-Med-VL chat. image: {session.image_path or '(none)'}. "
-                   "Type /help for commands.\n")
+    _write(stdout, f"Qilin-Med-VL chat. image: {session.image_path or '(none)'}. Type /help for commands.\n")
     while True:
         _write(stdout, "USER: ")
         line = stdin.readline()

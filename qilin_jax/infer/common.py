@@ -1,8 +1,9 @@
 """Shared pieces of chat, batch inference and evaluation: prompts, images, decoding to text."""
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -17,7 +18,8 @@ def check_tokenizer(model, tokenizer) -> None:
     if n > cfg.text.vocab_size and cfg.image_token_id != n - 1:
         raise ValueError(
             f"the tokenizer has {n} tokens but the model's vocabulary has {cfg.text.vocab_size}; "
-            "load the tokenizer that came with the checkpoint (<checkpoint>/tokenizer)")
+            "load the tokenizer that came with the checkpoint (<checkpoint>/tokenizer)"
+        )
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos token (</s>); answers end with it")
 
@@ -40,8 +42,9 @@ def template_name(template: str, system: str = "") -> str:
 def prompt_ids(model, tokenizer, turns: Sequence[dict], template: str = "v1") -> np.ndarray:
     """Generation prompt ids (ends in "ASSISTANT:" for v1) for LLaVA turns ending with a human turn."""
     cfg = model.config
-    return build_prompt(list(turns), tokenizer, template, image_tokens=cfg.image_tokens,
-                        image_token_id=cfg.image_token_id)
+    return build_prompt(
+        list(turns), tokenizer, template, image_tokens=cfg.image_tokens, image_token_id=cfg.image_token_id
+    )
 
 
 def first_turn(question: str, has_image: bool) -> dict:
@@ -50,8 +53,7 @@ def first_turn(question: str, has_image: bool) -> dict:
     return {"from": "human", "value": f"{IMAGE_TAG}\n{q}" if has_image else q}
 
 
-def load_pixels(model, refs: Sequence, names: Sequence[str] | None = None,
-                image_mode: str = "pad") -> np.ndarray:
+def load_pixels(model, refs: Sequence, names: Sequence[str] | None = None, image_mode: str = "pad") -> np.ndarray:
     """Pixel values [1, 3, S, S] for a sample's image(s) (several are composited, as in training)."""
     size = model.config.vision.image_size
     return load_and_preprocess(list(refs), names, size=size, mode=image_mode, composite=True)
@@ -63,8 +65,8 @@ def pad_batch(prompts: Sequence[np.ndarray], pad_id: int = 0) -> tuple[np.ndarra
     ids = np.full((len(prompts), T), pad_id, np.int32)
     mask = np.zeros((len(prompts), T), np.int32)
     for i, p in enumerate(prompts):
-        ids[i, :len(p)] = p
-        mask[i, :len(p)] = 1
+        ids[i, : len(p)] = p
+        mask[i, : len(p)] = 1
     return ids, mask
 
 
@@ -119,7 +121,7 @@ class IncrementalDecoder:
                 if text[:safe].endswith(s[:k]):
                     hold = max(hold, k)
                     break
-        return self._emit(text[:safe - hold])
+        return self._emit(text[: safe - hold])
 
     def flush(self) -> str:
         """Whatever is still held back (the answer ended)."""
@@ -129,7 +131,7 @@ class IncrementalDecoder:
     def _emit(self, text: str) -> str:
         # Positional: a later token that changes already printed text (never seen with
         # SentencePiece) cannot be unprinted; printing continues after what was printed.
-        new = text[len(self.printed):]
+        new = text[len(self.printed) :]
         self.printed += new
         return new
 
@@ -142,5 +144,4 @@ class IncrementalDecoder:
 
 def sampling_kwargs(cfg) -> dict:
     """The keyword arguments of `generate`/`stream` for a DecodeOptions."""
-    return dict(do_sample=cfg.do_sample, temperature=cfg.temperature, top_k=cfg.top_k,
-                top_p=cfg.top_p, seed=cfg.seed)
+    return dict(do_sample=cfg.do_sample, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed)

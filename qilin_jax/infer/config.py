@@ -4,6 +4,7 @@ Plain dataclasses with every field defaulted; `qilin_jax/config.py` embeds them 
 the run config, so `python main.py --config X.yaml chat.temperature=0.2` reaches these fields.
 The decoding fields are shared (`DecodeOptions`) and mean the same in every section.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -135,11 +136,15 @@ class EvalConfig(DecodeOptions):
         if self.language not in LANGUAGES:
             raise ValueError(f"{section}.language must be one of {LANGUAGES}, got {self.language!r}")
         if self.task == "pmc_vqa" and not self.csv:
-            raise ValueError(f"{section}.csv is empty; task pmc_vqa needs the PMC-VQA test CSV "
-                             f"(e.g. {section}.csv=data/pmc_vqa/test.csv)")
+            raise ValueError(
+                f"{section}.csv is empty; task pmc_vqa needs the PMC-VQA test CSV "
+                f"(e.g. {section}.csv=data/pmc_vqa/test.csv)"
+            )
         if self.task == "demo" and not self.json:
-            raise ValueError(f"{section}.json is empty; task demo needs heldout.json "
-                             f"(e.g. {section}.json=data/demo/generated/heldout.json)")
+            raise ValueError(
+                f"{section}.json is empty; task demo needs heldout.json "
+                f"(e.g. {section}.json=data/demo/generated/heldout.json)"
+            )
         if self.task == "open" and not (self.json or self.csv):
             raise ValueError(f"{section}.json (or {section}.csv) is empty; task open needs the questions")
         if self.batch_size < 1:

@@ -17,12 +17,13 @@ Tokenization for BLEU/ROUGE/exact match (`char_tokens`): NFKC (full-width letter
 become ASCII), lowercased, each CJK character is one token, runs of Latin letters/digits are
 one token (so English is word-level), punctuation and whitespace are dropped.
 """
+
 from __future__ import annotations
 
 import difflib
 import re
 import unicodedata
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -37,7 +38,8 @@ _KEYWORD = re.compile(
     r"(?:正确答案|答案|选项|选择|应选|选|answer|option|choice|choose|select)"
     r"\s*(?:is|should be|would be|was|是|为|应该是|应为|应是)?\s*[:：=]?\s*(?:option|choice|选项)?\s*"
     r"[\(\[（【「\"']?\s*([A-Da-d])(?![A-Za-z])",
-    re.IGNORECASE)
+    re.IGNORECASE,
+)
 _LETTER_THEN_OPTION = re.compile(r"(?<![A-Za-z])([A-D])\s*(?:选项|项|是正确)")
 
 
@@ -46,7 +48,7 @@ def option_text(option: str, letter: str | None = None) -> str:
     t = unicodedata.normalize("NFKC", str(option)).strip()
     m = re.match(r"^[\(\[]?\s*([A-Da-d])\s*[:.)\]]\s*", t)
     if m and (letter is None or m.group(1).upper() == letter):
-        return t[m.end():].strip()
+        return t[m.end() :].strip()
     return t
 
 
@@ -66,8 +68,7 @@ def similarity(a: str, b: str) -> float:
     return difflib.SequenceMatcher(None, _squash(a), _squash(b)).ratio()
 
 
-def parse_choice(text: str, options: Mapping[str, str] | Sequence[str] | None = None
-                 ) -> tuple[str | None, str]:
+def parse_choice(text: str, options: Mapping[str, str] | Sequence[str] | None = None) -> tuple[str | None, str]:
     """(letter or None, how it was found) for a generated answer to a 4-option question.
 
     `options`: {"A": text, ...} or ["A:text", ...]. Methods, tried in order: "letter" (the
@@ -85,13 +86,13 @@ def parse_choice(text: str, options: Mapping[str, str] | Sequence[str] | None = 
         return m.group(1).upper(), "letter"
     # An uppercase letter at the start followed by punctuation ("B. text", "(B) text", "B:"),
     # or a lowercase one followed by punctuation ("b) text"), never a word like "A lesion".
-    m = re.match(_OPEN + r"([A-D])\s*(?:" + _CLOSE_PUNCT + r"|$)", t) or \
-        re.match(r"^[\s\(\[（【]*([a-d])\s*[.．:：)）\]】、]", t)
+    m = re.match(_OPEN + r"([A-D])\s*(?:" + _CLOSE_PUNCT + r"|$)", t) or re.match(
+        r"^[\s\(\[（【]*([a-d])\s*[.．:：)）\]】、]", t
+    )
     if m:
         return m.group(1).upper(), "letter"
     m = _KEYWORD.search(t)
-    if m and (m.group(1).isupper() or re.match(r"[a-d]\s*(?:$|" + _CLOSE_PUNCT + ")",
-                                                 t[m.start(1):])):
+    if m and (m.group(1).isupper() or re.match(r"[a-d]\s*(?:$|" + _CLOSE_PUNCT + ")", t[m.start(1) :])):
         return m.group(1).upper(), "phrase"
     m = _LETTER_THEN_OPTION.search(t)
     if m:
@@ -102,8 +103,8 @@ def parse_choice(text: str, options: Mapping[str, str] | Sequence[str] | None = 
     if m:
         rest = m.group(2)
         if not re.match(r"[A-Za-z0-9]", rest) or (
-                opts.get(m.group(1)) and _squash(opts[m.group(1)]) and
-                _squash(rest).startswith(_squash(opts[m.group(1)]))):
+            opts.get(m.group(1)) and _squash(opts[m.group(1)]) and _squash(rest).startswith(_squash(opts[m.group(1)]))
+        ):
             return m.group(1), "letter"
     if not opts:
         return None, "none"
@@ -180,9 +181,8 @@ def score_choice(text: str, choices: Sequence[str], gold: str, rule: str = "offi
     """
     strings = _choice_strings(choices)
     g = str(gold).strip().upper()
-    if g not in LETTERS[:len(strings)]:
-        raise ValueError(f"gold must be one of {list(LETTERS[:len(strings)])} (the choices given), "
-                         f"got {gold!r}")
+    if g not in LETTERS[: len(strings)]:
+        raise ValueError(f"gold must be one of {list(LETTERS[: len(strings)])} (the choices given), got {gold!r}")
     if rule == "official":
         return official_index(text, strings) == official_index(strings[LETTERS.index(g)], strings)
     return choice_pick(text, strings, rule) == g
@@ -194,8 +194,10 @@ def _letter(i: int) -> str:
 
 def _choice_strings(choices) -> list[str]:
     if isinstance(choices, (str, bytes, Mapping)):
-        raise TypeError("choices must be the list of choice strings as in the CSV "
-                        f"([' A:text ', ' B:text ', ...]), got {type(choices).__name__}")
+        raise TypeError(
+            "choices must be the list of choice strings as in the CSV "
+            f"([' A:text ', ' B:text ', ...]), got {type(choices).__name__}"
+        )
     return ["" if c is None else str(c) for c in choices]
 
 
@@ -218,6 +220,7 @@ def choice_accuracy(records: Sequence[Mapping]) -> dict:
     also carry the letter rule's decision ("pred_letter", "correct_letter") add
     "accuracy_letter" overall and per letter beside the main "accuracy".
     """
+
     def ok(r, suffix=""):
         key = "correct" + suffix
         return bool(r[key]) if key in r else r.get("pred" + suffix) == r.get("label")
@@ -257,8 +260,14 @@ def _counts(values) -> dict[str, int]:
 
 def _is_cjk(ch: str) -> bool:
     o = ord(ch)
-    return (0x4E00 <= o <= 0x9FFF or 0x3400 <= o <= 0x4DBF or 0x20000 <= o <= 0x2FA1F
-            or 0xF900 <= o <= 0xFAFF or 0x3040 <= o <= 0x30FF or 0xAC00 <= o <= 0xD7AF)
+    return (
+        0x4E00 <= o <= 0x9FFF
+        or 0x3400 <= o <= 0x4DBF
+        or 0x20000 <= o <= 0x2FA1F
+        or 0xF900 <= o <= 0xFAFF
+        or 0x3040 <= o <= 0x30FF
+        or 0xAC00 <= o <= 0xD7AF
+    )
 
 
 def char_tokens(text: str) -> list[str]:
@@ -301,8 +310,7 @@ def bleu(preds: Sequence[str], refs: Sequence[str] | Sequence[Sequence[str]]) ->
     hyps = [" ".join(char_tokens(p)) for p in preds]
     # use_effective_order: n-gram orders with no n-gram in the whole corpus (answers of 1-3
     # characters) are left out of the mean instead of making BLEU 0.
-    return sacrebleu.corpus_bleu(hyps, streams, tokenize="none", force=True,
-                                 use_effective_order=True).score / 100.0
+    return sacrebleu.corpus_bleu(hyps, streams, tokenize="none", force=True, use_effective_order=True).score / 100.0
 
 
 def _require(module: str, pip_name: str):
@@ -340,7 +348,9 @@ def open_scores(preds: Sequence[str], refs: Sequence[str]) -> dict:
     n = len(preds)
     if n == 0:
         return {"n": 0, "exact_match": 0.0, "bleu": 0.0, "rouge_l": 0.0}
-    return {"n": n,
-            "exact_match": sum(exact_match(p, r) for p, r in zip(preds, refs)) / n,
-            "bleu": bleu(preds, refs),
-            "rouge_l": sum(rouge_l(p, r) for p, r in zip(preds, refs)) / n}
+    return {
+        "n": n,
+        "exact_match": sum(exact_match(p, r) for p, r in zip(preds, refs)) / n,
+        "bleu": bleu(preds, refs),
+        "rouge_l": sum(rouge_l(p, r) for p, r in zip(preds, refs)) / n,
+    }

@@ -10,6 +10,7 @@ model in bf16 (26 GB) fits on 2 x 40 GB or 4 x 24 GB cards this way (docs/evalua
     with inference_sharding(mesh):
         tokens = generate(model, ids, pixels)           # same tokens as on one device
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,8 +36,10 @@ def inference_mesh(tensor_parallel: int = -1, devices=None) -> Mesh | None:
         return None
     tp = n if tensor_parallel == -1 else tensor_parallel
     if tp < 1 or n % tp:
-        raise ValueError(f"tensor_parallel={tensor_parallel} does not divide the {n} devices; "
-                         f"choose a divisor of {n} or -1 (all devices)")
+        raise ValueError(
+            f"tensor_parallel={tensor_parallel} does not divide the {n} devices; "
+            f"choose a divisor of {n} or -1 (all devices)"
+        )
     if tp == 1:
         return None  # data parallel alone does not pay for generation of one request batch
     return make_mesh(data=n // tp, fsdp=1, tensor=tp, devices=devices)
@@ -82,8 +85,9 @@ def prepare(model: nnx.Module, tensor_parallel: int = 1):
     return shard_model(model, mesh), mesh
 
 
-def load_for_inference(ckpt_dir, *, dtype: str = "bfloat16", tensor_parallel: int = 1, config=None,
-                       quantize: str | None = None):
+def load_for_inference(
+    ckpt_dir, *, dtype: str = "bfloat16", tensor_parallel: int = 1, config=None, quantize: str | None = None
+):
     """A checkpoint ready for generation: parameters and compute in `dtype`, restored straight onto
     the inference mesh (tensor_parallel: 1 = one device, -1 = all devices), never whole on one device;
     `quantize` (int8/int4/nf4): the LLM's matrices weight-only quantized (models/quant.py)."""
@@ -94,5 +98,4 @@ def load_for_inference(ckpt_dir, *, dtype: str = "bfloat16", tensor_parallel: in
     cfg = config if config is not None else read_config(ckpt_dir)
     cfg = dataclasses.replace(cfg, dtype=dtype)
     mesh = inference_mesh(tensor_parallel) if tensor_parallel != 1 else None
-    return load_pretrained(ckpt_dir, dtype=dtype, mesh=mesh, rules=INFERENCE_RULES, config=cfg,
-                           quantize=quantize)
+    return load_pretrained(ckpt_dir, dtype=dtype, mesh=mesh, rules=INFERENCE_RULES, config=cfg, quantize=quantize)

@@ -1,4 +1,5 @@
 """The vision-language adapter: `linear` (the paper) or `mlp2x_gelu` (the release)."""
+
 from __future__ import annotations
 
 import jax

@@ -12,6 +12,7 @@ and dispatches to an implementation:
 "auto" picks per platform and dtype, and falls back to "xla" where a kernel does not
 support the masking the call needs.
 """
+
 from __future__ import annotations
 
 import functools
@@ -70,8 +71,7 @@ def _fwd_piece(qg, k, v, gmask, scale):
     m = jnp.max(s, axis=-1, keepdims=True)
     p = jnp.exp(s - m)
     denom = jnp.sum(p, axis=-1, keepdims=True)
-    o = jnp.einsum("bkgts,bskd->btkgd", (p / denom).astype(v.dtype), v,
-                   preferred_element_type=jnp.float32)
+    o = jnp.einsum("bkgts,bskd->btkgd", (p / denom).astype(v.dtype), v, preferred_element_type=jnp.float32)
     # Row max and log-sum are kept apart: for a fully masked row, m is -0.7 * f32 max and
     # m + log(denom) would round back to m.
     return o, m[..., 0], jnp.log(denom)[..., 0]
@@ -120,8 +120,7 @@ def _softmax_attention_bwd(block, res, dout):
     for a, b in _block_ranges(T, block):
         end = b if block else S
         mk = _slice_mask(gmask, a, b, end)
-        p = jnp.exp((_scores(qg[:, a:b], k[:, :end], mk, scale) - m[..., a:b, None])
-                    - log_denom[..., a:b, None])
+        p = jnp.exp((_scores(qg[:, a:b], k[:, :end], mk, scale) - m[..., a:b, None]) - log_denom[..., a:b, None])
         dob = do[:, a:b]
         dv_i = jnp.einsum("bkgts,btkgd->bskd", p.astype(v.dtype), dob, preferred_element_type=jnp.float32)
         dp = jnp.einsum("btkgd,bskd->bkgts", dob, v[:, :end], preferred_element_type=jnp.float32)
@@ -164,8 +163,7 @@ def resolve_implementation(impl: str, dtype, *, packed: bool, decoding: bool) ->
     return "xla"
 
 
-def attention(q, k, v, *, mask=None, causal: bool = False, segment_ids=None, lengths=None,
-              implementation: str = "xla"):
+def attention(q, k, v, *, mask=None, causal: bool = False, segment_ids=None, lengths=None, implementation: str = "xla"):
     """Scaled dot-product attention; returns [batch, q_len, heads, head_dim].
 
     mask: optional bool [batch, 1|heads, q_len, kv_len] (used by "xla").
@@ -188,5 +186,6 @@ def attention(q, k, v, *, mask=None, causal: bool = False, segment_ids=None, len
         return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn", **kw)
     if implementation == "splash":
         from qilin_jax.models import splash
+
         return splash.splash_attention(q, k, v, segment_ids=segment_ids, causal=causal)
     raise ValueError(f"unknown attention implementation {implementation!r}")

@@ -1,4 +1,5 @@
 """Small shared pieces: parameter creation with logical axes, norms, dtype helpers, remat."""
+
 from __future__ import annotations
 
 import contextlib
@@ -102,5 +103,8 @@ def scan_layers(body, carry, xs, *, remat: str = "none", length: int | None = No
 
 def stacked_values(module: nnx.Module) -> dict:
     """The Param values of a module with stacked layers, as a flat dict name -> array."""
-    return {k: v.get_value() if hasattr(v, "get_value") else v.value
-            for k, v in vars(module).items() if isinstance(v, nnx.Param)}
+    return {
+        k: v.get_value() if hasattr(v, "get_value") else v.value
+        for k, v in vars(module).items()
+        if isinstance(v, nnx.Param)
+    }

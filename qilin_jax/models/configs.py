@@ -7,6 +7,7 @@ The configs are frozen (a model's shapes are fixed once it is built): change one
 `from_preset`. Their fields are checked against their annotations on construction
 (qilin_jax.config_parse), so a wrong type or choice names the field.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -81,8 +82,10 @@ class TextConfig:
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if self.num_attention_heads % self.num_key_value_heads:
-            raise FieldError("num_attention_heads", f"{self.num_attention_heads} is not a multiple of "
-                             f"num_key_value_heads ({self.num_key_value_heads})")
+            raise FieldError(
+                "num_attention_heads",
+                f"{self.num_attention_heads} is not a multiple of num_key_value_heads ({self.num_key_value_heads})",
+            )
 
 
 @dataclass(frozen=True)
@@ -120,8 +123,10 @@ class QilinConfig:
             raise FieldError("loss_chunk", f"must be >= 0, got {self.loss_chunk}")
         n = self.vision.num_hidden_layers
         if not -n - 1 <= self.vision_feature_layer <= n:
-            raise FieldError("vision_feature_layer", f"{self.vision_feature_layer} is outside "
-                             f"[-{n + 1}, {n}] for a {n}-layer vision tower")
+            raise FieldError(
+                "vision_feature_layer",
+                f"{self.vision_feature_layer} is outside [-{n + 1}, {n}] for a {n}-layer vision tower",
+            )
 
     @property
     def image_tokens(self) -> int:
@@ -144,10 +149,18 @@ def _qilin_13b(**kw) -> QilinConfig:
 
 def _tiny(**kw) -> QilinConfig:
     # A model small enough for unit tests: every code path of the 13B model at toy size.
-    vision = VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                          num_attention_heads=4, image_size=32, patch_size=8)
-    text = TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    vision = VisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8
+    )
+    text = TextConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
     kw.setdefault("image_token_id", 128)
     return QilinConfig(vision=vision, text=text, **kw)
 
@@ -158,20 +171,20 @@ PRESETS = {
     # What the paper describes: a single linear projection.
     "qilin_med_vl_13b_linear": lambda: _qilin_13b(adapter="linear"),
     # ymcui Chinese-LLaMA-2/Alpaca-2-13B backbone: vocab 55296.
-    "qilin_med_vl_13b_ymcui": lambda: QilinConfig(text=TextConfig(vocab_size=55296),
-                                                  image_token_id=55296),
+    "qilin_med_vl_13b_ymcui": lambda: QilinConfig(text=TextConfig(vocab_size=55296), image_token_id=55296),
     # ymcui 16K variants: linear RoPE scaling factor 4.
     "qilin_med_vl_13b_ymcui_16k": lambda: QilinConfig(
-        text=TextConfig(vocab_size=55296, max_position_embeddings=16384,
-                        rope_scaling={"rope_type": "linear", "factor": 4.0}),
-        image_token_id=55296),
+        text=TextConfig(
+            vocab_size=55296, max_position_embeddings=16384, rope_scaling={"rope_type": "linear", "factor": 4.0}
+        ),
+        image_token_id=55296,
+    ),
     "tiny": _tiny,
 }
 
 
 # TextConfig fields filled from others in __post_init__ when None, and what they derive from.
-_TEXT_DERIVED = {"head_dim": ("hidden_size", "num_attention_heads"),
-                 "num_key_value_heads": ("num_attention_heads",)}
+_TEXT_DERIVED = {"head_dim": ("hidden_size", "num_attention_heads"), "num_key_value_heads": ("num_attention_heads",)}
 
 
 class UnknownPreset(ConfigError, KeyError):

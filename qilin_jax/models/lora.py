@@ -15,6 +15,7 @@ drop; its masks are a function of the step's rng, the layer and the matrix.
 Initialisation as PEFT: A kaiming-uniform (a = sqrt(5): U(-1/sqrt(in), 1/sqrt(in))), B zeros,
 so a fresh adapter leaves the model unchanged.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -86,8 +87,15 @@ def resolve_targets(patterns: Iterable[str]) -> list[str]:
     return [t for t in TARGETS if t in out]
 
 
-def init_arrays(layer_shapes: dict, *, rank: int, alpha: float, targets: Iterable[str] = TARGETS,
-                use_rslora: bool = False, seed: int = 0) -> dict:
+def init_arrays(
+    layer_shapes: dict,
+    *,
+    rank: int,
+    alpha: float,
+    targets: Iterable[str] = TARGETS,
+    use_rslora: bool = False,
+    seed: int = 0,
+) -> dict:
     """Fresh adapter arrays {name: array} for a `llm/layers` dict of base shapes: A
     kaiming-uniform, B zeros (PEFT's init), the per-layer scaling and layer index."""
     if rank < 1:
@@ -100,8 +108,7 @@ def init_arrays(layer_shapes: dict, *, rank: int, alpha: float, targets: Iterabl
         L, d_in, d_out = shapes[t]
         n = L
         bound = 1.0 / math.sqrt(d_in)  # kaiming_uniform_(a=sqrt(5)) on a [rank, in] weight
-        out[t + SUFFIX_A] = jax.random.uniform(jax.random.fold_in(key, i), (L, d_in, rank), jnp.float32,
-                                               -bound, bound)
+        out[t + SUFFIX_A] = jax.random.uniform(jax.random.fold_in(key, i), (L, d_in, rank), jnp.float32, -bound, bound)
         out[t + SUFFIX_B] = jnp.zeros((L, rank, d_out), jnp.float32)
     out[SCALING] = jnp.full((n,), scaling(rank, alpha, use_rslora), jnp.float32)
     out[LAYER] = jnp.arange(n, dtype=jnp.float32)
@@ -126,15 +133,17 @@ def base_shapes(layer_params: dict) -> dict:
     return out
 
 
-def add_lora(model, *, rank: int, alpha: float, targets: Iterable[str] = TARGETS,
-             use_rslora: bool = False, seed: int = 0):
+def add_lora(
+    model, *, rank: int, alpha: float, targets: Iterable[str] = TARGETS, use_rslora: bool = False, seed: int = 0
+):
     """`model` (a QilinMedVL) with fresh adapters on the decoder matrices `targets`; returns it."""
     layers = model.llm.layers
     if has_lora_module(layers):
         raise ValueError("the model already has LoRA adapters; merge them first (lora.merge)")
     shapes = base_shapes({k: v for k, v in vars(layers).items() if isinstance(v, nnx.Param)})
-    for name, value in init_arrays(shapes, rank=rank, alpha=alpha, targets=targets,
-                                   use_rslora=use_rslora, seed=seed).items():
+    for name, value in init_arrays(
+        shapes, rank=rank, alpha=alpha, targets=targets, use_rslora=use_rslora, seed=seed
+    ).items():
         setattr(layers, name, nnx.Param(value, axes=axes_of(layers, name)))
     return model
 
@@ -145,8 +154,9 @@ def axes_of(layers, name: str) -> tuple:
     if name in (SCALING, LAYER):
         return ("layers",)
     base = name[: -len(SUFFIX_A)]
-    param = next(getattr(layers, n) for n in (base, base + "_int8", base + "_int4", base + "_nf4")
-                 if hasattr(layers, n))
+    param = next(
+        getattr(layers, n) for n in (base, base + "_int8", base + "_int4", base + "_nf4") if hasattr(layers, n)
+    )
     ax = tuple(param.get_metadata().get("axes") or (None, None, None))
     return (ax[0], ax[1], None) if name.endswith(SUFFIX_A) else (ax[0], None, ax[2])
 
@@ -158,7 +168,7 @@ def has_lora_module(layers) -> bool:
 
 def is_lora_path(path: str) -> bool:
     """Whether a parameter path ('llm/layers/q_proj_lora_a') belongs to the adapters."""
-    return path.startswith(_PATH) and (path.endswith((SUFFIX_A, SUFFIX_B)) or path[len(_PATH):] in (SCALING, LAYER))
+    return path.startswith(_PATH) and (path.endswith((SUFFIX_A, SUFFIX_B)) or path[len(_PATH) :] in (SCALING, LAYER))
 
 
 def trainable_patterns() -> list[str]:
@@ -196,8 +206,10 @@ def merge(params: dict) -> dict:
         return params
     s = layers[SCALING]
     if any(t not in layers for t in TARGETS if t + SUFFIX_A in layers):
-        raise ValueError("the adapters sit on a quantized LLM (QLoRA): merge them into the float "
-                         "base instead (load it, attach the adapters, merge), not into the quantized one")
+        raise ValueError(
+            "the adapters sit on a quantized LLM (QLoRA): merge them into the float "
+            "base instead (load it, attach the adapters, merge), not into the quantized one"
+        )
     out = {k: v for k, v in layers.items() if not is_lora_path(_PATH + k)}
     for t in TARGETS:
         if t + SUFFIX_A in layers:

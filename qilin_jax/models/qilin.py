@@ -1,4 +1,5 @@
 """QilinMedVL: CLIP ViT -> adapter -> image features placed at the image tokens -> LLaMA-2."""
+
 from __future__ import annotations
 
 import math
@@ -95,9 +96,14 @@ def cross_entropy(hidden, head_kernel, shifted, *, chunk: int = 0, supervised_on
     def gathered(k):
         def branch(h, t, m):
             order = jnp.argsort(~m, axis=1, stable=True)[:, :k]  # supervised positions first
-            return _ce_sum(jnp.take_along_axis(h, order[..., None], axis=1), head_kernel,
-                           jnp.take_along_axis(t, order, axis=1),
-                           jnp.take_along_axis(m, order, axis=1), chunk)
+            return _ce_sum(
+                jnp.take_along_axis(h, order[..., None], axis=1),
+                head_kernel,
+                jnp.take_along_axis(t, order, axis=1),
+                jnp.take_along_axis(m, order, axis=1),
+                chunk,
+            )
+
         return branch
 
     branches = [gathered(k) for k in budgets] + [lambda h, t, m: _ce_sum(h, head_kernel, t, m, chunk)]
@@ -114,8 +120,9 @@ class QilinMedVL(nnx.Module):
         self.config = config
         self.vision = VisionTransformer(config.vision, dtype=config.dtype, remat=config.remat, rngs=rngs)
         self.adapter = Adapter(config.adapter, config.vision.hidden_size, config.text.hidden_size, rngs=rngs)
-        self.llm = LlamaModel(config.text, dtype=config.dtype, attention_impl=config.attention,
-                              remat=config.remat, rngs=rngs)
+        self.llm = LlamaModel(
+            config.text, dtype=config.dtype, attention_impl=config.attention, remat=config.remat, rngs=rngs
+        )
 
     def image_features(self, pixel_values):
         """Adapter outputs [images, image_tokens, text_dim] for pixel values [images, 3, H, W]."""
@@ -152,13 +159,25 @@ class QilinMedVL(nnx.Module):
             idx = jnp.clip(idx, 0, flat.shape[0] - 1)
             placed = jnp.take(flat, idx, axis=0).reshape(B, T, -1)
         else:
-            raise ValueError(f"pixel_values must be [images, 3, H, W] or [batch, slots, 3, H, W], "
-                             f"got shape {pixel_values.shape}")
+            raise ValueError(
+                f"pixel_values must be [images, 3, H, W] or [batch, slots, 3, H, W], got shape {pixel_values.shape}"
+            )
         return jnp.where(is_img[..., None], placed.astype(emb.dtype), emb)
 
-    def __call__(self, input_ids, pixel_values=None, attention_mask=None, *, labels=None,
-                 position_ids=None, segment_ids=None, cache: KVCache | None = None,
-                 packed: bool = False, return_logits: bool = True, prefix_ids=None) -> QilinOutput:
+    def __call__(
+        self,
+        input_ids,
+        pixel_values=None,
+        attention_mask=None,
+        *,
+        labels=None,
+        position_ids=None,
+        segment_ids=None,
+        cache: KVCache | None = None,
+        packed: bool = False,
+        return_logits: bool = True,
+        prefix_ids=None,
+    ) -> QilinOutput:
         """Logits (and loss when labels are given) for token ids [batch, seq] and images.
 
         attention_mask: 1 for real tokens, 0 for padding (None = all ones). segment_ids
@@ -176,20 +195,31 @@ class QilinMedVL(nnx.Module):
         if pixel_values is not None:
             pixel_values = jnp.asarray(pixel_values)
         if segment_ids is None:
-            segment_ids = (jnp.ones_like(input_ids) if attention_mask is None
-                           else jnp.asarray(attention_mask)).astype(jnp.int32)
+            segment_ids = (jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask)).astype(
+                jnp.int32
+            )
         P = 0 if prefix_ids is None else math.prod(jnp.shape(prefix_ids))
         if position_ids is None and cache is None:
             position_ids = jnp.maximum(jnp.cumsum(segment_ids != 0, axis=1) - 1, 0).astype(jnp.int32) + P
         emb = self.embed_inputs(input_ids, pixel_values)
         prefix_embeds = None if prefix_ids is None else self.llm.embed(jnp.reshape(prefix_ids, (1, P)))
-        hidden, new_cache = self.llm(emb, segment_ids=segment_ids, position_ids=position_ids,
-                                     cache=cache, packed=packed, prefix_embeds=prefix_embeds)
+        hidden, new_cache = self.llm(
+            emb,
+            segment_ids=segment_ids,
+            position_ids=position_ids,
+            cache=cache,
+            packed=packed,
+            prefix_embeds=prefix_embeds,
+        )
         loss = n = None
         if labels is not None:
-            total, n = cross_entropy(hidden, self.llm.head_kernel(), shift_labels(jnp.asarray(labels)),
-                                     chunk=self.config.loss_chunk,
-                                     supervised_only=self.config.loss_supervised_only)
+            total, n = cross_entropy(
+                hidden,
+                self.llm.head_kernel(),
+                shift_labels(jnp.asarray(labels)),
+                chunk=self.config.loss_chunk,
+                supervised_only=self.config.loss_supervised_only,
+            )
             loss = total / jnp.maximum(n, 1)
         logits = self.llm.logits(hidden) if return_logits else None
         return QilinOutput(logits, loss, n, new_cache)

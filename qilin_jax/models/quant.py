@@ -19,6 +19,7 @@ Stored as `<name>_int8|_int4|_nf4` + `<name>_qscale` parameters of `llm/layers` 
 exists in float on the device). Frozen by construction: LoRA over a quantized base is QLoRA.
 Written here rather than with qwix: see docs/finetuning.md.
 """
+
 from __future__ import annotations
 
 import jax
@@ -31,11 +32,27 @@ GROUP = 128  # int4 group size (input rows per scale)
 BLOCK = 64  # NF4 block size (QLoRA)
 SCALE = "_qscale"
 # QLoRA's NF4 levels (bitsandbytes' NF4 code table), ascending.
-NF4_LEVELS = np.array([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-    0.24611230611801147, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-    0.7229568362236023, 1.0], np.float32)
+NF4_LEVELS = np.array(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230611801147,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ],
+    np.float32,
+)
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -52,8 +69,7 @@ def check_shape(kind: str, d_in: int) -> None:
     if kind not in KINDS:
         raise ValueError(f"quantize: unknown kind {kind!r}; known: {', '.join(KINDS)}")
     if kind != "int8" and d_in % _group(kind, d_in):
-        raise ValueError(f"quantize {kind}: input size {d_in} is not a multiple of the group "
-                         f"size {_group(kind, d_in)}")
+        raise ValueError(f"quantize {kind}: input size {d_in} is not a multiple of the group size {_group(kind, d_in)}")
 
 
 def _pack(q):

@@ -16,6 +16,7 @@ kernel in the Pallas interpreter, which is how the CPU tests check it against "x
 Do not trace it for TPU under `jax_default_matmul_precision="highest"` with bf16 inputs:
 Mosaic rejects the kernel's bf16 dots at that precision ("Bad lhs type").
 """
+
 from __future__ import annotations
 
 import functools
@@ -42,9 +43,16 @@ def _kernel(heads: int, T: int, *, causal: bool, mqa: bool, interpret: bool):
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     b = _block_for(T)
-    blocks = sa.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b,
-                           block_q_dkv=b, block_kv_dkv=b, block_kv_dkv_compute=b,
-                           block_q_dq=b, block_kv_dq=b)
+    blocks = sa.BlockSizes(
+        block_q=b,
+        block_kv=b,
+        block_kv_compute=b,
+        block_q_dkv=b,
+        block_kv_dkv=b,
+        block_kv_dkv_compute=b,
+        block_q_dq=b,
+        block_kv_dq=b,
+    )
     one = sa.CausalMask((T, T)) if causal else sa.FullMask((T, T))
     mask = sa.MultiHeadMask([one] * heads)
     make = sa.make_splash_mqa if mqa else sa.make_splash_mha
@@ -57,7 +65,7 @@ def _local(q, k, v, seg, *, causal: bool, interpret: bool):
 
     B, T, H, hd = q.shape
     KV = k.shape[2]
-    q = q * jnp.asarray(hd ** -0.5, q.dtype)  # the kernel does not scale
+    q = q * jnp.asarray(hd**-0.5, q.dtype)  # the kernel does not scale
     q = q.transpose(0, 2, 1, 3)  # [B, H, T, hd]
     k = k.transpose(0, 2, 1, 3)
     v = v.transpose(0, 2, 1, 3)
@@ -69,8 +77,7 @@ def _local(q, k, v, seg, *, causal: bool, interpret: bool):
         G = H // KV
         kern = _kernel(G, T, causal=causal, mqa=True, interpret=interpret)
         qg = q.reshape(B, KV, G, T, hd)
-        per_kv = jax.vmap(lambda q_, k_, v_, s_: kern(q_, k_, v_, segment_ids=ids(s_)),
-                          in_axes=(0, 0, 0, None))
+        per_kv = jax.vmap(lambda q_, k_, v_, s_: kern(q_, k_, v_, segment_ids=ids(s_)), in_axes=(0, 0, 0, None))
         out = jax.vmap(per_kv)(qg, k, v, seg).reshape(B, H, T, hd)
     return out.transpose(0, 2, 1, 3)
 
@@ -110,7 +117,8 @@ def splash_attention(q, k, v, *, segment_ids=None, causal: bool = True, interpre
         if heads is not None and _axes_that_divide(head_entry, KV, mesh) != heads:
             heads = None  # KV heads must split the same way as query heads
         qkv_spec = P(batch, None, heads, None)
-        fn = jax.shard_map(fn, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, P(batch, None)),
-                           out_specs=qkv_spec, check_vma=False)
+        fn = jax.shard_map(
+            fn, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, P(batch, None)), out_specs=qkv_spec, check_vma=False
+        )
     out = fn(q, k, v, segment_ids)
     return out[:, :T] if Tp != T else out

@@ -5,6 +5,7 @@ positions, `pre_layrnorm`, pre-LN blocks with quick_gelu MLPs. Layers are stacke
 with `lax.scan`; `__call__` stops after the layer whose hidden state is asked for, so the
 last block is never computed for the LLaVA feature layer -2.
 """
+
 from __future__ import annotations
 
 import jax
@@ -22,8 +23,11 @@ def quick_gelu(x):
     return x * jax.nn.sigmoid(1.702 * x)
 
 
-ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-               "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
+ACTIVATIONS = {
+    "quick_gelu": quick_gelu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+}
 
 
 def posemb_sincos_2d(grid: int, dim: int, temperature: float = 10000.0):
@@ -77,8 +81,7 @@ def _block(p, x, *, cfg: VisionConfig, dtype):
 class VisionTransformer(nnx.Module):
     """CLIP ViT; `__call__` returns the hidden state of a selected layer."""
 
-    def __init__(self, cfg: VisionConfig, *, dtype: str = "float32", remat: str = "none",
-                 rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig, *, dtype: str = "float32", remat: str = "none", rngs: nnx.Rngs):
         self.cfg = cfg
         self.dtype = dtype
         self.remat = remat
@@ -89,8 +92,9 @@ class VisionTransformer(nnx.Module):
         if cfg.position_embedding_init == "sincos2d":
             self.position_embedding.set_value(posemb_sincos_2d(cfg.image_size // p, D))
         elif cfg.position_embedding_init != "normal":
-            raise ValueError(f"vision.position_embedding_init must be normal or sincos2d, "
-                             f"got {cfg.position_embedding_init!r}")
+            raise ValueError(
+                f"vision.position_embedding_init must be normal or sincos2d, got {cfg.position_embedding_init!r}"
+            )
         self.pre_ln_scale = param(rngs, (D,), ("norm",), value=1.0)
         self.pre_ln_bias = param(rngs, (D,), ("norm",), value=0.0)
         self.layers = VisionLayers(cfg, rngs=rngs)
@@ -104,8 +108,10 @@ class VisionTransformer(nnx.Module):
         N, C, Hh, W = pixel_values.shape
         p = cfg.patch_size
         if Hh != cfg.image_size or W != cfg.image_size or C != cfg.num_channels:
-            raise ValueError(f"pixel_values have shape {pixel_values.shape}; this vision tower "
-                             f"expects [N, {cfg.num_channels}, {cfg.image_size}, {cfg.image_size}]")
+            raise ValueError(
+                f"pixel_values have shape {pixel_values.shape}; this vision tower "
+                f"expects [N, {cfg.num_channels}, {cfg.image_size}, {cfg.image_size}]"
+            )
         x = pixel_values.astype(dtype).transpose(0, 2, 3, 1)  # NHWC
         gh, gw = Hh // p, W // p
         x = x.reshape(N, gh, p, gw, p, C).transpose(0, 1, 3, 2, 4, 5).reshape(N, gh * gw, p * p * C)
@@ -139,5 +145,6 @@ class VisionTransformer(nnx.Module):
 
     def pooled(self, last_hidden):
         """CLIP pooler output: post_layernorm of the class token of the last hidden state."""
-        return layer_norm(last_hidden[:, 0], self.post_ln_scale.get_value(),
-                          self.post_ln_bias.get_value(), self.cfg.layer_norm_eps)
+        return layer_norm(
+            last_hidden[:, 0], self.post_ln_scale.get_value(), self.post_ln_bias.get_value(), self.cfg.layer_norm_eps
+        )

@@ -12,6 +12,7 @@
 Errors are OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with a 4xx status
 for anything the client sent wrong; the message names the field.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -38,16 +39,28 @@ from qilin_jax.serve.engine import Engine, Event, QueueFull, Request, compile_co
 
 log = logging.getLogger("qilin_jax.serve")
 
-IMAGE_MIME = {"image/png": "image.png", "image/jpeg": "image.jpg", "image/jpg": "image.jpg",
-              "application/dicom": "image.dcm", "image/dicom": "image.dcm"}
+IMAGE_MIME = {
+    "image/png": "image.png",
+    "image/jpeg": "image.jpg",
+    "image/jpg": "image.jpg",
+    "application/dicom": "image.dcm",
+    "image/dicom": "image.dcm",
+}
 API_KEY_ENV = "QILIN_API_KEY"
 
 
 class APIError(Exception):
     """An error answered to the client: HTTP status and OpenAI's error fields."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str = "invalid_request_error", headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type_: str = "invalid_request_error",
+        headers: dict | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
         self.headers = headers or {}
@@ -62,6 +75,7 @@ class APIError(Exception):
 
 # --- request parsing ------------------------------------------------------------------------
 
+
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -75,15 +89,24 @@ def decode_data_url(url, param: str) -> tuple[bytes, str]:
     if not isinstance(url, str):
         raise APIError(400, f"{param} must be a string data: URL", param, "invalid_image_url")
     if not url.startswith("data:"):
-        raise APIError(400, f"{param}: only data: URLs (base64 PNG, JPEG or DICOM) are accepted; "
-                            "the server fetches nothing from the network", param, "invalid_image_url")
+        raise APIError(
+            400,
+            f"{param}: only data: URLs (base64 PNG, JPEG or DICOM) are accepted; "
+            "the server fetches nothing from the network",
+            param,
+            "invalid_image_url",
+        )
     head, sep, data = url[5:].partition(",")
     if not sep or not head.endswith(";base64"):
         raise APIError(400, f"{param}: expected data:<mime type>;base64,<data>", param, "invalid_image_url")
     mime = head[: -len(";base64")].strip().lower()
     if mime not in IMAGE_MIME:
-        raise APIError(400, f"{param}: unsupported image type {mime!r}; use one of {sorted(IMAGE_MIME)}",
-                       param, "invalid_image_format")
+        raise APIError(
+            400,
+            f"{param}: unsupported image type {mime!r}; use one of {sorted(IMAGE_MIME)}",
+            param,
+            "invalid_image_format",
+        )
     try:
         raw = base64.b64decode("".join(data.split()), validate=True)
     except (binascii.Error, ValueError) as e:
@@ -155,6 +178,7 @@ def parse_messages(messages) -> tuple[list[dict], str, list[tuple]]:
 
 # --- the app --------------------------------------------------------------------------------
 
+
 class Metrics:
     """The Prometheus metrics of one server (own registry)."""
 
@@ -166,18 +190,18 @@ class Metrics:
         self.finished = Counter("qilin_finished", "Finished generations by finish reason", ["reason"], registry=r)
         self.prompt_tokens = Counter("qilin_prompt_tokens", "Prompt tokens prefilled", registry=r)
         self.completion_tokens = Counter("qilin_completion_tokens", "Tokens generated", registry=r)
-        self.disconnects = Counter("qilin_client_disconnects", "Requests dropped because the client went away",
-                                   registry=r)
+        self.disconnects = Counter(
+            "qilin_client_disconnects", "Requests dropped because the client went away", registry=r
+        )
         Gauge("qilin_queue_depth", "Requests waiting for a slot", registry=r).set_function(engine.queue_depth)
         Gauge("qilin_slots_in_use", "Decode slots holding a request", registry=r).set_function(engine.slots_in_use)
         Gauge("qilin_slots", "Decode slots", registry=r).set(engine.slots)
-        Gauge("qilin_compilations_since_ready", "XLA compilations since the server became ready",
-              registry=r).set_function(lambda: compile_count() - (engine.ready_compiles or compile_count()))
+        Gauge(
+            "qilin_compilations_since_ready", "XLA compilations since the server became ready", registry=r
+        ).set_function(lambda: compile_count() - (engine.ready_compiles or compile_count()))
         buckets = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-        self.ttft = Histogram("qilin_time_to_first_token_seconds", "Submit to first token", buckets=buckets,
-                              registry=r)
-        self.latency = Histogram("qilin_request_latency_seconds", "Submit to last token", buckets=buckets,
-                                 registry=r)
+        self.ttft = Histogram("qilin_time_to_first_token_seconds", "Submit to first token", buckets=buckets, registry=r)
+        self.latency = Histogram("qilin_request_latency_seconds", "Submit to last token", buckets=buckets, registry=r)
 
     def on_finish(self, req: Request) -> None:
         """Engine hook: count a finished request."""
@@ -199,9 +223,16 @@ class Server:
         check_tokenizer(model, tokenizer)
         self.model, self.tokenizer, self.mesh = model, tokenizer, mesh
         self.tokenizer_lock = threading.Lock()
-        self.engine = Engine(model, tokenizer, slots=self.cfg.slots, max_len=self.cfg.max_context,
-                             prompt_buckets=self.cfg.prompt_buckets, max_queue=self.cfg.max_queue, mesh=mesh,
-                             tokenizer_lock=self.tokenizer_lock)
+        self.engine = Engine(
+            model,
+            tokenizer,
+            slots=self.cfg.slots,
+            max_len=self.cfg.max_context,
+            prompt_buckets=self.cfg.prompt_buckets,
+            max_queue=self.cfg.max_queue,
+            mesh=mesh,
+            tokenizer_lock=self.tokenizer_lock,
+        )
         self.metrics = Metrics(self.engine)
         self.engine.on_finish = self.metrics.on_finish
         self.api_key = self.cfg.api_key or os.environ.get(API_KEY_ENV, "")
@@ -217,14 +248,19 @@ class Server:
         auth = request.headers.get("authorization", "")
         given = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
         if not hmac.compare_digest(given.encode(), self.api_key.encode()):
-            raise APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-                           None, "invalid_api_key")
+            raise APIError(
+                401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'", None, "invalid_api_key"
+            )
 
     async def _body(self, request) -> dict:
         limit = int(self.cfg.max_body_mb * 2**20)
         length = request.headers.get("content-length")
-        too_big = APIError(413, f"the request body is larger than the limit of {self.cfg.max_body_mb:g} MB "
-                                "(serve.max_body_mb)", None, "request_too_large")
+        too_big = APIError(
+            413,
+            f"the request body is larger than the limit of {self.cfg.max_body_mb:g} MB (serve.max_body_mb)",
+            None,
+            "request_too_large",
+        )
         if length is not None and length.isdigit() and int(length) > limit:
             raise too_big
         chunks, size = [], 0
@@ -256,8 +292,9 @@ class Server:
             raise APIError(400, f"{param}: {e}", param, "invalid_image") from None
         except Exception as e:  # noqa: BLE001  any decoder failure is the image's fault
             param = images[0][1] if len(images) == 1 else "messages"
-            raise APIError(400, f"{param}: cannot decode the image: {type(e).__name__}: {e}", param,
-                           "invalid_image") from None
+            raise APIError(
+                400, f"{param}: cannot decode the image: {type(e).__name__}: {e}", param, "invalid_image"
+            ) from None
 
     async def _parse(self, body: dict) -> tuple[Request, dict]:
         cfg = self.cfg
@@ -265,8 +302,12 @@ class Server:
         if not isinstance(model, str) or not model:
             raise APIError(400, "model is required (a string); see GET /v1/models", "model")
         if model != cfg.model_name:
-            raise APIError(404, f"the model {model!r} does not exist; this server serves {cfg.model_name!r}",
-                           "model", "model_not_found")
+            raise APIError(
+                404,
+                f"the model {model!r} does not exist; this server serves {cfg.model_name!r}",
+                "model",
+                "model_not_found",
+            )
         n = body.get("n", 1)
         if n is not None and n != 1:
             raise APIError(400, "only n=1 is supported", "n")
@@ -304,8 +345,12 @@ class Server:
             raise APIError(400, "stream_options must be an object", "stream_options")
         turns, system, images = parse_messages(body.get("messages"))
         if len(images) > cfg.max_images:
-            raise APIError(400, f"{len(images)} images in messages; at most {cfg.max_images} are accepted "
-                                "(serve.max_images)", "messages", "too_many_images")
+            raise APIError(
+                400,
+                f"{len(images)} images in messages; at most {cfg.max_images} are accepted (serve.max_images)",
+                "messages",
+                "too_many_images",
+            )
         if images:
             turns[0] = {"from": "human", "value": first_turn(turns[0]["value"], True)["value"]}
         pixels = await asyncio.to_thread(self._pixels, images)
@@ -318,18 +363,33 @@ class Server:
         n_prompt = len(ids)
         room = self.engine.max_len - n_prompt
         if room < 1:
-            raise APIError(400, f"messages: the prompt is {n_prompt} tokens; the context is {self.engine.max_len} "
-                                "tokens, which leaves no room for an answer", "messages",
-                           "context_length_exceeded")
+            raise APIError(
+                400,
+                f"messages: the prompt is {n_prompt} tokens; the context is {self.engine.max_len} "
+                "tokens, which leaves no room for an answer",
+                "messages",
+                "context_length_exceeded",
+            )
         if max_tokens is None:
             max_tokens = min(cfg.max_new_tokens, room)
         elif max_tokens > room:
-            raise APIError(400, f"the prompt is {n_prompt} tokens and {key} is {max_tokens}: "
-                                f"{n_prompt + max_tokens} tokens, more than the context of "
-                                f"{self.engine.max_len}; lower {key}", key, "context_length_exceeded")
-        req = Request(ids=np.asarray(ids, np.int32), pixels=pixels, max_tokens=int(max_tokens),
-                      temperature=float(temperature), top_p=float(top_p), seed=int(seed),
-                      stop=list(cfg.stop) + stop)
+            raise APIError(
+                400,
+                f"the prompt is {n_prompt} tokens and {key} is {max_tokens}: "
+                f"{n_prompt + max_tokens} tokens, more than the context of "
+                f"{self.engine.max_len}; lower {key}",
+                key,
+                "context_length_exceeded",
+            )
+        req = Request(
+            ids=np.asarray(ids, np.int32),
+            pixels=pixels,
+            max_tokens=int(max_tokens),
+            temperature=float(temperature),
+            top_p=float(top_p),
+            seed=int(seed),
+            stop=list(cfg.stop) + stop,
+        )
         return req, {"stream": stream, "include_usage": bool(so.get("include_usage"))}
 
     def _submit(self, req: Request) -> asyncio.Queue:
@@ -339,8 +399,14 @@ class Server:
         try:
             self.engine.submit(req)
         except QueueFull as e:
-            raise APIError(429, f"the server is busy ({e}); retry shortly", None, "rate_limit_exceeded",
-                           "requests", headers={"Retry-After": "1"}) from None
+            raise APIError(
+                429,
+                f"the server is busy ({e}); retry shortly",
+                None,
+                "rate_limit_exceeded",
+                "requests",
+                headers={"Retry-After": "1"},
+            ) from None
         except ValueError as e:
             raise APIError(400, str(e), "messages", "context_length_exceeded") from None
         return q
@@ -351,8 +417,14 @@ class Server:
 
     async def _completion(self, request):
         if not self.engine.ready:
-            raise APIError(503, "the model is still loading / compiling; see GET /health", None, "not_ready",
-                           "server_error", headers={"Retry-After": "5"})
+            raise APIError(
+                503,
+                "the model is still loading / compiling; see GET /health",
+                None,
+                "not_ready",
+                "server_error",
+                headers={"Retry-After": "5"},
+            )
         self._check_key(request)
         body = await self._body(request)
         req, opts = await self._parse(body)
@@ -379,24 +451,42 @@ class Server:
             self.metrics.disconnects.inc()
             raise
         if ev.finish_reason not in ("stop", "length"):
-            raise APIError(500, f"generation failed: {ev.error or ev.finish_reason}", None, "generation_failed",
-                           "server_error")
+            raise APIError(
+                500, f"generation failed: {ev.error or ev.finish_reason}", None, "generation_failed", "server_error"
+            )
         from fastapi.responses import JSONResponse
 
-        return JSONResponse({
-            "id": cid, "object": "chat.completion", "created": created, "model": name,
-            "system_fingerprint": None,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": req.text, "refusal": None},
-                         "logprobs": None, "finish_reason": ev.finish_reason}],
-            "usage": self._usage(req)})
+        return JSONResponse(
+            {
+                "id": cid,
+                "object": "chat.completion",
+                "created": created,
+                "model": name,
+                "system_fingerprint": None,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": req.text, "refusal": None},
+                        "logprobs": None,
+                        "finish_reason": ev.finish_reason,
+                    }
+                ],
+                "usage": self._usage(req),
+            }
+        )
 
     def _stream(self, req: Request, q: asyncio.Queue, cid: str, created: int, name: str, include_usage: bool):
         from fastapi.responses import StreamingResponse
 
         def chunk(delta: dict, finish=None, usage=None, choices=True) -> str:
-            d = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
-                 "system_fingerprint": None,
-                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}] if choices else []}
+            d = {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": name,
+                "system_fingerprint": None,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}] if choices else [],
+            }
             if usage is not None:
                 d["usage"] = usage
             return f"data: {json.dumps(d, ensure_ascii=False)}\n\n"
@@ -417,8 +507,12 @@ class Server:
                     if include_usage:
                         yield chunk({}, usage=self._usage(req), choices=False)
                 else:
-                    err = {"message": f"generation failed: {ev.error or ev.finish_reason}", "type": "server_error",
-                           "param": None, "code": "generation_failed"}
+                    err = {
+                        "message": f"generation failed: {ev.error or ev.finish_reason}",
+                        "type": "server_error",
+                        "param": None,
+                        "code": "generation_failed",
+                    }
                     yield f"data: {json.dumps({'error': err})}\n\n"
                 yield "data: [DONE]\n\n"
             finally:
@@ -426,15 +520,19 @@ class Server:
                     req.cancel()
                     metrics.disconnects.inc()
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
 
     def _preview(self, pixels: np.ndarray) -> str:
         from PIL import Image
 
         from qilin_jax.data.images import CLIP_MEAN, CLIP_STD
 
-        x = pixels[0] * np.asarray(CLIP_STD, np.float32)[:, None, None] + np.asarray(CLIP_MEAN, np.float32)[:, None, None]
+        x = (
+            pixels[0] * np.asarray(CLIP_STD, np.float32)[:, None, None]
+            + np.asarray(CLIP_MEAN, np.float32)[:, None, None]
+        )
         rgb = np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8).transpose(1, 2, 0)
         buf = io.BytesIO()
         Image.fromarray(rgb, "RGB").save(buf, format="PNG")
@@ -472,8 +570,12 @@ class Server:
                 self._check_key(request)
             except APIError as e:
                 return e.response()
-            return {"object": "list", "data": [{"id": self.cfg.model_name, "object": "model",
-                                                "created": self.created, "owned_by": "qilin-jax"}]}
+            return {
+                "object": "list",
+                "data": [
+                    {"id": self.cfg.model_name, "object": "model", "created": self.created, "owned_by": "qilin-jax"}
+                ],
+            }
 
         @app.post("/v1/preview")
         async def preview(request: HTTPRequest):
@@ -483,16 +585,23 @@ class Server:
                 iu = body.get("image_url")
                 url = iu.get("url") if isinstance(iu, dict) else iu
                 pixels = await asyncio.to_thread(self._pixels, [(url, "image_url")])
-                return {"preview": await asyncio.to_thread(self._preview, pixels),
-                        "size": int(pixels.shape[-1]), "image_mode": self.cfg.image_mode}
+                return {
+                    "preview": await asyncio.to_thread(self._preview, pixels),
+                    "size": int(pixels.shape[-1]),
+                    "image_mode": self.cfg.image_mode,
+                }
             except APIError as e:
                 return e.response()
 
         @app.get("/health")
         async def health():
             if self.engine.ready:
-                return {"status": "ok", "model": self.cfg.model_name, "slots": self.engine.slots,
-                        "max_context": self.engine.max_len}
+                return {
+                    "status": "ok",
+                    "model": self.cfg.model_name,
+                    "slots": self.engine.slots,
+                    "max_context": self.engine.max_len,
+                }
             status = "error: " + self.warmup_error if self.warmup_error else "loading"
             return JSONResponse({"status": status}, status_code=503)
 
@@ -530,8 +639,9 @@ class Server:
     def _uvicorn(self, host: str, port: int):
         import uvicorn
 
-        config = uvicorn.Config(self.app, host=host, port=port, log_level="warning", access_log=False,
-                                timeout_graceful_shutdown=5)
+        config = uvicorn.Config(
+            self.app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=5
+        )
         self.uvicorn = uvicorn.Server(config)
         return self.uvicorn
 
@@ -539,8 +649,12 @@ class Server:
         """Serve on cfg.host:cfg.port until interrupted (warm-up runs while /health says 503)."""
         threading.Thread(target=self.warmup, name="qilin-serve-warmup", daemon=True).start()
         server = self._uvicorn(self.cfg.host, self.cfg.port)
-        log.info("serve: http://%s:%d (model %r; /health turns 200 once compiled)", self.cfg.host,
-                 self.cfg.port, self.cfg.model_name)
+        log.info(
+            "serve: http://%s:%d (model %r; /health turns 200 once compiled)",
+            self.cfg.host,
+            self.cfg.port,
+            self.cfg.model_name,
+        )
         try:
             server.run()
         except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown

@@ -1,5 +1,6 @@
 """Settings of the server: the `serve:` section of a run config (`python main.py --config
 configs/serve.yaml serve.port=8080`)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -51,7 +52,10 @@ class ServeConfig(DecodeOptions):
         if self.max_body_mb <= 0:
             raise ValueError(f"{section}.max_body_mb must be > 0, got {self.max_body_mb}")
         if not isinstance(self.prompt_buckets, list) or not all(
-                isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in self.prompt_buckets):
-            raise ValueError(f"{section}.prompt_buckets must be a list of positive integers, got {self.prompt_buckets!r}")
+            isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in self.prompt_buckets
+        ):
+            raise ValueError(
+                f"{section}.prompt_buckets must be a list of positive integers, got {self.prompt_buckets!r}"
+            )
         if not self.model_name:
             raise ValueError(f"{section}.model_name must not be empty")

@@ -20,6 +20,7 @@ functions (`_qkv`, `_out_mlp`, RoPE, the XLA attention), positions 0..n-1 and ma
 padding; a request's tokens do not depend on which slot it gets or what the other slots
 hold (each row of the step is computed independently, masked keys weigh exactly zero).
 """
+
 from __future__ import annotations
 
 import collections
@@ -69,6 +70,7 @@ compile_count()  # start counting at import
 
 # --- sampling -------------------------------------------------------------------------------
 
+
 def sample_rows(logits, temperature, top_p, seed, count):
     """Next tokens [rows] from logits [rows, vocab], each row with its own settings: greedy where
     temperature <= 0, else softmax(logits / temperature) cut to the top_p nucleus, drawn with
@@ -99,6 +101,7 @@ def sample_rows(logits, temperature, top_p, seed, count):
 
 
 # --- the compiled programs ------------------------------------------------------------------
+
 
 def _prefill_insert(graphdef, state, layers, k, v, ids, n, pixels, slot, temperature, top_p, seed):
     """Prefill one right-padded prompt ids [1, T] (n real tokens) with its image, write its
@@ -162,6 +165,7 @@ def _decode(graphdef, state, layers, k, v, tok, lens, temperature, top_p, seed, 
             x = attend(p, x, q, ks[i][:, :window], vs[i][:, :window])
         k, v = tuple(ks), tuple(vs)
     else:
+
         def body(carry, xs):
             h, k, v = carry
             p, i = xs
@@ -176,6 +180,7 @@ def _decode(graphdef, state, layers, k, v, tok, lens, temperature, top_p, seed, 
 
 
 # --- requests -------------------------------------------------------------------------------
+
 
 class QueueFull(Exception):
     """The waiting queue is full; retry later."""
@@ -227,6 +232,7 @@ class Request:
 
 # --- the engine -----------------------------------------------------------------------------
 
+
 def default_buckets(max_len: int) -> list[int]:
     """Every prompt length bucket `prompt_length_bucket` gives up to max_len (max_len the last)."""
     return sorted({min(prompt_length_bucket(n), max_len) for n in range(1, max_len + 1)})
@@ -250,18 +256,31 @@ class Engine:
     cache is sharded like the activations (kv heads over `tensor`, slots over `data`).
     """
 
-    def __init__(self, model, tokenizer, *, slots: int = 8, max_len: int = 0,
-                 prompt_buckets: Sequence[int] = (), max_queue: int = 64, mesh=None,
-                 tokenizer_lock: threading.Lock | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        slots: int = 8,
+        max_len: int = 0,
+        prompt_buckets: Sequence[int] = (),
+        max_queue: int = 64,
+        mesh=None,
+        tokenizer_lock: threading.Lock | None = None,
+    ):
         cfg = model.config
         self.model, self.tokenizer, self.mesh = model, tokenizer, mesh
         self.slots = int(slots)
         self.max_len = int(max_len or cfg.text.max_position_embeddings)
         if self.max_len > cfg.text.max_position_embeddings:
-            raise ValueError(f"max_len {self.max_len} exceeds the model's max_position_embeddings "
-                             f"{cfg.text.max_position_embeddings}")
-        self.buckets = (sorted({b for b in prompt_buckets if b < self.max_len} | {self.max_len})
-                        if prompt_buckets else default_buckets(self.max_len))
+            raise ValueError(
+                f"max_len {self.max_len} exceeds the model's max_position_embeddings {cfg.text.max_position_embeddings}"
+            )
+        self.buckets = (
+            sorted({b for b in prompt_buckets if b < self.max_len} | {self.max_len})
+            if prompt_buckets
+            else default_buckets(self.max_len)
+        )
         self.windows = decode_windows(self.max_len)
         self.max_queue = int(max_queue)
         self.eos_id = tokenizer.eos_token_id
@@ -282,8 +301,12 @@ class Engine:
             from jax.sharding import PartitionSpec as P
 
             data, tensor = mesh.shape.get("data", 1), mesh.shape.get("tensor", 1)
-            spec = ("data" if self.slots % data == 0 and data > 1 else None, None,
-                    "tensor" if text.num_key_value_heads % tensor == 0 and tensor > 1 else None, None)
+            spec = (
+                "data" if self.slots % data == 0 and data > 1 else None,
+                None,
+                "tensor" if text.num_key_value_heads % tensor == 0 and tensor > 1 else None,
+                None,
+            )
             sh = NamedSharding(mesh, P(*spec) if per_layer else P(None, *spec))
             cache_sh = (sh,) * shape[0] if per_layer else sh
             # Fixed output shardings: a cache that came back sharded differently would be a new
@@ -301,8 +324,7 @@ class Engine:
         else:
             self.k, self.v = zeros(shape), zeros(shape)
         self._prefill = jax.jit(_prefill_insert, static_argnums=(0,), donate_argnums=(3, 4), **kw)
-        self._decode = jax.jit(_decode, static_argnums=(0,), static_argnames=("window",),
-                               donate_argnums=(3, 4), **kw)
+        self._decode = jax.jit(_decode, static_argnums=(0,), static_argnames=("window",), donate_argnums=(3, 4), **kw)
 
         S = self.slots
         self.slot_req: list[Request | None] = [None] * S
@@ -346,8 +368,10 @@ class Engine:
         if n_prompt < 1:
             raise ValueError("the prompt is empty")
         if n_prompt + max_tokens > self.max_len:
-            raise ValueError(f"the prompt ({n_prompt} tokens) plus max_tokens ({max_tokens}) is "
-                             f"{n_prompt + max_tokens} tokens, more than the context of {self.max_len}")
+            raise ValueError(
+                f"the prompt ({n_prompt} tokens) plus max_tokens ({max_tokens}) is "
+                f"{n_prompt + max_tokens} tokens, more than the context of {self.max_len}"
+            )
 
     # -- lifecycle
     def warmup(self) -> float:
@@ -367,25 +391,51 @@ class Engine:
         for round_ in range(2):
             before = compile_count()
             for T in self.buckets:
-                self.k, self.v, tok = self._prefill(self.graphdef, self.state, self.layers, self.k, self.v,
-                                                    np.zeros((1, T), np.int32), np.int32(1), px, np.int32(0),
-                                                    one_f, np.ones(1, np.float32), one_i)
+                self.k, self.v, tok = self._prefill(
+                    self.graphdef,
+                    self.state,
+                    self.layers,
+                    self.k,
+                    self.v,
+                    np.zeros((1, T), np.int32),
+                    np.int32(1),
+                    px,
+                    np.int32(0),
+                    one_f,
+                    np.ones(1, np.float32),
+                    one_i,
+                )
                 np.asarray(tok)
             for W in self.windows:
-                self.k, self.v, tok = self._decode(self.graphdef, self.state, self.layers, self.k, self.v,
-                                                   np.zeros(S, np.int32), np.zeros(S, np.int32),
-                                                   np.zeros(S, np.float32), np.ones(S, np.float32),
-                                                   np.zeros(S, np.int32), np.zeros(S, np.int32), window=W)
+                self.k, self.v, tok = self._decode(
+                    self.graphdef,
+                    self.state,
+                    self.layers,
+                    self.k,
+                    self.v,
+                    np.zeros(S, np.int32),
+                    np.zeros(S, np.int32),
+                    np.zeros(S, np.float32),
+                    np.ones(S, np.float32),
+                    np.zeros(S, np.int32),
+                    np.zeros(S, np.int32),
+                    window=W,
+                )
                 np.asarray(tok)
             if round_ == 1 and compile_count() != before:
-                log.warning("serve warm-up: %d programs compiled again on the second round",
-                            compile_count() - before)
+                log.warning("serve warm-up: %d programs compiled again on the second round", compile_count() - before)
 
     def start(self) -> None:
         """Warm up (compile everything), then run the scheduling loop in a daemon thread."""
         secs = self.warmup()
-        log.info("serve: compiled %d prefill buckets %s and %d decode windows %s in %.1f s",
-                 len(self.buckets), self.buckets, len(self.windows), self.windows, secs)
+        log.info(
+            "serve: compiled %d prefill buckets %s and %d decode windows %s in %.1f s",
+            len(self.buckets),
+            self.buckets,
+            len(self.windows),
+            self.windows,
+            secs,
+        )
         self.thread = threading.Thread(target=self._loop, name="qilin-serve-engine", daemon=True)
         self.thread.start()
         self.ready_compiles = compile_count()
@@ -413,9 +463,18 @@ class Engine:
             self.cond.notify_all()
         return req
 
-    def generate(self, ids, pixels=None, *, max_tokens: int = 256, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (),
-                 timeout: float | None = None) -> Request:
+    def generate(
+        self,
+        ids,
+        pixels=None,
+        *,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        stop: Sequence[str] = (),
+        timeout: float | None = None,
+    ) -> Request:
         """Submit and wait: the finished Request (tokens, text, finish_reason)."""
         req = self.submit(Request(np.asarray(ids, np.int32), pixels, max_tokens, temperature, top_p, seed, stop))
         if not req.done.wait(timeout):
@@ -477,9 +536,20 @@ class Engine:
         px = np.zeros(self.image_shape, np.float32) if req.pixels is None else np.asarray(req.pixels, np.float32)
         temp, top_p = np.float32(max(req.temperature, 0.0)), np.float32(req.top_p)
         seed = np.int32(req.seed % (2**31))
-        self.k, self.v, tok = self._prefill(self.graphdef, self.state, self.layers, self.k, self.v, ids,
-                                            np.int32(n), px, np.int32(s), np.asarray([temp]),
-                                            np.asarray([top_p]), np.asarray([seed]))
+        self.k, self.v, tok = self._prefill(
+            self.graphdef,
+            self.state,
+            self.layers,
+            self.k,
+            self.v,
+            ids,
+            np.int32(n),
+            px,
+            np.int32(s),
+            np.asarray([temp]),
+            np.asarray([top_p]),
+            np.asarray([seed]),
+        )
         self.slot_req[s] = req
         self.decoders[s] = IncrementalDecoder(self.tokenizer, req.stop, self.eos_id)
         self.lens[s], self.count[s] = n, 1
@@ -495,9 +565,20 @@ class Engine:
         active = [s for s in range(self.slots) if self.slot_req[s] is not None]
         longest = int(self.lens[active].max()) + 1
         window = next(w for w in self.windows if w >= longest)
-        self.k, self.v, tok = self._decode(self.graphdef, self.state, self.layers, self.k, self.v,
-                                           self.tok, self.lens, self.temp, self.top_p, self.seed,
-                                           self.count, window=window)
+        self.k, self.v, tok = self._decode(
+            self.graphdef,
+            self.state,
+            self.layers,
+            self.k,
+            self.v,
+            self.tok,
+            self.lens,
+            self.temp,
+            self.top_p,
+            self.seed,
+            self.count,
+            window=window,
+        )
         tok = np.asarray(tok)
         self.steps += 1
         for s in active:

@@ -1,13 +1,24 @@
 """Model FLOPs per training step (the MFU formula) and per-device peaks."""
+
 from __future__ import annotations
 
 from qilin_jax.models.configs import QilinConfig
 
 # Dense bf16 peak TFLOP/s per device (vendor figures).
 PEAK_TFLOPS = {
-    "a100": 312.0, "h100": 989.0, "h200": 989.0, "h800": 989.0, "l4": 121.0, "a10": 125.0,
-    "tpu v4": 275.0, "tpu v5 lite": 197.0, "tpu v5e": 197.0, "tpu v5p": 459.0, "tpu v5": 459.0,
-    "tpu v6 lite": 918.0, "tpu v6e": 918.0,
+    "a100": 312.0,
+    "h100": 989.0,
+    "h200": 989.0,
+    "h800": 989.0,
+    "l4": 121.0,
+    "a10": 125.0,
+    "tpu v4": 275.0,
+    "tpu v5 lite": 197.0,
+    "tpu v5e": 197.0,
+    "tpu v5p": 459.0,
+    "tpu v5": 459.0,
+    "tpu v6 lite": 918.0,
+    "tpu v6e": 918.0,
 }
 
 
@@ -22,22 +33,32 @@ def device_peak_tflops(device) -> float | None:
 
 def _llm_matmul_params(cfg: QilinConfig) -> int:
     t = cfg.text
-    per_layer = (t.hidden_size * t.num_attention_heads * t.head_dim * 2
-                 + t.hidden_size * t.num_key_value_heads * t.head_dim * 2
-                 + 3 * t.hidden_size * t.intermediate_size)
+    per_layer = (
+        t.hidden_size * t.num_attention_heads * t.head_dim * 2
+        + t.hidden_size * t.num_key_value_heads * t.head_dim * 2
+        + 3 * t.hidden_size * t.intermediate_size
+    )
     return t.num_hidden_layers * per_layer  # the LM head is counted apart (head_tokens)
 
 
 def _vit_matmul_params(cfg: QilinConfig, layers: int) -> int:
     v = cfg.vision
-    per_layer = 4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size
-    patch = v.patch_size ** 2 * v.num_channels * v.hidden_size
+    per_layer = 4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size
+    patch = v.patch_size**2 * v.num_channels * v.hidden_size
     return layers * per_layer + patch
 
 
-def step_flops(cfg: QilinConfig, batch: int, seq: int, images: int, *, llm_trainable: bool,
-               adapter_trainable: bool = True, vision_trainable: bool = False,
-               head_tokens: int | None = None) -> float:
+def step_flops(
+    cfg: QilinConfig,
+    batch: int,
+    seq: int,
+    images: int,
+    *,
+    llm_trainable: bool,
+    adapter_trainable: bool = True,
+    vision_trainable: bool = False,
+    head_tokens: int | None = None,
+) -> float:
     """Model FLOPs of one training step (matmuls; causal attention counted at half).
 
     Forward = 2 x params x tokens. Backward: activation gradients (2x) wherever something
@@ -56,14 +77,14 @@ def step_flops(cfg: QilinConfig, batch: int, seq: int, images: int, *, llm_train
     llm = fwd_llm * (1 + 1 + (1 if llm_trainable else 0))  # fwd + act grads (+ weight grads)
 
     v = cfg.vision
-    n_layers = v.num_hidden_layers + 1 + cfg.vision_feature_layer if cfg.vision_feature_layer < 0 \
-        else cfg.vision_feature_layer
+    n_layers = (
+        v.num_hidden_layers + 1 + cfg.vision_feature_layer if cfg.vision_feature_layer < 0 else cfg.vision_feature_layer
+    )
     vt = v.num_patches + 1
     vit_tokens = images * vt
-    fwd_vit = 2 * _vit_matmul_params(cfg, n_layers) * vit_tokens \
-        + 2 * 2 * n_layers * v.hidden_size * vt * vit_tokens
+    fwd_vit = 2 * _vit_matmul_params(cfg, n_layers) * vit_tokens + 2 * 2 * n_layers * v.hidden_size * vt * vit_tokens
     vit = fwd_vit * (3 if vision_trainable else 1)
 
-    a_params = v.hidden_size * t.hidden_size + (t.hidden_size ** 2 if cfg.adapter == "mlp2x_gelu" else 0)
+    a_params = v.hidden_size * t.hidden_size + (t.hidden_size**2 if cfg.adapter == "mlp2x_gelu" else 0)
     adapter = 2 * a_params * images * cfg.image_tokens * (3 if adapter_trainable else 2)
     return float(llm + vit + adapter)

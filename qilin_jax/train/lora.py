@@ -1,5 +1,6 @@
 """A stage's LoRA set-up: the model with adapters, their fresh (sharded) arrays, what trains,
 and the learning rates of the two groups (`train.lora`, `stages.N.lora`; models/lora.py)."""
+
 from __future__ import annotations
 
 import logging
@@ -25,8 +26,7 @@ def lora_parts(parts, lc, mesh, rules, layer_shapes: dict | None = None):
         model = Q.attach_like(QilinMedVL(parts.config, rngs=nnx.Rngs(0)), layer_shapes or {})
         if lc is None:
             return model
-        return L.add_lora(model, rank=lc.rank, alpha=lc.alpha, targets=lc.targets,
-                          use_rslora=lc.use_rslora)
+        return L.add_lora(model, rank=lc.rank, alpha=lc.alpha, targets=lc.targets, use_rslora=lc.use_rslora)
 
     abstract_model = nnx.eval_shape(build)
     graphdef, abs_state = nnx.split(abstract_model)
@@ -38,9 +38,12 @@ def lora_parts(parts, lc, mesh, rules, layer_shapes: dict | None = None):
 def _same_spec(params: dict, lc) -> bool:
     layers = params["llm"]["layers"]
     spec = L.spec_from_params(layers)
-    return (spec is not None and spec["rank"] == lc.rank
-            and spec["targets"] == L.resolve_targets(lc.targets)
-            and float(jax.device_get(layers[L.SCALING][0])) == L.scaling(lc.rank, lc.alpha, lc.use_rslora))
+    return (
+        spec is not None
+        and spec["rank"] == lc.rank
+        and spec["targets"] == L.resolve_targets(lc.targets)
+        and float(jax.device_get(layers[L.SCALING][0])) == L.scaling(lc.rank, lc.alpha, lc.use_rslora)
+    )
 
 
 def prepare_stage(cfg, stage, parts, params: dict, mesh, rules):
@@ -70,8 +73,7 @@ def prepare_stage(cfg, stage, parts, params: dict, mesh, rules):
     lc = cfg.train.lora
     new_parts = lora_parts(parts, lc, mesh, rules, params["llm"]["layers"])
     if has and not _same_spec(params, lc):
-        log.info("stage %s: merging LoRA adapters of another shape before adding train.lora's",
-                 stage.name)
+        log.info("stage %s: merging LoRA adapters of another shape before adding train.lora's", stage.name)
         plain = lora_parts(parts, None, mesh, rules, params["llm"]["layers"])
         params = jax.jit(L.merge, out_shardings=plain.shardings)(params)
         has = False
@@ -79,9 +81,12 @@ def prepare_stage(cfg, stage, parts, params: dict, mesh, rules):
         base_layers = params["llm"]["layers"]
         lsh = {k: v for k, v in new_parts.shardings["llm"]["layers"].items() if k not in base_layers}
         shapes = L.base_shapes(base_layers)
-        fresh = jax.jit(lambda: L.init_arrays(
-            shapes, rank=lc.rank, alpha=lc.alpha,
-            targets=lc.targets, use_rslora=lc.use_rslora, seed=cfg.seed), out_shardings=lsh)()
+        fresh = jax.jit(
+            lambda: L.init_arrays(
+                shapes, rank=lc.rank, alpha=lc.alpha, targets=lc.targets, use_rslora=lc.use_rslora, seed=cfg.seed
+            ),
+            out_shardings=lsh,
+        )()
         params = {**params, "llm": {**params["llm"], "layers": {**base_layers, **fresh}}}
     _check_float_trainable(params, stage.trainable, stage.name)
     patterns = L.trainable_patterns() + list(stage.trainable)
@@ -91,10 +96,15 @@ def prepare_stage(cfg, stage, parts, params: dict, mesh, rules):
     if lc.trainable_learning_rate is not None and stage.trainable:
         scales = tuple((p, lc.trainable_learning_rate / stage.learning_rate) for p in stage.trainable)
     n = sum(int(v.size) for k, v in params["llm"]["layers"].items() if k.endswith((L.SUFFIX_A, L.SUFFIX_B)))
-    log.info("stage %s: LoRA rank %d alpha %g on %s: %.2f M adapter parameters", stage.name, lc.rank,
-             lc.alpha, ",".join(L.resolve_targets(lc.targets)), n / 1e6)
+    log.info(
+        "stage %s: LoRA rank %d alpha %g on %s: %.2f M adapter parameters",
+        stage.name,
+        lc.rank,
+        lc.alpha,
+        ",".join(L.resolve_targets(lc.targets)),
+        n / 1e6,
+    )
     return new_parts, params, patterns, scales, lc.dropout
-
 
 
 def _quant_shapes(params: dict, kind: str) -> dict:
@@ -107,8 +117,10 @@ def _check_float_trainable(params: dict, patterns, stage: str) -> None:
     mask = trainable_mask(params, patterns)
     for (path, leaf), m in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(mask)):
         if m and not jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating):
-            raise ValueError(f"stage {stage}: trainable parameter {path_str(path)} is quantized "
-                             f"({leaf.dtype}); train LoRA adapters on a quantized LLM (lora: true)")
+            raise ValueError(
+                f"stage {stage}: trainable parameter {path_str(path)} is quantized "
+                f"({leaf.dtype}); train LoRA adapters on a quantized LLM (lora: true)"
+            )
 
 
 def frozen_in_compute_dtype(params: dict, patterns, dtype: str, shardings) -> dict:

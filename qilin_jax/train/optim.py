@@ -1,9 +1,11 @@
 """Per-stage optimisation: HF-Trainer warmup-cosine schedule, AdamW, clipping, trainable masks."""
+
 from __future__ import annotations
 
 import math
 import re
-from typing import Callable, Iterable, NamedTuple
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -15,8 +17,7 @@ def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
     return int(math.ceil(warmup_ratio * total_steps))
 
 
-def warmup_cosine(peak_lr: float, total_steps: int, warmup_ratio: float = 0.03,
-                  min_lr_ratio: float = 0.0):
+def warmup_cosine(peak_lr: float, total_steps: int, warmup_ratio: float = 0.03, min_lr_ratio: float = 0.0):
     """lr(step) equal to `transformers.get_cosine_schedule_with_warmup` (step = updates done)."""
     warm = warmup_steps(total_steps, warmup_ratio)
 
@@ -86,8 +87,17 @@ def scale_by_path(updates, lr_scales):
     return jax.tree_util.tree_map_with_path(one, updates)
 
 
-def guarded_adamw(schedule, *, b1: float, b2: float, eps: float, weight_decay: float,
-                  max_grad_norm: float, eps_root: float = 0.0, lr_scales=()) -> GuardedAdamW:
+def guarded_adamw(
+    schedule,
+    *,
+    b1: float,
+    b2: float,
+    eps: float,
+    weight_decay: float,
+    max_grad_norm: float,
+    eps_root: float = 0.0,
+    lr_scales=(),
+) -> GuardedAdamW:
     """`GuardedAdamW` for these hyper-parameters (`max_grad_norm` <= 0: no clipping).
 
     lr_scales: (path regex, multiplier) pairs: those parameters' learning rate is the schedule's
@@ -117,8 +127,8 @@ def guarded_adamw(schedule, *, b1: float, b2: float, eps: float, weight_decay: f
         if lr_scales:
             updates = scale_by_path(updates, lr_scales)
         updates = jax.tree.map(
-            lambda g: jnp.where(finite, jnp.array(step_size, dtype=g.dtype) * g, jnp.zeros_like(g)),
-            updates)
+            lambda g: jnp.where(finite, jnp.array(step_size, dtype=g.dtype) * g, jnp.zeros_like(g)), updates
+        )
         adam = adam._replace(count=jnp.where(finite, count_inc, adam.count), mu=mu, nu=nu)
         sched = sched._replace(count=jnp.where(finite, _safe_increment(sched.count), sched.count))
         inner = (adam, wd_state, sched)
@@ -135,9 +145,15 @@ def make_optimizer(stage, total_steps: int, lr_scales=()) -> tuple[GuardedAdamW,
     the train step's non-finite guard folded into the update (`tx.reference` is the plain chain).
     """
     schedule = warmup_cosine(stage.learning_rate, total_steps, stage.warmup_ratio, stage.min_lr_ratio)
-    tx = guarded_adamw(schedule, b1=stage.b1, b2=stage.b2, eps=stage.eps,
-                       weight_decay=stage.weight_decay, max_grad_norm=stage.max_grad_norm,
-                       lr_scales=tuple(lr_scales))
+    tx = guarded_adamw(
+        schedule,
+        b1=stage.b1,
+        b2=stage.b2,
+        eps=stage.eps,
+        weight_decay=stage.weight_decay,
+        max_grad_norm=stage.max_grad_norm,
+        lr_scales=tuple(lr_scales),
+    )
     return tx, schedule
 
 
@@ -152,12 +168,12 @@ def path_str(path) -> str:
 def trainable_mask(params: dict, patterns: Iterable[str]) -> dict:
     """A bool pytree: True where the parameter path fully matches one of `patterns`."""
     rx = [re.compile(p) for p in patterns]
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: any(r.fullmatch(path_str(path)) for r in rx), params)
+    return jax.tree_util.tree_map_with_path(lambda path, _: any(r.fullmatch(path_str(path)) for r in rx), params)
 
 
 def partition(params: dict, mask: dict) -> tuple[dict, dict]:
     """Split a nested dict into (trainable, frozen) nested dicts by a bool mask of the same shape."""
+
     def split(p, m):
         if isinstance(p, dict):
             t, f = {}, {}
@@ -191,5 +207,6 @@ def check_patterns(params: dict, patterns: Iterable[str], where: str) -> None:
     for pat in patterns:
         r = re.compile(pat)
         if not any(r.fullmatch(p) for p in paths):
-            raise ValueError(f"{where}: trainable pattern {pat!r} matches no parameter; parameter "
-                             f"paths look like {paths[:3]} ...")
+            raise ValueError(
+                f"{where}: trainable pattern {pat!r} matches no parameter; parameter paths look like {paths[:3]} ..."
+            )

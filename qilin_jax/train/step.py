@@ -8,6 +8,7 @@ all micro-batches divided by their total supervised tokens (HF Trainer's num_ite
 A non-finite loss or gradient never reaches the parameters: the update is dropped in the
 step and reported, and the host decides to stop or go on (train.nan_policy).
 """
+
 from __future__ import annotations
 
 import functools
@@ -22,8 +23,7 @@ from flax import nnx
 from qilin_jax.models.lora import dropout_scope
 from qilin_jax.train.optim import GuardedAdamW, combine, keep_where
 
-BATCH_KEYS = ("input_ids", "labels", "attention_mask", "segment_ids", "position_ids",
-              "pixel_values", "image_valid")
+BATCH_KEYS = ("input_ids", "labels", "attention_mask", "segment_ids", "position_ids", "pixel_values", "image_valid")
 
 
 class TrainState(NamedTuple):
@@ -45,9 +45,16 @@ def loss_terms(graphdef, trainable, frozen, micro, *, packed: bool, rng=None, lo
     with probability `lora_dropout`, masks drawn from `rng`)."""
     model = nnx.merge(graphdef, combine(trainable, frozen))
     with dropout_scope(rng, lora_dropout):
-        out = model(micro["input_ids"], micro.get("pixel_values"), labels=micro["labels"],
-                    segment_ids=micro["segment_ids"], position_ids=micro.get("position_ids"),
-                    packed=packed, return_logits=False, prefix_ids=micro.get("prefix_ids"))
+        out = model(
+            micro["input_ids"],
+            micro.get("pixel_values"),
+            labels=micro["labels"],
+            segment_ids=micro["segment_ids"],
+            position_ids=micro.get("position_ids"),
+            packed=packed,
+            return_logits=False,
+            prefix_ids=micro.get("prefix_ids"),
+        )
     n = out.num_tokens.astype(jnp.float32)
     return out.loss * n, n
 
@@ -68,12 +75,12 @@ def apply_gradients(tx, params, opt_state, grads, loss):
     return keep_where(finite, optax.apply_updates(params, updates), params), new_opt, grad_norm, finite
 
 
-def train_step(graphdef, tx, schedule, state: TrainState, frozen, batch, *, packed: bool = False,
-               lora_dropout: float = 0.0):
+def train_step(
+    graphdef, tx, schedule, state: TrainState, frozen, batch, *, packed: bool = False, lora_dropout: float = 0.0
+):
     """One optimizer update over a batch with a leading micro-batch axis [accum, batch, ...]."""
     drop = {"lora_dropout": lora_dropout} if lora_dropout else {}
-    grad_fn = jax.value_and_grad(functools.partial(loss_terms, graphdef, packed=packed, **drop),
-                                 has_aux=True)
+    grad_fn = jax.value_and_grad(functools.partial(loss_terms, graphdef, packed=packed, **drop), has_aux=True)
     accum = jax.tree.leaves(batch)[0].shape[0]
 
     def micro_step(carry, xs):
@@ -85,31 +92,42 @@ def train_step(graphdef, tx, schedule, state: TrainState, frozen, batch, *, pack
         return (g_acc, l_acc + lsum, n_acc + n), None
 
     zeros = jax.tree.map(jnp.zeros_like, state.trainable)
-    (grads, lsum, n), _ = jax.lax.scan(micro_step, (zeros, jnp.zeros(()), jnp.zeros(())),
-                                       (batch, jnp.arange(accum, dtype=jnp.int32)))
+    (grads, lsum, n), _ = jax.lax.scan(
+        micro_step, (zeros, jnp.zeros(()), jnp.zeros(())), (batch, jnp.arange(accum, dtype=jnp.int32))
+    )
     n = jnp.maximum(n, 1.0)
     grads = jax.tree.map(lambda g: g / n, grads)
     loss = lsum / n
-    new_params, new_opt, grad_norm, finite = apply_gradients(tx, state.trainable, state.opt_state,
-                                                             grads, loss)
-    new_state = TrainState(jnp.where(finite, state.step + 1, state.step), new_params, new_opt,
-                           jax.random.fold_in(state.rng, state.step))
-    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
-               "tokens": n, "finite": finite}
+    new_params, new_opt, grad_norm, finite = apply_gradients(tx, state.trainable, state.opt_state, grads, loss)
+    new_state = TrainState(
+        jnp.where(finite, state.step + 1, state.step), new_params, new_opt, jax.random.fold_in(state.rng, state.step)
+    )
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), "tokens": n, "finite": finite}
     return new_state, metrics
 
 
-def compile_train_step(graphdef, tx, schedule, *, state_shardings=None, frozen_shardings=None,
-                       batch_shardings=None, packed: bool = False, lora_dropout: float = 0.0):
+def compile_train_step(
+    graphdef,
+    tx,
+    schedule,
+    *,
+    state_shardings=None,
+    frozen_shardings=None,
+    batch_shardings=None,
+    packed: bool = False,
+    lora_dropout: float = 0.0,
+):
     """jax.jit of train_step with explicit in/out shardings (when given) and donated state."""
     fn = functools.partial(train_step, graphdef, tx, schedule, packed=packed, lora_dropout=lora_dropout)
     if state_shardings is None:
         return jax.jit(fn, donate_argnums=(0,))
-    metric_sh = jax.sharding.NamedSharding(jax.tree.leaves(state_shardings)[0].mesh,
-                                           jax.sharding.PartitionSpec())
-    return jax.jit(fn, donate_argnums=(0,),
-                   in_shardings=(state_shardings, frozen_shardings, batch_shardings),
-                   out_shardings=(state_shardings, metric_sh))
+    metric_sh = jax.sharding.NamedSharding(jax.tree.leaves(state_shardings)[0].mesh, jax.sharding.PartitionSpec())
+    return jax.jit(
+        fn,
+        donate_argnums=(0,),
+        in_shardings=(state_shardings, frozen_shardings, batch_shardings),
+        out_shardings=(state_shardings, metric_sh),
+    )
 
 
 def stack_micro(batch: dict, accum: int) -> dict:

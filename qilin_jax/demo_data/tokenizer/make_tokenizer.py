@@ -80,13 +80,20 @@ ALIGNMENT_PROMPTS_EN = [
     "What message does the content in the image convey? Please write a related descriptive passage.",
 ]
 INSTRUCTION_PROMPTS_ZH = [
-    "请尽量简洁地回答。", "简洁回复即可。", "请根据图中内容简洁作答。", "请直接说出正确答案。",
-    "请直接作答。", "请根据图中内容尽量简洁作答。", "请尽可能简洁地回复。",
+    "请尽量简洁地回答。",
+    "简洁回复即可。",
+    "请根据图中内容简洁作答。",
+    "请直接说出正确答案。",
+    "请直接作答。",
+    "请根据图中内容尽量简洁作答。",
+    "请尽可能简洁地回复。",
 ]
 INSTRUCTION_PROMPTS_EN = [
-    "Please answer as concisely as possible.", "A concise reply will suffice.",
+    "Please answer as concisely as possible.",
+    "A concise reply will suffice.",
     "Please answer concisely based on the content in the image.",
-    "Please state the correct answer directly.", "Please answer directly.",
+    "Please state the correct answer directly.",
+    "Please answer directly.",
     "Please answer as concisely as possible based on the content in the image.",
     "Please reply as concisely as possible.",
 ]
@@ -98,13 +105,28 @@ TEMPLATE_LINES = [
     "A chat between a curious human and an artificial intelligence assistant. The assistant gives "
     "helpful, detailed, and polite answers to the human's questions.",
     "USER: <image>\n",
-    "USER:", "ASSISTANT:", "HUMAN:", "USER: ", " ASSISTANT: ",
+    "USER:",
+    "ASSISTANT:",
+    "HUMAN:",
+    "USER: ",
+    " ASSISTANT: ",
     "[INST] <<SYS>>\nYou are a helpful language and vision assistant.\n<</SYS>>\n\n",
-    "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>",
+    "[INST]",
+    "[/INST]",
+    "<<SYS>>",
+    "<</SYS>>",
     "Answer with the option's letter from the given choices directly.",
     "请直接回答选项字母。",
     "Question: What is the modality of this image? Choices: A:CT B:MRI C:X-ray D:Ultrasound",
-    "Answer: B", "A:", "B:", "C:", "D:", "A", "B", "C", "D",
+    "Answer: B",
+    "A:",
+    "B:",
+    "C:",
+    "D:",
+    "A",
+    "B",
+    "C",
+    "D",
 ]
 
 # --- General medical sentences (data) ------------------------------------------------------------
@@ -385,16 +407,65 @@ One, two, three lesions.
 """
 
 # Combinatorial fill-ins: vocabulary the demo and real data share.
-ORGANS_ZH = ["肺", "肝脏", "肾脏", "脾脏", "胰腺", "胆囊", "甲状腺", "乳腺", "心脏", "脑", "脊柱",
-             "膀胱", "子宫", "卵巢", "前列腺", "胃", "结肠", "骨骼", "淋巴结", "血管"]
-ORGANS_EN = ["lung", "liver", "kidney", "spleen", "pancreas", "gallbladder", "thyroid", "breast",
-             "heart", "brain", "spine", "bladder", "uterus", "ovary", "prostate", "stomach",
-             "colon", "bone", "lymph node", "vessel"]
+ORGANS_ZH = [
+    "肺",
+    "肝脏",
+    "肾脏",
+    "脾脏",
+    "胰腺",
+    "胆囊",
+    "甲状腺",
+    "乳腺",
+    "心脏",
+    "脑",
+    "脊柱",
+    "膀胱",
+    "子宫",
+    "卵巢",
+    "前列腺",
+    "胃",
+    "结肠",
+    "骨骼",
+    "淋巴结",
+    "血管",
+]
+ORGANS_EN = [
+    "lung",
+    "liver",
+    "kidney",
+    "spleen",
+    "pancreas",
+    "gallbladder",
+    "thyroid",
+    "breast",
+    "heart",
+    "brain",
+    "spine",
+    "bladder",
+    "uterus",
+    "ovary",
+    "prostate",
+    "stomach",
+    "colon",
+    "bone",
+    "lymph node",
+    "vessel",
+]
 MODS_ZH = ["CT", "磁共振", "超声", "X线", "PET", "病理", "内镜", "血管造影"]
 MODS_EN = ["CT", "MRI", "ultrasound", "X-ray", "PET", "pathology", "endoscopy", "angiography"]
 FINDINGS_ZH = ["结节", "肿块", "囊肿", "钙化", "积液", "出血", "梗死", "骨折", "炎症", "占位"]
-FINDINGS_EN = ["nodule", "mass", "cyst", "calcification", "effusion", "hemorrhage", "infarction",
-               "fracture", "inflammation", "lesion"]
+FINDINGS_EN = [
+    "nodule",
+    "mass",
+    "cyst",
+    "calcification",
+    "effusion",
+    "hemorrhage",
+    "infarction",
+    "fracture",
+    "inflammation",
+    "lesion",
+]
 
 
 def corpus_lines() -> list[str]:
@@ -445,7 +516,10 @@ def train(out_dir: Path = HERE, vocab_size: int = VOCAB_SIZE) -> Path:
         normalization_rule_name="identity",
         add_dummy_prefix=True,
         remove_extra_whitespaces=False,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
         unk_surface=" \u2047 ",
         max_sentence_length=4192,
         max_sentencepiece_length=MAX_PIECE_LEN,
