@@ -12,6 +12,10 @@ ConfigErrors that name the full dotted key.
 own `data:` over the top-level one and unset data fields are derived from the model; the
 tasks fill in defaults such as the run folder), but are parsed against their dataclasses
 (DataConfig, EvalConfig, ChatConfig, BatchConfig, DemoSection) when the config is loaded.
+
+Why one file (over 450 lines): every section of the run config and its cross-field rules in
+one place, so a key's type, default and checks are read together (the parser itself is
+config_parse.py).
 """
 
 from __future__ import annotations

@@ -191,6 +191,18 @@ SECTION_ERRORS = {
         (["batch.limit=all"], "batch.limit: expected int, got 'all'"),
         (["tasks=[batch]"], "batch.input is empty"),
     ],
+    "serve": [
+        (["serve.prot=8080"], "serve.prot: unknown key (did you mean serve.port?)"),
+        (["serve.slots=many"], "serve.slots: expected int, got 'many'"),
+        (["tasks=[serve]", "serve.port=70000"], "serve.port must be in 1..65535"),
+    ],
+    "train.lora": [
+        (["train.lora.rnak=8"], "train.lora.rnak: unknown key (did you mean train.lora.rank?)"),
+        (["train.lora.rank=big"], "train.lora.rank: expected int, got 'big'"),
+        (["train.lora.rank=0"], "train.lora: need rank >= 1"),
+        (["stages.0.lora=true", "stages.0.trainable=[llm/.*]"], "stages.0: a LoRA stage keeps the LLM frozen"),
+        (["model.quantize=int3"], "model.quantize: expected one of"),
+    ],
     "demo": [
         (["demo.n_aling=5"], "demo.n_aling: unknown key (did you mean demo.n_align?)"),
         (["demo.n_align=many"], "demo.n_align: expected int or null, got 'many'"),

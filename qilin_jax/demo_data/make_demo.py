@@ -17,6 +17,10 @@ Writes into the output folder:
 Everything is a pure function of the seed (byte-identical output). The visual cues are
 deliberately strong so a tiny ViT + tiny LLaMA can learn them on a CPU: each modality has its
 own global layout and texture, lesions are high-contrast blobs at quadrant centres.
+
+Why one file (over 450 lines): the synthetic images and every question type they answer
+are drawn from one seeded generator; split, the byte-identical output would depend on call
+order across modules.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ question, prompt too long) is reported with its file and line and skipped, or ra
 Input fields (names configurable): `id` (optional: "row-<n>"), `image` (a path, relative to
 `image_folder`, or a list of paths composited into one image as in training; optional),
 `question` (or LLaVA `conversations`: the first human turn; or PMC-VQA `Question`).
+
+Why one file (over 450 lines): reading requests, resuming from the output file and the
+batched generation loop share one output format.
 """
 
 from __future__ import annotations

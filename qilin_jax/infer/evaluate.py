@@ -11,6 +11,9 @@ instruction (en/zh), greedy. Each answer is scored by both rules of `metrics.sco
 PMC-VQA results), `accuracy_letter` the letter-parsing rule; both overall and by gold letter,
 and each prediction row keeps both decisions and the option each rule picked. Samples whose
 image is missing are reported (`skipped`) and not scored.
+
+Why one file (over 450 lines): the three evaluation tasks (PMC-VQA, the demo, open-ended)
+share the generation, resume and report code.
 """
 
 from __future__ import annotations

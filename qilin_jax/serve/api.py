@@ -11,6 +11,9 @@
 
 Errors are OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with a 4xx status
 for anything the client sent wrong; the message names the field.
+
+Why one file (over 450 lines): every OpenAI request field is validated next to the route that
+serves it, so that each 4xx names the field it came from; the page's assets are in static/.
 """
 
 from __future__ import annotations

@@ -19,6 +19,10 @@ Greedy answers equal `qilin_jax.generate`'s for the same prompt and image: the s
 functions (`_qkv`, `_out_mlp`, RoPE, the XLA attention), positions 0..n-1 and masked
 padding; a request's tokens do not depend on which slot it gets or what the other slots
 hold (each row of the step is computed independently, masked keys weigh exactly zero).
+
+Why one file (over 450 lines): the compiled programs and the scheduler that drives them
+share the slot state (cache rows, lengths, sampling settings); split, one state machine would
+be read across files.
 """
 
 from __future__ import annotations

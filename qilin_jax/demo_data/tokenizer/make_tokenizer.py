@@ -8,6 +8,9 @@ templates (Vicuna v1, llava_v1, LLaMA-2), PMC-VQA instructions, all text the dem
 Settings follow the LLaMA-2 tokenizer: BPE, byte fallback, split digits, identity
 normalisation, dummy prefix, whitespace kept, unk/bos/eos = 0/1/2, no pad. No `<image>` token
 is added: like HF llava for LLaMA, the image token id is len(tokenizer).
+
+Why one file (over 450 lines): a standalone script that rebuilds the shipped tokenizer; its
+corpus construction and the SentencePiece settings belong together.
 """
 
 from __future__ import annotations
