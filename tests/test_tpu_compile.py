@@ -4,8 +4,9 @@ with splash attention: memory_analysis is reported and the compiled FLOPs match 
 Needs libtpu (pip install "qilin-jax[tpu]" / "libtpu==0.0.42.*"; CI installs it); skipped
 without it. Each compile takes ~30 s on a small CPU: the two train-step compiles run in the
 default suite (the TPU path compiles on every change), the remat comparison is marked slow.
-libtpu allows one process at a time (/tmp/libtpu_lockfile): with another one running, set
-ALLOW_MULTIPLE_LIBTPU_LOAD=1.
+libtpu allows one process at a time (/tmp/libtpu_lockfile); bench/tpu_compile.py sets
+ALLOW_MULTIPLE_LIBTPU_LOAD=1 (it compiles, it opens no chip), so another process's lock does
+not skip these tests.
 
 FLOP tolerance: the scans are unrolled (XLA's cost analysis counts a loop body once), remat is
 off (recompute is not model FLOPs) and the splash kernel is a Mosaic custom call without a
