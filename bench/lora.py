@@ -37,18 +37,19 @@ def build_step(cfg, batch, variant: str, rank: int):
 
     from qilin_jax import sharding as S
     from qilin_jax.config import LoraConfig, RunConfig, StageConfig
-    from qilin_jax.train import loop as L
+    from qilin_jax.train.distributed import batch_shardings, to_global
     from qilin_jax.train.lora import prepare_stage
     from qilin_jax.train.optim import make_optimizer
+    from qilin_jax.train.state import init_params, init_stage_state, model_parts
     from qilin_jax.train.step import train_step
 
     mesh = S.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     rules = S.DEFAULT_RULES
-    parts = L.model_parts(cfg, mesh, rules)
-    params = L.init_params(parts, 0, None, mesh, rules)
+    parts = model_parts(cfg, mesh, rules)
+    params = init_params(parts, 0, None, mesh, rules)
     micro = {k: v[None] for k, v in batch.items()}
-    b_sh = L.batch_shardings(mesh, rules, micro)
-    gbatch = L.to_global(micro, b_sh)
+    b_sh = batch_shardings(mesh, rules, micro)
+    gbatch = to_global(micro, b_sh)
     lora = variant != "full"
     st = StageConfig(
         name="stage2",
@@ -62,7 +63,7 @@ def build_step(cfg, batch, variant: str, rank: int):
     run.model.quantize = "nf4" if variant == "qlora" else None
     parts, params, patterns, scales, dropout = prepare_stage(run, st, parts, params, mesh, rules)
     tx, schedule = make_optimizer(st, 1000, scales)
-    state, frozen, state_sh, f_sh = L.init_stage_state(parts, params, patterns, tx, mesh)
+    state, frozen, state_sh, f_sh = init_stage_state(parts, params, patterns, tx, mesh)
     repl = NamedSharding(mesh, P())
     fn = functools.partial(train_step, parts.graphdef, tx, schedule, lora_dropout=dropout)
     jitted = jax.jit(fn, donate_argnums=(0,), in_shardings=(state_sh, f_sh, b_sh), out_shardings=(state_sh, repl))

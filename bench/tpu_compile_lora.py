@@ -63,10 +63,10 @@ def quantized_parts(cfg, mesh, rules, kind: str | None, lora=None):
     import jax
 
     from qilin_jax.models import quant as Q
-    from qilin_jax.train import loop as L
     from qilin_jax.train.lora import lora_parts
+    from qilin_jax.train.state import model_parts
 
-    parts = L.model_parts(cfg, mesh, rules)
+    parts = model_parts(cfg, mesh, rules)
     shapes = jax.eval_shape(lambda p: Q.quantize_params(p, kind), parts.abstract)["llm"]["layers"] if kind else {}
     if not kind and lora is None:
         return parts
@@ -174,8 +174,9 @@ def compile_lora_step(target: str, kind: str | None, *, rank: int, seq: int, row
     from qilin_jax import sharding as S
     from qilin_jax.config import LoraConfig, StageConfig
     from qilin_jax.models import lora as LM
-    from qilin_jax.train import loop as L
+    from qilin_jax.train.distributed import batch_shardings
     from qilin_jax.train.optim import make_optimizer, partition, trainable_mask
+    from qilin_jax.train.state import train_state_shardings
     from qilin_jax.train.step import compile_train_step, init_state
 
     devices = _devices(target)
@@ -195,7 +196,7 @@ def compile_lora_step(target: str, kind: str | None, *, rank: int, seq: int, row
     stage = StageConfig(name="stage2", trainable=["adapter/.*"], learning_rate=2e-4, lora=True)
     tx, schedule = make_optimizer(stage, 1000, [("adapter/.*", 0.1)])
     state_abs = jax.eval_shape(lambda t: init_state(t, tx), t_abs)
-    state_sh = L.train_state_shardings(state_abs.opt_state, t_sh, mesh)
+    state_sh = train_state_shardings(state_abs.opt_state, t_sh, mesh)
     rows = rows_per_chip * n
     accum = max(1, GLOBAL_BATCH // rows)
     S_ = cfg.vision.image_size
@@ -207,7 +208,7 @@ def compile_lora_step(target: str, kind: str | None, *, rank: int, seq: int, row
         "position_ids": i32(),
         "pixel_values": jax.ShapeDtypeStruct((accum, rows, 1, 3, S_, S_), jnp.float32),
     }
-    b_sh = L.batch_shardings(mesh, rules, batch)
+    b_sh = batch_shardings(mesh, rules, batch)
     step = compile_train_step(
         parts.graphdef,
         tx,
