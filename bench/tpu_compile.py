@@ -309,8 +309,19 @@ def attention_check(target: str, *, seq: int, layers: int = 2) -> dict:
     return out
 
 
-def compile_decode(target: str, *, batch: int = 32, slots: int = 2560) -> dict:
-    """Compile one KV-cache decode step (bf16 weights, inference rules)."""
+def decode_mesh(cfg, devices):
+    """The decode compiles' mesh: tensor parallel over the largest divisor (<= 8) of the chips
+    that divides the heads, data over the rest."""
+    from qilin_jax import sharding as S
+
+    n, heads = len(devices), cfg.text.num_attention_heads
+    tensor = max(d for d in range(1, min(n, 8) + 1) if n % d == 0 and heads % d == 0)
+    return S.make_mesh(n // tensor, 1, tensor, devices=devices)
+
+
+def lower_decode(parts, params, mesh, rules, *, batch: int, slots: int):
+    """(lowered, KV-cache shape): one bf16 KV-cache decode step of `parts` (abstract `params`) on
+    `mesh`, batch rows over `slots` cache positions, the cache donated."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -318,22 +329,9 @@ def compile_decode(target: str, *, batch: int = 32, slots: int = 2560) -> dict:
     from jax.sharding import PartitionSpec as P
 
     from qilin_jax import sharding as S
-    from qilin_jax.infer.sharded import INFERENCE_RULES
     from qilin_jax.models.llama import KVCache
-    from qilin_jax.train.state import model_parts
 
-    topo, chips, _ = TARGETS[target]
-    devices = topology_devices(topo)
-    hbm = device_hbm(target, devices)
-    n = len(devices)
-    cfg = dataclasses.replace(model_config(), remat="none")
-    heads = cfg.text.num_attention_heads
-    tensor = max(d for d in range(1, min(n, 8) + 1) if n % d == 0 and heads % d == 0)
-    mesh = S.make_mesh(n // tensor, 1, tensor, devices=devices)
-    rules = INFERENCE_RULES
-    parts = model_parts(cfg, mesh, rules)
-    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), parts.abstract)
-    t = cfg.text
+    t = parts.config.text
     kv_shape = (t.num_hidden_layers, batch, slots, t.num_key_value_heads, t.head_dim)
     cache = KVCache(
         jax.ShapeDtypeStruct(kv_shape, jnp.bfloat16),
@@ -364,9 +362,30 @@ def compile_decode(target: str, *, batch: int = 32, slots: int = 2560) -> dict:
         out_shardings=(logits_sh, cache_sh),
         donate_argnums=(2,),
     )
-    t0 = time.perf_counter()
     with S.activation_sharding(mesh, rules):
-        lowered = fn.lower(params, vec, cache, vec)
+        return fn.lower(params, vec, cache, vec), kv_shape
+
+
+def compile_decode(target: str, *, batch: int = 32, slots: int = 2560) -> dict:
+    """Compile one KV-cache decode step (bf16 weights, inference rules)."""
+    import jax
+    import jax.numpy as jnp
+
+    from qilin_jax.infer.sharded import INFERENCE_RULES
+    from qilin_jax.train.state import model_parts
+
+    topo, chips, _ = TARGETS[target]
+    devices = topology_devices(topo)
+    hbm = device_hbm(target, devices)
+    n = len(devices)
+    cfg = dataclasses.replace(model_config(), remat="none")
+    mesh = decode_mesh(cfg, devices)
+    rules = INFERENCE_RULES
+    parts = model_parts(cfg, mesh, rules)
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), parts.abstract)
+    t = cfg.text
+    t0 = time.perf_counter()
+    lowered, _ = lower_decode(parts, params, mesh, rules, batch=batch, slots=slots)
     head = {
         "target": target,
         "topology": topo,

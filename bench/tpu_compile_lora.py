@@ -92,57 +92,20 @@ def _as_dtype(abstract, dt, keep=lambda path: False):
 
 def compile_decode(target: str, kind: str, *, batch: int, slots: int) -> dict:
     """Compile one decode step of the 13B with the LLM's matrices as `kind` on a target."""
-    import jax
     import jax.numpy as jnp
-    from flax import nnx
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
 
-    from qilin_jax import sharding as S
     from qilin_jax.infer.sharded import INFERENCE_RULES
-    from qilin_jax.models.llama import KVCache
 
     devices = _devices(target)
     hbm = _hbm(target, devices)
     n = len(devices)
     cfg = dataclasses.replace(T.model_config(), remat="none")
-    heads = cfg.text.num_attention_heads
-    tensor = max(d for d in range(1, min(n, 8) + 1) if n % d == 0 and heads % d == 0)
-    mesh = S.make_mesh(n // tensor, 1, tensor, devices=devices)
+    mesh = T.decode_mesh(cfg, devices)
     rules = INFERENCE_RULES
     parts = quantized_parts(cfg, mesh, rules, None if kind == "bf16" else kind)
     params = _as_dtype(parts.abstract, jnp.bfloat16)
-    t = cfg.text
-    kv_shape = (t.num_hidden_layers, batch, slots, t.num_key_value_heads, t.head_dim)
-    cache = KVCache(
-        jax.ShapeDtypeStruct(kv_shape, jnp.bfloat16),
-        jax.ShapeDtypeStruct(kv_shape, jnp.bfloat16),
-        jax.ShapeDtypeStruct((batch, slots), jnp.int32),
-        jax.ShapeDtypeStruct((), jnp.int32),
-    )
-    kv_sh = NamedSharding(mesh, S.spec_for((None, "batch", None, "act_kv_heads", None), kv_shape, mesh, rules))
-    cache_sh = KVCache(
-        kv_sh,
-        kv_sh,
-        NamedSharding(mesh, S.spec_for(("batch", None), (batch, slots), mesh, rules)),
-        NamedSharding(mesh, P()),
-    )
-    row_sh = NamedSharding(mesh, S.spec_for(("batch",), (batch,), mesh, rules))
-    vec = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    graphdef = parts.graphdef
-
-    def decode(params, tok, cache, pos):
-        model = nnx.merge(graphdef, params)
-        out = model(tok[:, None], segment_ids=jnp.ones_like(tok)[:, None], position_ids=pos[:, None], cache=cache)
-        return out.logits[:, -1], out.cache
-
-    logits_sh = NamedSharding(mesh, S.spec_for(("batch", "act_vocab"), (batch, t.vocab_size), mesh, rules))
-    fn = jax.jit(
-        decode,
-        in_shardings=(parts.shardings, row_sh, cache_sh, row_sh),
-        out_shardings=(logits_sh, cache_sh),
-        donate_argnums=(2,),
-    )
+    t0 = time.perf_counter()
+    lowered, kv_shape = T.lower_decode(parts, params, mesh, rules, batch=batch, slots=slots)
     head = {
         "target": target,
         "chips": n,
@@ -154,9 +117,6 @@ def compile_decode(target: str, kind: str, *, batch: int, slots: int) -> dict:
         "weights_gb": round(T.per_chip_bytes(params, parts.shardings) / GB, 3),
         "kv_cache_gb": round(2 * jnp.dtype(jnp.bfloat16).itemsize * int(jnp.prod(jnp.array(kv_shape))) / n / GB, 3),
     }
-    t0 = time.perf_counter()
-    with S.activation_sharding(mesh, rules):
-        lowered = fn.lower(params, vec, cache, vec)
     try:
         compiled = lowered.compile()
     except Exception as e:
