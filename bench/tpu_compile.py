@@ -143,10 +143,26 @@ def train_mesh(devices, stage: str):
     return S.make_mesh(1, n // tensor, tensor, devices=devices)
 
 
+def abstract_batch(cfg, accum: int, rows: int, seq: int) -> dict:
+    """The abstract packed training batch of a compile: `accum` micro-batches of `rows` rows of
+    `seq` tokens, one image slot per row."""
+    import jax
+    import jax.numpy as jnp
+
+    size = cfg.vision.image_size
+    ids = jax.ShapeDtypeStruct((accum, rows, seq), jnp.int32)
+    return {
+        "input_ids": ids,
+        "labels": ids,
+        "segment_ids": ids,
+        "position_ids": ids,
+        "pixel_values": jax.ShapeDtypeStruct((accum, rows, 1, 3, size, size), jnp.float32),
+    }
+
+
 def lower_train(cfg, mesh, stage: str, *, rows: int, accum: int, seq: int):
     """The jitted, lowered train step of `stage` for abstract sharded inputs."""
     import jax
-    import jax.numpy as jnp
 
     from qilin_jax import sharding as S
     from qilin_jax.config import StageConfig
@@ -163,15 +179,7 @@ def lower_train(cfg, mesh, stage: str, *, rows: int, accum: int, seq: int):
     tx, schedule = make_optimizer(StageConfig(name=stage, trainable=STAGE_PATTERNS[stage]), 1000)
     state_abs = jax.eval_shape(lambda t: init_state(t, tx), t_abs)
     state_sh = train_state_shardings(state_abs.opt_state, t_sh, mesh)
-    S_ = cfg.vision.image_size
-    i32 = lambda: jax.ShapeDtypeStruct((accum, rows, seq), jnp.int32)
-    batch = {
-        "input_ids": i32(),
-        "labels": i32(),
-        "segment_ids": i32(),
-        "position_ids": i32(),
-        "pixel_values": jax.ShapeDtypeStruct((accum, rows, 1, 3, S_, S_), jnp.float32),
-    }
+    batch = abstract_batch(cfg, accum, rows, seq)
     b_sh = batch_shardings(mesh, rules, batch)
     step = compile_train_step(
         parts.graphdef, tx, schedule, state_shardings=state_sh, frozen_shardings=f_sh, batch_shardings=b_sh, packed=True

@@ -159,15 +159,7 @@ def compile_lora_step(target: str, kind: str | None, *, rank: int, seq: int, row
     state_sh = train_state_shardings(state_abs.opt_state, t_sh, mesh)
     rows = rows_per_chip * n
     accum = max(1, GLOBAL_BATCH // rows)
-    S_ = cfg.vision.image_size
-    i32 = lambda: jax.ShapeDtypeStruct((accum, rows, seq), jnp.int32)
-    batch = {
-        "input_ids": i32(),
-        "labels": i32(),
-        "segment_ids": i32(),
-        "position_ids": i32(),
-        "pixel_values": jax.ShapeDtypeStruct((accum, rows, 1, 3, S_, S_), jnp.float32),
-    }
+    batch = T.abstract_batch(cfg, accum, rows, seq)
     b_sh = batch_shardings(mesh, rules, batch)
     step = compile_train_step(
         parts.graphdef,
