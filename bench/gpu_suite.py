@@ -1,7 +1,7 @@
 """The GPU suite: parity, train-step MFU, 13B decode and peak memory on one GPU, in one run
 that writes one JSON file. Entry point: bench/gpu_suite.sh (same arguments).
 
-    bench/gpu_suite.sh [--out PATH|DIR] [--dry-run] [--parts env,parity,train_step,decode]
+    bench/gpu_suite.sh [--out PATH|DIR] [--dry-run] [--parts env,parity,train_step,decode,serve]
                        [--limit PART=SECONDS ...] [--budget-s 480]
 
 Parts, in order, each in its own Python process with a time limit (a part that fails or runs
@@ -22,6 +22,9 @@ out of time records its error and the suite goes on; the JSON is rewritten after
   decode      bench/decode_13b.py: a LLaMA-2-13B decoder with random bf16 weights made on the
               device, tokens/s at batch 1 and 16 vs transformers `generate`, and the share of
               the HBM roofline: batch * BW / (weight bytes + KV-cache bytes read per step).
+  serve       bench/serve.py on its medium model: the continuous-batching engine at concurrency
+              1, 4 and 16 vs the same 16 requests answered one by one by transformers
+              `generate`, torch on the same GPU (docs/serving.md).
 Each part records its peak memory: jax `memory_stats()['peak_bytes_in_use']` of device 0,
 torch `cuda.max_memory_allocated()` (null where the framework or CUDA is unused) and the
 process's peak RSS.
@@ -62,13 +65,13 @@ H200_HBM_BYTES = 141e9
 # H100 SXM 3.35 TB/s, A100 80GB SXM 2.039 TB/s.
 HBM_BYTES_PER_S = {"h200": H200_HBM_BYTES_PER_S, "h100": 3.35e12, "a100": 2.039e12}
 
-PARTS = ("env", "parity", "train_step", "decode")
-# Seconds per part on the H200; they sum to 470 s, under the suite's 8-minute budget.
-LIMITS_S = {"env": 30, "parity": 60, "train_step": 190, "decode": 190}
+PARTS = ("env", "parity", "train_step", "decode", "serve")
+# Seconds per part on the H200; they sum to 480 s, the suite's 8-minute budget.
+LIMITS_S = {"env": 25, "parity": 55, "train_step": 165, "decode": 165, "serve": 70}
 BUDGET_S = 480
 # The dry run on a small shared CPU compiles slower than the GPU host: generous limits (its
 # parts need ~1-2 CPU minutes in all, but wall time grows with the machine's load).
-DRY_RUN_LIMITS_S = {"env": 120, "parity": 400, "train_step": 400, "decode": 400}
+DRY_RUN_LIMITS_S = {"env": 120, "parity": 400, "train_step": 400, "decode": 400, "serve": 300}
 DRY_RUN_BUDGET_S = 1500
 # Parity limits of tests/test_models_parity.py (float32) and its bf16 case.
 PARITY_LIMITS = {
@@ -330,7 +333,21 @@ def part_decode(dry_run: bool, work: Path) -> dict:
     return _captured_json(D.main, argv)[0]
 
 
-PART_FUNCS = {"env": part_env, "parity": part_parity, "train_step": part_train_step, "decode": part_decode}
+def part_serve(dry_run: bool, work: Path) -> dict:
+    """bench/serve.py's JSON: the serving engine at concurrency 1/4/16 vs torch one by one."""
+    _require_gpu(dry_run)
+    from bench import serve as S
+
+    return _captured_json(S.main, ["--tiny"] if dry_run else ["--repeats", "2"])[0]
+
+
+PART_FUNCS = {
+    "env": part_env,
+    "parity": part_parity,
+    "train_step": part_train_step,
+    "decode": part_decode,
+    "serve": part_serve,
+}
 # Files a part leaves behind with what it finished before a timeout.
 PARTIAL_FILES = {"decode": "decode.partial.json"}
 
@@ -421,6 +438,11 @@ def _summary(name: str, entry: dict) -> str:
                 f"({100 * row.get('decode_fraction_of_roofline', float('nan')):.3g}% of roofline) vs torch "
                 f"{row.get('torch_decode_tokens_per_s', float('nan')):.1f}"
             )
+    elif name == "serve":
+        bits.append(
+            f"{r.get('decode_tokens_per_s_c1')} / {r.get('decode_tokens_per_s_c16')} tok/s at concurrency 1 / 16 "
+            f"(x{r.get('scaling_16_vs_1')}), x{r.get('throughput_ratio_vs_torch_sequential')} vs torch one by one"
+        )
     m = entry.get("memory") or {}
     peaks = [
         f"{k[: -len('_peak_bytes')]} {m[k] / 2**30:.1f} GiB"

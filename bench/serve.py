@@ -13,7 +13,9 @@ warm-up round; every program is compiled before any measurement, as the server d
 /health turns 200). aggregate decode tokens/s = c * new tokens / wall time (prefills
 included); time to first token = submit to first token, over every request of every round.
 torch: the same 16 requests one after another with `LlavaForConditionalGeneration.generate`
-(SDPA attention, float32, the faster of 1 thread and all cores, as in bench/generate.py).
+(SDPA attention, float32; on a CPU the faster of 1 thread and all cores, as in
+bench/generate.py; `--torch-device auto` puts torch on the GPU when jax runs on one, so both
+sides share the device).
 
 Prints one JSON line and a one-line summary. Contract keys: decode_tokens_per_s_c1,
 decode_tokens_per_s_c4, decode_tokens_per_s_c16, ttft_p50_s, ttft_p95_s, scaling_16_vs_1,
@@ -101,24 +103,30 @@ def run_round(engine, reqs, new_tokens: int):
     return wall, [r.first_token_at - r.submitted for r in subs], subs
 
 
-def torch_sequential(tm, reqs, new_tokens: int, threads: list[int]) -> tuple[int, float, list, dict]:
+def torch_sequential(
+    tm, reqs, new_tokens: int, threads: list[int], device: str = "cpu"
+) -> tuple[int, float, list, dict]:
     """(thread count, seconds to answer the requests one by one with HF generate, their tokens,
     seconds of the first request by thread count): the thread count is the faster one on the
     first request (on a busy machine all-core torch can be many times slower than one thread)."""
     import torch
 
     def one(ids, px):
-        t_ids = torch.from_numpy(ids[None].astype(np.int64))
+        t_ids = torch.from_numpy(ids[None].astype(np.int64)).to(device)
         with torch.inference_mode():
-            return tm.generate(
-                input_ids=t_ids,
-                attention_mask=torch.ones_like(t_ids),
-                pixel_values=torch.from_numpy(px),
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                do_sample=False,
-                pad_token_id=0,
-            )[0, len(ids) :].numpy()
+            return (
+                tm.generate(
+                    input_ids=t_ids,
+                    attention_mask=torch.ones_like(t_ids),
+                    pixel_values=torch.from_numpy(px).to(device),
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
+                    do_sample=False,
+                    pad_token_id=0,
+                )[0, len(ids) :]
+                .cpu()
+                .numpy()
+            )
 
     default = torch.get_num_threads()
     probe = {}
@@ -158,6 +166,7 @@ def main(argv=None) -> None:
     ap.add_argument("--slots", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--torch-threads", default="auto", help="comma-separated; auto = 1 and all cores")
+    ap.add_argument("--torch-device", default="auto", help="cpu, cuda, or auto: cuda when jax runs on a GPU")
     args = ap.parse_args(argv)
     if args.tiny:
         args.model, args.new_tokens, args.text_tokens, args.repeats = "tiny", 8, 8, 1
@@ -174,6 +183,12 @@ def main(argv=None) -> None:
     from qilin_jax.serve.engine import Engine, compile_count
 
     model, tm, cfg = build(args.model)
+    torch_device = args.torch_device
+    if torch_device == "auto":
+        torch_device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+    if torch_device != "cpu":
+        tm.to(torch_device)
+        threads = [torch.get_num_threads()]  # host threads do not bound a GPU's generate
     reqs = requests(cfg, 16, args.text_tokens)
     longest = max(len(ids) for ids, _ in reqs)
     max_len = 1 << (longest + args.new_tokens - 1).bit_length()
@@ -216,7 +231,7 @@ def main(argv=None) -> None:
         agree.append(bool((np.asarray(r.tokens) == ref).all()))
 
     log(f"ours done: {results}; torch one by one...")
-    best_threads, torch_s, torch_toks, probe = torch_sequential(tm, reqs, args.new_tokens, threads)
+    best_threads, torch_s, torch_toks, probe = torch_sequential(tm, reqs, args.new_tokens, threads, torch_device)
     torch_tps = 16 * args.new_tokens / torch_s
     torch_agree = float(np.mean([(np.asarray(r.tokens) == t).all() for r, t in zip(first, torch_toks)]))
     engine.stop()
@@ -237,6 +252,7 @@ def main(argv=None) -> None:
         "scaling_16_vs_1": round(results[16]["tokens_per_s"] / results[1]["tokens_per_s"], 3),
         "torch_sequential_tokens_per_s": round(torch_tps, 2),
         "throughput_ratio_vs_torch_sequential": round(results[16]["tokens_per_s"] / torch_tps, 3),
+        "torch_device": torch_device,
         "torch_threads": best_threads,
         "torch_first_request_seconds_by_threads": {str(n): round(v, 3) for n, v in probe.items()},
         "torch_seconds": round(torch_s, 3),

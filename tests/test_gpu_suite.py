@@ -155,6 +155,18 @@ def test_decode_part_has_both_batches_and_the_roofline(dry_run):
         assert d[f"decode_tokens_per_s_b{b}"] == pytest.approx(row["decode_tokens_per_s"], rel=1e-3)
 
 
+def test_serve_part_compares_the_engine_with_torch_one_by_one(dry_run):
+    r = dry_run["parts"]["serve"]["result"]
+    assert r["bench"] == "serve" and r["model"] == "tiny" and r["torch_device"] == "cpu"
+    for c in (1, 4, 16):
+        assert _number(r[f"decode_tokens_per_s_c{c}"]) and r[f"decode_tokens_per_s_c{c}"] > 0
+    assert r["scaling_16_vs_1"] == pytest.approx(r["decode_tokens_per_s_c16"] / r["decode_tokens_per_s_c1"], rel=1e-2)
+    assert r["throughput_ratio_vs_torch_sequential"] == pytest.approx(
+        r["decode_tokens_per_s_c16"] / r["torch_sequential_tokens_per_s"], rel=1e-2
+    )
+    assert r["compilations_after_ready"] == 0 and all(r["greedy_equal_generate"])
+
+
 def test_h200_constants_match_the_mfu_table():
     from qilin_jax.train.flops import PEAK_TFLOPS
 
