@@ -17,6 +17,13 @@ torch: the same 16 requests one after another with `LlavaForConditionalGeneratio
 bench/generate.py; `--torch-device auto` puts torch on the GPU when jax runs on one, so both
 sides share the device).
 
+The compute floor: the model FLOPs of the 16 requests (`train/flops.generate_flops`: prefill at
+the real prompt lengths, each decode step, the LM head) at the device's matmul rate measured in
+the same run (`matmul_gflops`, the model's MLP shape): `compute_floor_s_c16`, the fastest any
+implementation could answer them; `throughput_ratio_ceiling` = torch seconds / that floor, the
+highest ratio any engine could reach against this run's torch; `compute_share_c16` = floor /
+our wall time at concurrency 16 (how close to the device's arithmetic limit we run).
+
 Prints one JSON line and a one-line summary. Contract keys: decode_tokens_per_s_c1,
 decode_tokens_per_s_c4, decode_tokens_per_s_c16, ttft_p50_s, ttft_p95_s, scaling_16_vs_1,
 throughput_ratio_vs_torch_sequential.
@@ -145,6 +152,25 @@ def torch_sequential(
     return best, seconds, toks, probe
 
 
+def matmul_gflops(cfg, dtype, rows: int = 512, repeats: int = 10) -> float:
+    """The device's measured matmul rate in GFLOP/s: the best of `repeats` products of [rows,
+    hidden] x [hidden, intermediate] (the model's MLP shape, its compute dtype)."""
+    import jax
+    import jax.numpy as jnp
+
+    t = cfg.text
+    a = jnp.ones((rows, t.hidden_size), dtype)
+    b = jnp.ones((t.hidden_size, t.intermediate_size), dtype)
+    f = jax.jit(jnp.matmul)
+    f(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * rows * t.hidden_size * t.intermediate_size / best / 1e9
+
+
 def log(msg: str) -> None:
     """Progress on stderr (stdout is the JSON line and the summary)."""
     print(f"[bench/serve] {msg}", file=sys.stderr, flush=True)
@@ -179,7 +205,7 @@ def main(argv=None) -> None:
         if args.torch_threads == "auto"
         else [int(x) for x in args.torch_threads.split(",")]
     )
-    from qilin_jax.infer.generate import generate
+    from qilin_jax.infer.generate import generate, prompt_length_bucket
     from qilin_jax.serve.engine import Engine, compile_count
 
     model, tm, cfg = build(args.model)
@@ -197,7 +223,8 @@ def main(argv=None) -> None:
         IdsTokenizer(cfg.text.vocab_size),
         slots=args.slots,
         max_len=max_len,
-        prompt_buckets=[1 << (longest - 1).bit_length()],
+        # The server's default buckets (prompt_length_bucket), only those these prompts use.
+        prompt_buckets=sorted({prompt_length_bucket(len(ids)) for ids, _ in reqs}),
         max_queue=64,
     )
     rss0 = rss_mb()
@@ -236,6 +263,16 @@ def main(argv=None) -> None:
     torch_agree = float(np.mean([(np.asarray(r.tokens) == t).all() for r, t in zip(first, torch_toks)]))
     engine.stop()
 
+    # The compute floor: the 16 requests' model FLOPs (train/flops.generate_flops, real prompt
+    # lengths) at this device's measured matmul rate: no implementation answers them faster,
+    # so torch_seconds / floor bounds the throughput ratio any engine can reach here.
+    from qilin_jax.models.common import DTYPES
+    from qilin_jax.train.flops import generate_flops
+
+    flops16 = sum(generate_flops(cfg, len(ids), args.new_tokens, 1) for ids, _ in reqs)
+    gflops = matmul_gflops(cfg, DTYPES[cfg.dtype])
+    floor_s = flops16 / (gflops * 1e9)
+
     tt = np.asarray(ttfts)
     res = {
         "bench": "serve",
@@ -252,6 +289,11 @@ def main(argv=None) -> None:
         "scaling_16_vs_1": round(results[16]["tokens_per_s"] / results[1]["tokens_per_s"], 3),
         "torch_sequential_tokens_per_s": round(torch_tps, 2),
         "throughput_ratio_vs_torch_sequential": round(results[16]["tokens_per_s"] / torch_tps, 3),
+        "flops_c16": float(f"{flops16:.4g}"),
+        "matmul_gflops": float(f"{gflops:.4g}"),
+        "compute_floor_s_c16": float(f"{floor_s:.4g}"),
+        "throughput_ratio_ceiling": float(f"{torch_s / floor_s:.4g}"),
+        "compute_share_c16": float(f"{floor_s / results[16]['wall_s']:.4g}"),
         "torch_device": torch_device,
         "torch_threads": best_threads,
         "torch_first_request_seconds_by_threads": {str(n): round(v, 3) for n, v in probe.items()},
@@ -275,6 +317,8 @@ def main(argv=None) -> None:
         f"{res['decode_tokens_per_s_c16']:.1f} tok/s at concurrency 1 / 4 / 16 (x{res['scaling_16_vs_1']:.2f}); "
         f"torch one by one {torch_tps:.1f} tok/s (ours at 16: x{res['throughput_ratio_vs_torch_sequential']:.2f}); "
         f"TTFT p50 {res['ttft_p50_s'] * 1e3:.0f} ms, p95 {res['ttft_p95_s'] * 1e3:.0f} ms; "
+        f"compute floor at {res['matmul_gflops']:.0f} GFLOP/s: ratio ceiling x{res['throughput_ratio_ceiling']:.2f}, "
+        f"ours at {100 * res['compute_share_c16']:.0f}% of it; "
         f"{compiled_after_ready} compilations after warm-up"
     )
 

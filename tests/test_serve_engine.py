@@ -44,8 +44,8 @@ def test_sharded_engine_equals_generate(tokenizer):
             return tokenizer.decode(toks, skip_special_tokens=skip_special_tokens)
 
     eng = Engine(model, NoEos(), slots=4, max_len=64, prompt_buckets=[32], mesh=mesh)
-    spec = P("data", None, "tensor", None)  # slots over data, kv heads over tensor (CPU: per layer)
-    assert all(a.sharding.spec == spec for a in eng.k)
+    spec = P("data", "tensor", None, None)  # slots over data, kv heads over tensor (CPU: chunks per layer)
+    assert all(a.sharding.spec == spec for a in jax.tree.leaves(eng.k))
     eng.start()
     try:
         before = compile_count()
@@ -56,6 +56,6 @@ def test_sharded_engine_equals_generate(tokenizer):
         for r, ref, n in zip(reqs, refs, limits):
             assert r.finish_reason == "length"
             np.testing.assert_array_equal(r.tokens, ref[:n])
-        assert all(a.sharding.spec == spec for a in eng.k + eng.v)
+        assert all(a.sharding.spec == spec for a in jax.tree.leaves((eng.k, eng.v)))
     finally:
         eng.stop()

@@ -1,8 +1,9 @@
 """Continuous batching: prefill a request into a free decode slot while the others keep decoding.
 
 JetStream's scheme on our model. The engine owns one KV cache of [layers, slots, max_len,
-kv_heads, head_dim]. A new request (its images included) is prefilled alone at a bucketed
-prompt length, right-padded, and its keys/values are written into a free slot's row; its
+kv_heads, head_dim] (on CPU: per layer, chunks of [slots, kv_heads, positions, head_dim]).
+A new request (its images included) is prefilled alone at a bucketed prompt length,
+right-padded, and its keys/values are written into a free slot's row; its
 first token is sampled in the same program. One compiled decode step then advances every
 slot by one token: each slot has its own length (where its next key/value is written and
 its RoPE position), its own temperature / top_p / seed, and attends to its own row only.
@@ -16,7 +17,7 @@ not read the whole cache). Nothing compiles on the request path; `compile_count`
 XLA compilations in the process so that tests and /metrics can check it.
 
 Greedy answers equal `qilin_jax.generate`'s for the same prompt and image: the same model
-functions (`_qkv`, `_out_mlp`, RoPE, the XLA attention), positions 0..n-1 and masked
+functions (`_qkv`, `_out_mlp`, RoPE, the XLA attention's math), positions 0..n-1 and masked
 padding; a request's tokens do not depend on which slot it gets or what the other slots
 hold (each row of the step is computed independently, masked keys weigh exactly zero).
 
@@ -41,8 +42,8 @@ import numpy as np
 from flax import nnx
 
 from qilin_jax.infer.common import IncrementalDecoder
-from qilin_jax.infer.generate import decode_layers, prompt_length_bucket
-from qilin_jax.models.attention import attention
+from qilin_jax.infer.generate import batch_decode_layers, decode_layers, prompt_length_bucket
+from qilin_jax.models.attention import _MASKED, attention
 from qilin_jax.models.common import DTYPES, rms_norm, scan_layers, stacked_values
 from qilin_jax.models.llama import KVCache, _out_mlp, _qkv, rope_cos_sin
 
@@ -121,13 +122,68 @@ def _prefill_insert(graphdef, state, layers, k, v, ids, n, pixels, slot, tempera
     last = jax.lax.dynamic_slice_in_dim(hidden, n - 1, 1, axis=1)
     logits = model.llm.logits(last)[:, 0]
     tok = sample_rows(logits, temperature, top_p, seed, jnp.zeros((1,), jnp.int32))
-    if isinstance(k, tuple):  # one array per layer (CPU)
-        k = tuple(jax.lax.dynamic_update_slice(a, cache.k[i], (slot, 0, 0, 0)) for i, a in enumerate(k))
-        v = tuple(jax.lax.dynamic_update_slice(a, cache.v[i], (slot, 0, 0, 0)) for i, a in enumerate(v))
+    if isinstance(k, tuple):  # CPU: per layer, chunks of positions, heads before positions
+        k = tuple(_insert_chunks(chunks, cache.k[i], slot) for i, chunks in enumerate(k))
+        v = tuple(_insert_chunks(chunks, cache.v[i], slot) for i, chunks in enumerate(v))
     else:
         k = jax.lax.dynamic_update_slice(k, cache.k, (0, slot, 0, 0, 0))
         v = jax.lax.dynamic_update_slice(v, cache.v, (0, slot, 0, 0, 0))
     return k, v, tok
+
+
+def _insert_chunks(chunks, kv, slot):
+    """The chunked per-layer cache `chunks` (each [slots, kv_heads, C, head_dim]) with a
+    prefilled row kv [1, T, kv_heads, head_dim] written into row `slot` (positions < T)."""
+    out, a, T = [], 0, kv.shape[1]
+    for c in chunks:
+        n = min(c.shape[2], T - a)
+        if n > 0:
+            piece = jnp.swapaxes(kv[:, a : a + n], 1, 2).astype(c.dtype)  # [1, kv_heads, n, hd]
+            c = jax.lax.dynamic_update_slice(c, piece, (slot, 0, 0, 0))
+        out.append(c)
+        a += c.shape[2]
+    return tuple(out)
+
+
+def _write_chunks(chunks, x, rows, lens):
+    """The chunked cache with x [slots, kv_heads, head_dim] written at position lens[s] of row s
+    (the chunk holding that position; the others drop the write)."""
+    out, a = [], 0
+    for c in chunks:
+        C = c.shape[2]
+        off = jnp.where((lens >= a) & (lens < a + C), lens - a, C)  # C: out of range, dropped
+        out.append(c.at[rows, :, off].set(x.astype(c.dtype), mode="drop"))
+        a += C
+    return tuple(out)
+
+
+def _chunked_attention(q, ks, vs, lens, dtype):
+    """Decode attention of q [slots, 1, heads, hd] over the cache chunks ks / vs (each
+    [slots, kv_heads, C, hd]), row s seeing positions <= lens[s]: [slots, 1, heads, hd].
+
+    The math and dtypes of attention.py's XLA softmax attention (float32 scores, the same
+    finite mask value, normalised probabilities times values); the chunks are whole arrays,
+    so a window of them is read in place: slicing a window out of one [slots, positions, ...]
+    array made XLA:CPU copy and transpose it at every layer (most of a 16-slot step)."""
+    S, _, H, d = q.shape
+    KV = ks[0].shape[1]
+    qg = q.reshape(S, KV, H // KV, d)
+    s = jnp.concatenate(
+        [jnp.einsum("skgd,skwd->skgw", qg, c.astype(dtype), preferred_element_type=jnp.float32) for c in ks], axis=-1
+    ) * (1.0 / float(d) ** 0.5)
+    valid = jnp.arange(s.shape[-1])[None, :] <= lens[:, None]
+    s = jnp.where(valid[:, None, None, :], s, _MASKED)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.exp(s - m)
+    p = p / jnp.sum(p, axis=-1, keepdims=True)
+    o, a = 0.0, 0
+    for c in vs:
+        C = c.shape[2]
+        o = o + jnp.einsum(
+            "skgw,skwd->skgd", p[..., a : a + C].astype(dtype), c.astype(dtype), preferred_element_type=jnp.float32
+        )
+        a += C
+    return o.reshape(S, 1, H, d).astype(q.dtype)
 
 
 def _decode(graphdef, state, layers, k, v, tok, lens, temperature, top_p, seed, count, *, window: int):
@@ -158,15 +214,17 @@ def _decode(graphdef, state, layers, k, v, tok, lens, temperature, top_p, seed, 
         return attend(p, h, q, kw, vw), k, v
 
     if layers is not None:
-        # CPU: unstacked layers read in place (llama.layer_list), and one cache array per
-        # layer: a write into a stacked cache between reads of it made XLA:CPU copy the whole
-        # cache at every layer (~10x slower steps on the medium bench model).
+        # CPU: unstacked layers read in place (llama.layer_list), and per layer a tuple of
+        # cache chunks: a write into a stacked cache between reads of it made XLA:CPU copy
+        # the whole cache at every layer, and a window sliced from one array was copied too.
         ks, vs = list(k), list(v)
+        n = -(-window // ks[0][0].shape[2])  # the chunks that hold the window
         for i, p in enumerate(layers):
             q, kk, vv = _qkv(p, x, cfg, cos, sin, dtype)
-            ks[i] = ks[i].at[rows, lens].set(kk[:, 0].astype(ks[i].dtype))
-            vs[i] = vs[i].at[rows, lens].set(vv[:, 0].astype(vs[i].dtype))
-            x = attend(p, x, q, ks[i][:, :window], vs[i][:, :window])
+            ks[i] = _write_chunks(ks[i], kk[:, 0], rows, lens)
+            vs[i] = _write_chunks(vs[i], vv[:, 0], rows, lens)
+            out = _chunked_attention(q, ks[i][:n], vs[i][:n], lens, dtype)
+            x = _out_mlp(p, x, out, cfg, dtype)
         k, v = tuple(ks), tuple(vs)
     else:
 
@@ -292,12 +350,20 @@ class Engine:
         self.image_shape = (1, 3, cfg.vision.image_size, cfg.vision.image_size)
 
         self.graphdef, self.state = nnx.split(model)
-        # Step-by-step decoding (max_new_tokens None): on CPU a long-lived server unstacks once.
-        self.layers, _ = decode_layers(model, self.graphdef, self.state, None)
+        # CPU: the layers unstacked once for the server's life; the step multiplies `slots`
+        # rows at a time, for which the [in, out] layout is the faster one (one slot: the
+        # [out, in] copy generate uses for matrix-vector products).
+        if self.slots >= 2:
+            self.layers = batch_decode_layers(self.graphdef, self.state)
+        else:
+            self.layers, _ = decode_layers(model, self.graphdef, self.state, None)
         text = cfg.text
         shape = (text.num_hidden_layers, self.slots, self.max_len, text.num_key_value_heads, text.head_dim)
         dtype = DTYPES[cfg.dtype]
-        per_layer = self.layers is not None  # CPU: one cache array per layer (see _decode)
+        per_layer = self.layers is not None  # CPU: per layer, chunks of positions (see _decode)
+        # CPU chunks: the smallest decode window's positions each, so every window is whole chunks.
+        C = self.windows[0]
+        self.chunks = [(a, min(a + C, self.max_len)) for a in range(0, self.max_len, C)]
         sh = None
         kw = {}
         if mesh is not None:
@@ -305,14 +371,14 @@ class Engine:
             from jax.sharding import PartitionSpec as P
 
             data, tensor = mesh.shape.get("data", 1), mesh.shape.get("tensor", 1)
-            spec = (
-                "data" if self.slots % data == 0 and data > 1 else None,
-                None,
-                "tensor" if text.num_key_value_heads % tensor == 0 and tensor > 1 else None,
-                None,
-            )
-            sh = NamedSharding(mesh, P(*spec) if per_layer else P(None, *spec))
-            cache_sh = (sh,) * shape[0] if per_layer else sh
+            slots_ax = "data" if self.slots % data == 0 and data > 1 else None
+            heads_ax = "tensor" if text.num_key_value_heads % tensor == 0 and tensor > 1 else None
+            if per_layer:  # [slots, kv_heads, positions, head_dim] chunks
+                sh = NamedSharding(mesh, P(slots_ax, heads_ax, None, None))
+                cache_sh = ((sh,) * len(self.chunks),) * shape[0]
+            else:  # [layers, slots, positions, kv_heads, head_dim]
+                sh = NamedSharding(mesh, P(None, slots_ax, None, heads_ax, None))
+                cache_sh = sh
             # Fixed output shardings: a cache that came back sharded differently would be a new
             # input signature, i.e. a compilation on the request path.
             kw = dict(out_shardings=(cache_sh, cache_sh, NamedSharding(mesh, P())))
@@ -323,8 +389,9 @@ class Engine:
             return jax.device_put(jnp.zeros(shp, dtype), sh if sh is not None else jax.devices()[0])
 
         if per_layer:
-            self.k = tuple(zeros(shape[1:]) for _ in range(shape[0]))
-            self.v = tuple(zeros(shape[1:]) for _ in range(shape[0]))
+            chunk_shapes = [(self.slots, text.num_key_value_heads, b - a, text.head_dim) for a, b in self.chunks]
+            self.k = tuple(tuple(zeros(c) for c in chunk_shapes) for _ in range(shape[0]))
+            self.v = tuple(tuple(zeros(c) for c in chunk_shapes) for _ in range(shape[0]))
         else:
             self.k, self.v = zeros(shape), zeros(shape)
         self._prefill = jax.jit(_prefill_insert, static_argnums=(0,), donate_argnums=(3, 4), **kw)

@@ -76,15 +76,42 @@ def step_flops(
     fwd_llm = 2 * n_llm * tokens + attn + 2 * t.hidden_size * t.vocab_size * head_tokens
     llm = fwd_llm * (1 + 1 + (1 if llm_trainable else 0))  # fwd + act grads (+ weight grads)
 
+    vit = _vit_forward_flops(cfg, images) * (3 if vision_trainable else 1)
+    adapter = _adapter_forward_flops(cfg, images) * (3 if adapter_trainable else 2)
+    return float(llm + vit + adapter)
+
+
+def _vit_forward_flops(cfg: QilinConfig, images: int) -> float:
+    """ViT forward FLOPs for `images` images, up to the feature layer the adapter reads."""
     v = cfg.vision
     n_layers = (
         v.num_hidden_layers + 1 + cfg.vision_feature_layer if cfg.vision_feature_layer < 0 else cfg.vision_feature_layer
     )
     vt = v.num_patches + 1
     vit_tokens = images * vt
-    fwd_vit = 2 * _vit_matmul_params(cfg, n_layers) * vit_tokens + 2 * 2 * n_layers * v.hidden_size * vt * vit_tokens
-    vit = fwd_vit * (3 if vision_trainable else 1)
+    return 2 * _vit_matmul_params(cfg, n_layers) * vit_tokens + 2 * 2 * n_layers * v.hidden_size * vt * vit_tokens
 
-    a_params = v.hidden_size * t.hidden_size + (t.hidden_size**2 if cfg.adapter == "mlp2x_gelu" else 0)
-    adapter = 2 * a_params * images * cfg.image_tokens * (3 if adapter_trainable else 2)
-    return float(llm + vit + adapter)
+
+def _adapter_forward_flops(cfg: QilinConfig, images: int) -> float:
+    a_params = cfg.vision.hidden_size * cfg.text.hidden_size + (
+        cfg.text.hidden_size**2 if cfg.adapter == "mlp2x_gelu" else 0
+    )
+    return 2 * a_params * images * cfg.image_tokens
+
+
+def generate_flops(cfg: QilinConfig, prompt_tokens: int, new_tokens: int, images: int) -> float:
+    """Model FLOPs of answering one request: the prefill of `prompt_tokens` positions (its
+    `images` through the ViT and adapter; causal attention at half; the LM head on the last
+    position), then new_tokens - 1 decode steps of one position each (decoder, attention over
+    the context so far, LM head). The work any implementation must do: a lower bound on time
+    at a device's matmul rate (bench/serve.py)."""
+    t = cfg.text
+    n_llm = _llm_matmul_params(cfg)
+    attn_per_key = 2 * 2 * t.num_hidden_layers * t.num_attention_heads * t.head_dim  # QK^T and AV
+    head = 2 * t.hidden_size * t.vocab_size
+    T, steps = prompt_tokens, max(new_tokens - 1, 0)
+    prefill = 2 * n_llm * T + attn_per_key * T * T / 2 + head
+    prefill += _vit_forward_flops(cfg, images) + _adapter_forward_flops(cfg, images)
+    contexts = steps * (T + 1) + steps * (steps - 1) / 2  # step i attends to T + 1 + i positions
+    decode = steps * (2 * n_llm + head) + attn_per_key * contexts
+    return float(prefill + decode)
