@@ -344,7 +344,8 @@ def test_engine_queue_bound(server):
 
 def test_no_compilation_after_warmup_over_a_mixed_workload(server, client):
     eng = server.engine
-    assert eng._prefill._cache_size() == len(eng.buckets) and eng._decode._cache_size() == len(eng.windows)
+    n_prefill = len(eng.buckets) * len({1, eng.prefill_batch})  # each bucket at one row and at prefill_batch rows
+    assert eng._prefill._cache_size() == n_prefill and eng._decode._cache_size() == len(eng.windows)
     before = compile_count()
     png = png_bytes(4)
     reqs = [
@@ -376,7 +377,7 @@ def test_no_compilation_after_warmup_over_a_mixed_workload(server, client):
         answers = list(pool.map(run, [dict(r, stream=r.get("stream", False)) for r in reqs]))
     assert len(answers) == len(reqs)
     assert compile_count() == before
-    assert eng._prefill._cache_size() == len(eng.buckets) and eng._decode._cache_size() == len(eng.windows)
+    assert eng._prefill._cache_size() == n_prefill and eng._decode._cache_size() == len(eng.windows)
 
 
 def test_models_health_metrics_and_page(server, client):

@@ -233,6 +233,7 @@ class Server:
             max_len=self.cfg.max_context,
             prompt_buckets=self.cfg.prompt_buckets,
             max_queue=self.cfg.max_queue,
+            prefill_batch=self.cfg.prefill_batch,
             mesh=mesh,
             tokenizer_lock=self.tokenizer_lock,
         )

@@ -32,6 +32,8 @@ class ServeConfig(DecodeOptions):
     # ladder of qilin_jax.infer.generate.prompt_length_bucket up to max_context.
     prompt_buckets: list[int] = field(default_factory=list)
     max_queue: int = 64  # requests waiting for a slot; past it 429 with Retry-After
+    # Waiting prompts prefilled together in one program (up to this many; 1 = one at a time).
+    prefill_batch: int = 4
     max_images: int = 4  # images per request (composited into one, as in training)
     max_body_mb: float = 20.0  # request body limit (base64 images included)
     max_new_tokens: int = 256
@@ -45,6 +47,8 @@ class ServeConfig(DecodeOptions):
             raise ValueError(f"{section}.slots must be >= 1, got {self.slots}")
         if self.max_context < 0:
             raise ValueError(f"{section}.max_context must be >= 0, got {self.max_context}")
+        if self.prefill_batch < 1:
+            raise ValueError(f"{section}.prefill_batch must be >= 1, got {self.prefill_batch}")
         if self.max_queue < 0:
             raise ValueError(f"{section}.max_queue must be >= 0, got {self.max_queue}")
         if not 1 <= self.max_images <= 4:

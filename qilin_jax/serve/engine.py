@@ -2,19 +2,21 @@
 
 JetStream's scheme on our model. The engine owns one KV cache of [layers, slots, max_len,
 kv_heads, head_dim] (on CPU: per layer, chunks of [slots, kv_heads, positions, head_dim]).
-A new request (its images included) is prefilled alone at a bucketed prompt length,
-right-padded, and its keys/values are written into a free slot's row; its
-first token is sampled in the same program. One compiled decode step then advances every
+A new request (its images included) is prefilled at a bucketed prompt length, right-padded,
+alone or with up to `prefill_batch` - 1 other waiting requests in one program, and its
+keys/values are written into a free slot's row; its first token is sampled in the same
+program. One compiled decode step then advances every
 slot by one token: each slot has its own length (where its next key/value is written and
 its RoPE position), its own temperature / top_p / seed, and attends to its own row only.
 A request finishes on `</s>`, a stop string or its token limit, and its slot is free for
 the next request at once; a cancelled request (the client went away) frees it too.
 
 Every program is compiled before the server says it is ready (`warmup`): one prefill per
-prompt bucket, one decode step per attention window (the step attends to the first W cache
-positions, W the smallest window that holds the longest active row, so short answers do
-not read the whole cache). Nothing compiles on the request path; `compile_count` counts
-XLA compilations in the process so that tests and /metrics can check it.
+prompt bucket and prefill batch size (1 and `prefill_batch`), one decode step per
+attention window (the step attends to the first W cache positions, W the smallest window
+that holds the longest active row, so short answers do not read the whole cache). Nothing
+compiles on the request path; `compile_count` counts XLA compilations in the process so
+that tests and /metrics can check it.
 
 Greedy answers equal `qilin_jax.generate`'s for the same prompt and image: the same model
 functions (`_qkv`, `_out_mlp`, RoPE, the XLA attention's math), positions 0..n-1 and masked
@@ -109,25 +111,28 @@ def sample_rows(logits, temperature, top_p, seed, count):
 
 
 def _prefill_insert(graphdef, state, layers, k, v, ids, n, pixels, slot, temperature, top_p, seed):
-    """Prefill one right-padded prompt ids [1, T] (n real tokens) with its image, write its
-    keys/values into cache row `slot`, and sample its first token: (k, v, token [1])."""
+    """Prefill B right-padded prompts ids [B, T] (n [B] real tokens) with their images pixels
+    [B, 1, 3, H, W], write row b's keys/values into cache row slot[b], and sample each first
+    token: (k, v, tokens [B]). Rows are computed independently (a row's values do not depend
+    on the others); a row repeated with the same slot writes the same values twice."""
     model = nnx.merge(graphdef, state)
     cfg = model.config.text
-    T = ids.shape[1]
-    pos = jnp.arange(T, dtype=jnp.int32)[None]
-    mask = (pos < n).astype(jnp.int32)
-    cache = KVCache.init(cfg, 1, T, jax.tree.leaves(k)[0].dtype)
+    B, T = ids.shape
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
+    mask = (pos < n[:, None]).astype(jnp.int32)
+    cache = KVCache.init(cfg, B, T, jax.tree.leaves(k)[0].dtype)
     emb = model.embed_inputs(ids, pixels)
     hidden, cache = model.llm(emb, segment_ids=mask, position_ids=pos, cache=cache, layers=layers)
-    last = jax.lax.dynamic_slice_in_dim(hidden, n - 1, 1, axis=1)
+    last = jnp.take_along_axis(hidden, (n - 1)[:, None, None], axis=1)  # [B, 1, D]
     logits = model.llm.logits(last)[:, 0]
-    tok = sample_rows(logits, temperature, top_p, seed, jnp.zeros((1,), jnp.int32))
-    if isinstance(k, tuple):  # CPU: per layer, chunks of positions, heads before positions
-        k = tuple(_insert_chunks(chunks, cache.k[i], slot) for i, chunks in enumerate(k))
-        v = tuple(_insert_chunks(chunks, cache.v[i], slot) for i, chunks in enumerate(v))
-    else:
-        k = jax.lax.dynamic_update_slice(k, cache.k, (0, slot, 0, 0, 0))
-        v = jax.lax.dynamic_update_slice(v, cache.v, (0, slot, 0, 0, 0))
+    tok = sample_rows(logits, temperature, top_p, seed, jnp.zeros((B,), jnp.int32))
+    for b in range(B):
+        if isinstance(k, tuple):  # CPU: per layer, chunks of positions, heads before positions
+            k = tuple(_insert_chunks(chunks, cache.k[i][b : b + 1], slot[b]) for i, chunks in enumerate(k))
+            v = tuple(_insert_chunks(chunks, cache.v[i][b : b + 1], slot[b]) for i, chunks in enumerate(v))
+        else:
+            k = jax.lax.dynamic_update_slice(k, cache.k[:, b : b + 1], (0, slot[b], 0, 0, 0))
+            v = jax.lax.dynamic_update_slice(v, cache.v[:, b : b + 1], (0, slot[b], 0, 0, 0))
     return k, v, tok
 
 
@@ -327,6 +332,7 @@ class Engine:
         max_len: int = 0,
         prompt_buckets: Sequence[int] = (),
         max_queue: int = 64,
+        prefill_batch: int = 4,
         mesh=None,
         tokenizer_lock: threading.Lock | None = None,
     ):
@@ -345,6 +351,9 @@ class Engine:
         )
         self.windows = decode_windows(self.max_len)
         self.max_queue = int(max_queue)
+        # Prompts waiting together are prefilled together (one program of this many rows):
+        # bigger products run nearer the device's matmul rate than one prompt at a time.
+        self.prefill_batch = max(1, min(int(prefill_batch), self.slots))
         self.eos_id = tokenizer.eos_token_id
         self.tokenizer_lock = tokenizer_lock or threading.Lock()
         self.image_shape = (1, 3, cfg.vision.image_size, cfg.vision.image_size)
@@ -446,8 +455,8 @@ class Engine:
 
     # -- lifecycle
     def warmup(self) -> float:
-        """Compile every prefill bucket and decode window (each run twice, so that a second
-        input signature would show now); returns the seconds it took."""
+        """Compile every prefill bucket (at 1 and `prefill_batch` rows) and decode window (each
+        run twice, so that a second input signature would show now); returns the seconds it took."""
         from qilin_jax.infer.sharded import inference_sharding
 
         t0 = time.perf_counter()
@@ -456,25 +465,23 @@ class Engine:
         return time.perf_counter() - t0
 
     def _warmup(self) -> None:
-        px = np.zeros(self.image_shape, np.float32)
-        one_f, one_i = np.zeros(1, np.float32), np.zeros(1, np.int32)
         S = self.slots
         for round_ in range(2):
             before = compile_count()
-            for T in self.buckets:
+            for T, B in itertools.product(self.buckets, sorted({1, self.prefill_batch})):
                 self.k, self.v, tok = self._prefill(
                     self.graphdef,
                     self.state,
                     self.layers,
                     self.k,
                     self.v,
-                    np.zeros((1, T), np.int32),
-                    np.int32(1),
-                    px,
-                    np.int32(0),
-                    one_f,
-                    np.ones(1, np.float32),
-                    one_i,
+                    np.zeros((B, T), np.int32),
+                    np.ones(B, np.int32),
+                    np.zeros((B, 1) + self.image_shape[1:], np.float32),
+                    np.zeros(B, np.int32),
+                    np.zeros(B, np.float32),
+                    np.ones(B, np.float32),
+                    np.zeros(B, np.int32),
                 )
                 np.asarray(tok)
             for W in self.windows:
@@ -581,51 +588,61 @@ class Engine:
                 self._finish(s, "cancelled")
 
     def _admit(self) -> None:
-        for s in range(self.slots):
-            if self.slot_req[s] is not None:
-                continue
-            with self.cond:
-                req = self.waiting.popleft() if self.waiting else None
-            while req is not None and req.cancelled:
-                self._end(req, "cancelled")
-                with self.cond:
-                    req = self.waiting.popleft() if self.waiting else None
-            if req is None:
+        """Prefill waiting requests into free slots, up to `prefill_batch` of them per program."""
+        while True:
+            free = [s for s in range(self.slots) if self.slot_req[s] is None]
+            if not free:
                 return
+            group, cancelled = [], []
+            with self.cond:
+                while self.waiting and len(group) < min(len(free), self.prefill_batch):
+                    req = self.waiting.popleft()
+                    (cancelled if req.cancelled else group).append(req)
+            for req in cancelled:
+                self._end(req, "cancelled")
+            if not group:
+                if cancelled:
+                    continue
+                return
+            slots = free[: len(group)]
             try:
-                self._insert(s, req)
-            except Exception as e:
-                log.exception("serve: prefill failed for request %d", req.id)
-                self.slot_req[s] = None
-                self._end(req, "error", f"{type(e).__name__}: {e}")
+                self._insert(slots, group)
+            except Exception:
+                # Prefill them one by one, so that only a request that fails alone gets the error.
+                for s, req in zip(slots, group):
+                    try:
+                        self._insert([s], [req])
+                    except Exception as e:
+                        log.exception("serve: prefill failed for request %d", req.id)
+                        self.slot_req[s] = None
+                        self._end(req, "error", f"{type(e).__name__}: {e}")
 
-    def _insert(self, s: int, req: Request) -> None:
-        n = len(req.ids)
-        T = self.bucket_for(n)
-        ids = np.full((1, T), self.model.config.text.pad_token_id, np.int32)
-        ids[0, :n] = req.ids
-        px = np.zeros(self.image_shape, np.float32) if req.pixels is None else np.asarray(req.pixels, np.float32)
-        temp, top_p = np.float32(max(req.temperature, 0.0)), np.float32(req.top_p)
-        seed = np.int32(req.seed % (2**31))
+    def _insert(self, slots: list[int], reqs: list[Request]) -> None:
+        """Prefill reqs into slots in one program: the one-row program for one request, else the
+        `prefill_batch`-row one (its spare rows repeat the last request into the same slot)."""
+        B = 1 if len(reqs) == 1 else self.prefill_batch
+        rows = list(zip(slots, reqs)) + [(slots[-1], reqs[-1])] * (B - len(reqs))
+        T = max(self.bucket_for(len(r.ids)) for r in reqs)
+        ids = np.full((B, T), self.model.config.text.pad_token_id, np.int32)
+        px = np.zeros((B, 1) + self.image_shape[1:], np.float32)
+        n, slot = np.zeros(B, np.int32), np.zeros(B, np.int32)
+        temp, top_p, seed = np.zeros(B, np.float32), np.ones(B, np.float32), np.zeros(B, np.int32)
+        for b, (s, req) in enumerate(rows):
+            ids[b, : len(req.ids)] = req.ids
+            if req.pixels is not None:
+                px[b, 0] = np.asarray(req.pixels, np.float32).reshape(self.image_shape[1:])
+            n[b], slot[b] = len(req.ids), s
+            temp[b], top_p[b], seed[b] = max(req.temperature, 0.0), req.top_p, req.seed % (2**31)
         self.k, self.v, tok = self._prefill(
-            self.graphdef,
-            self.state,
-            self.layers,
-            self.k,
-            self.v,
-            ids,
-            np.int32(n),
-            px,
-            np.int32(s),
-            np.asarray([temp]),
-            np.asarray([top_p]),
-            np.asarray([seed]),
+            self.graphdef, self.state, self.layers, self.k, self.v, ids, n, px, slot, temp, top_p, seed
         )
-        self.slot_req[s] = req
-        self.decoders[s] = IncrementalDecoder(self.tokenizer, req.stop, self.eos_id)
-        self.lens[s], self.count[s] = n, 1
-        self.temp[s], self.top_p[s], self.seed[s] = temp, top_p, seed
-        self._accept(s, int(np.asarray(tok)[0]))
+        tok = np.asarray(tok)
+        for b, (s, req) in enumerate(zip(slots, reqs)):
+            self.slot_req[s] = req
+            self.decoders[s] = IncrementalDecoder(self.tokenizer, req.stop, self.eos_id)
+            self.lens[s], self.count[s] = n[b], 1
+            self.temp[s], self.top_p[s], self.seed[s] = temp[b], top_p[b], seed[b]
+            self._accept(s, int(tok[b]))
 
     def _drop_cancelled(self) -> None:
         for s, r in enumerate(self.slot_req):
