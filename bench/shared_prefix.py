@@ -1,6 +1,6 @@
 """Benchmark: `train.shared_prefix` on a run config's stages, whole rows vs the preamble once.
 
-    python bench/shared_prefix.py [--config configs/demo.yaml] [--stages stage0,stage0b,stage2]
+    python bench/shared_prefix.py [--config configs/demo.yaml] [--stages stage1,stage2]
                                   [--repeats 6] [--steps 3]
 
 For each stage: one real batch from the stage's loader, our jitted, donated train step

@@ -210,6 +210,10 @@ class DemoSection:
     n_heldout: int | None = None
     n_csv: int | None = None
     targets: dict[str, float] = field(default_factory=lambda: {"location": 0.9, "modality": 0.9})
+    # Pretrained backbones (HF CLIP + LLaMA dirs and a sha256 manifest,
+    # qilin_jax.demo_data.pretrain_backbones): prepare_demo checks and converts them into the
+    # run folder and sets model.checkpoint to the result; null = train from model.checkpoint.
+    backbones: str | None = None
 
     def validate(self, where: str = "demo") -> None:
         """Raise ConfigError naming the option that is out of range."""

@@ -1,8 +1,9 @@
 """The bundled demo: make its data, then (after training and evaluation) write its report.
 
-`python main.py --config configs/demo.yaml` runs: prepare_demo -> train (stage 0/1/2) ->
-eval -> chat -> report. The report compares held-out accuracy per question type before
-(the initial weights) and after training with chance beside it, plots the loss curves, and
+`python main.py --config configs/demo.yaml` runs: prepare_demo (data, then the shipped
+pretrained backbones checked and converted) -> train (stage 1, stage 2) -> eval -> chat ->
+report. The report compares held-out accuracy per question type before (the weights training
+starts from) and after training with chance beside it, plots the loss curves, and
 writes report.json into the run folder.
 """
 
@@ -39,6 +40,7 @@ def prepare(cfg: RunConfig) -> dict:
     opts = dict(cfg.demo)
     out = opts.pop("data_dir", "data/demo/generated")
     opts.pop("targets", None)
+    backbones = opts.pop("backbones", None)
     meta_path = os.path.join(out, "meta.json")
     from qilin_jax.demo_data import make_demo
 
@@ -80,19 +82,52 @@ def prepare(cfg: RunConfig) -> dict:
         print(f"demo data: generated {meta['counts']} into {out} in {time.time() - t:.1f} s")
     if cfg.chat.get("image"):
         cfg.chat["image"] = _resolve_pydicom(cfg.chat["image"])
+    if backbones:
+        meta["pretrained"] = convert_backbones(cfg, backbones)
     return meta
 
 
+def convert_backbones(cfg: RunConfig, backbones: str) -> str:
+    """Check the shipped backbones against their sha256 manifest, convert them with the
+    converter a user runs on the real CLIP and LLaMA-2 (`python -m converters to-jax --src
+    LLAMA --vision CLIP`) into <run folder>/pretrained, and point model.checkpoint at it;
+    returns that folder. A file that does not match its checksum stops the run, named."""
+    from converters.to_jax import to_jax
+    from qilin_jax.config import resolve_path
+    from qilin_jax.demo_data.pretrain_backbones import LLM_DIR, VISION_DIR, verify_backbones
+
+    t = time.time()
+    root = resolve_path(backbones)
+    verify_backbones(root)
+    dst = os.path.join(cfg.run_dir, "pretrained")
+    # The adapter is initialised at random (seeded): the release's stage-1 starting point.
+    to_jax(
+        os.path.join(root, LLM_DIR),
+        dst,
+        vision=os.path.join(root, VISION_DIR),
+        seed=cfg.seed,
+        overwrite=True,
+        log=lambda m: log.info("%s", m),
+    )
+    cfg.model.checkpoint = dst
+    print(f"pretrained backbones: {root} (sha256 checked) -> {dst} in {time.time() - t:.1f} s")
+    return dst
+
+
 def _evaluate_initial(cfg: RunConfig) -> dict:
-    """Held-out accuracy of the initial (untrained) weights, for the before/after table."""
+    """Held-out accuracy of the weights training starts from (model.checkpoint: the pretrained
+    backbones with a fresh adapter; else the random initialisation), for the before/after table."""
     from flax import nnx
 
     from qilin_jax.infer.config import EvalConfig
     from qilin_jax.infer.evaluate import run_eval
     from qilin_jax.models import QilinMedVL
-    from qilin_jax.runtime import load_tokenizer
+    from qilin_jax.runtime import load_model, load_tokenizer
 
-    model = QilinMedVL(cfg.model_config(), rngs=nnx.Rngs(cfg.seed))
+    if cfg.model.checkpoint:
+        model = load_model(cfg, cfg.model.checkpoint)
+    else:
+        model = QilinMedVL(cfg.model_config(), rngs=nnx.Rngs(cfg.seed))
     ecfg = EvalConfig(**{**cfg.eval, "output_dir": os.path.join(cfg.run_dir, "eval_before"), "progress": False})
     return run_eval(model, load_tokenizer(cfg), ecfg)
 

@@ -71,32 +71,6 @@ def test_files_and_meta(demo):
     assert set(meta["chance"]) == set(QTYPES)
 
 
-def test_grounding_is_location_questions_on_one_lesion_alignment_images(demo):
-    """Demo stage 0's file: one location question per single, one-lesion alignment image."""
-    alignment = {a["image"]: a for a in _load(demo, "alignment.json") if isinstance(a["image"], str)}
-    grounding = _load(demo, "grounding.json")
-    expected = [img for img, a in alignment.items() if a["case"]["count"] == 1]
-    assert [g["image"] for g in grounding] == expected and expected
-    assert _load(demo, "meta.json")["counts"]["grounding"] == len(grounding)
-    for g in grounding:
-        human, gpt = g["conversations"]
-        assert human["value"].startswith("<image>\n") and human["value"][8:] in templates.QUESTIONS["location"]
-        assert gpt["value"] == alignment[g["image"]]["case"]["locations"][0] and g["qtype"] == "location"
-
-
-def test_count_size_is_the_count_and_size_only_instruction_rows(demo):
-    """Demo stage 0b's file: the instruction rows whose every question asks count or size, in
-    order (images reused, no new samples), with answers consistent with the case."""
-    instruction = _load(demo, "instruction.json")
-    rows = _load(demo, "count_size.json")
-    assert rows == [s for s in instruction if set(s["qtypes"]) <= {"count", "size"}] and rows
-    assert {q for r in rows for q in r["qtypes"]} == {"count", "size"}
-    assert _load(demo, "meta.json")["counts"]["count_size"] == len(rows)
-    for r in rows:
-        if r["qtypes"] == ["count"]:
-            assert normalize_answer(r["conversations"][1]["value"], "count") == str(r["case"]["count"]), r
-
-
 def _check_conversation(sample: dict, split: str) -> None:
     conv = sample["conversations"]
     assert len(conv) >= 2 and len(conv) % 2 == 0, sample["id"]
@@ -311,20 +285,6 @@ def test_tokenizer_matches_sentencepiece_and_script(tmp_path, tok):
     assert (tmp_path / "tokenizer.model").read_bytes() == (TOKENIZER_DIR / "tokenizer.model").read_bytes()
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         assert (tmp_path / name).read_text() == (TOKENIZER_DIR / name).read_text()
-
-
-def test_size_grounding_is_size_questions_on_one_lesion_alignment_images(demo):
-    """Demo stage 0b's second file: one size question per single, one-lesion alignment image
-    (the images of grounding.json, in the same order), its reply the case's size class."""
-    grounding = _load(demo, "grounding.json")
-    sized = _load(demo, "grounding_size.json")
-    assert [g["image"] for g in sized] == [g["image"] for g in grounding] and sized
-    assert _load(demo, "meta.json")["counts"]["grounding_size"] == len(sized)
-    for g in sized:
-        human, gpt = g["conversations"]
-        assert human["value"].startswith("<image>\n") and human["value"][8:] in templates.QUESTIONS["size"]
-        assert gpt["value"] == g["case"]["size"] in templates.SIZES and g["qtype"] == "size"
-        assert g["case"]["count"] == 1
 
 
 def test_prepare_regenerates_data_made_with_other_options(tmp_path, monkeypatch, capsys):

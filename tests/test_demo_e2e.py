@@ -1,7 +1,8 @@
-"""A shortened demo end to end through main.py: data -> stages 0/1/2 -> eval -> chat on a
-DICOM CT slice -> report; the held-out accuracy must rise well above chance.
+"""A shortened demo end to end through main.py: data -> the shipped backbones checked and
+converted -> stages 1/2 -> eval -> chat on a DICOM CT slice -> report; the held-out accuracy
+must rise well above chance.
 
-Marked `demo` (about 8 minutes on 2 CPU cores): the default run, and so CI, includes it;
+Marked `demo` (about 2 minutes on 2 CPU cores): the default run, and so CI, includes it;
 `pytest -m "not slow and not demo"` leaves it out of a quick local run."""
 
 import json
@@ -28,13 +29,9 @@ def test_short_demo_learns(tmp_path):
         "demo.n_heldout=100",
         f"data.paths=[{data}/alignment.json]",
         f"data.image_folder={data}/images",
-        f"stages.0.data.paths=[{data}/grounding.json]",
-        f"stages.1.data.paths=[{data}/count_size.json,{data}/grounding_size.json,{data}/grounding.json]",
-        f"stages.3.data.paths=[{data}/instruction.json]",
-        "stages.0.max_steps=400",
-        "stages.1.max_steps=100",
-        "stages.2.max_steps=5",
-        "stages.3.max_steps=200",
+        f"stages.1.data.paths=[{data}/instruction.json]",
+        "stages.0.max_steps=60",
+        "stages.1.max_steps=150",
         f"eval.json={data}/heldout.json",
         f"eval.image_folder={data}/images",
         "checkpoint.every_steps=1000",
@@ -58,13 +55,16 @@ def test_short_demo_learns(tmp_path):
     by_type = report["heldout_accuracy_by_type"]
     chance = report["chance_by_type"]
     assert {"location", "modality"} <= set(by_type)
-    # Trained: location (stage 0's curriculum) far above chance, modality above it (the short
-    # stage 2 is where modality is learned: 0.40 here, 0.92 in the full demo); overall well above
-    # the untrained model.
-    assert by_type["location"] >= 2 * chance["location"], report
-    assert by_type["modality"] > chance["modality"], report
-    assert report["heldout_accuracy"] > report["before_training"]["heldout_accuracy"] + 0.1, report
+    # Trained from the pretrained backbones: every type well above chance after a shortened
+    # stage 2 (the full demo's targets are higher); before training at chance or below.
+    for q in by_type:
+        assert by_type[q] >= 2 * chance[q], report
+        assert report["before_training"]["heldout_accuracy_by_type"][q] <= chance[q] + 0.1, report
     assert (run / "loss_curves.png").stat().st_size > 1000
     assert report["chat_answer"], "the chat about pydicom's CT slice produced no answer"
-    for stage in ("stage0", "stage0b", "stage1", "stage2"):
+    assert [s["name"] for s in report["stages"]] == ["stage1", "stage2"]
+    for stage in ("stage1", "stage2"):
         assert (run / stage / "final" / "config.json").exists()
+    # Training started from the converted shipped backbones.
+    assert (run / "pretrained" / "conversion.json").exists()
+    assert str(run / "pretrained") in (run / "config.yaml").read_text()

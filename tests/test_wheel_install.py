@@ -24,8 +24,9 @@ IGNORED = shutil.ignore_patterns(
     "generated",
     "tmp",
 )
-# The demo cut to one stage of 2 steps on a 1-layer decoder: every task of the demo runs
-# (data, training, checkpoint, eval, chat on a DICOM slice, report), in about a minute.
+# The demo cut to one stage of 2 steps: every task of the demo runs (data, the shipped
+# backbones checked and converted, training, checkpoint, eval, chat on a DICOM slice,
+# report), in about a minute.
 SHORT_DEMO = [
     "demo.n_align=64",
     "demo.n_instruct=64",
@@ -33,8 +34,6 @@ SHORT_DEMO = [
     "demo.n_csv=4",
     'stages=[{name: stage2, trainable: ["llm/.*", "adapter/.*"], max_steps: 2, data: {batch_size: 8, '
     "paths: [data/demo/generated/instruction.json], template: v1, image_mode: pad, seq_buckets: [128]}}]",
-    "model.overrides.text.num_hidden_layers=1",
-    "model.overrides.vision.num_hidden_layers=2",
     "train.shared_prefix=false",
     "eval.limit=8",
     "eval.batch_size=8",
@@ -114,5 +113,7 @@ def test_wheel_installs_and_runs_the_demo_outside_the_checkout(tmp_path):
     assert set(report["heldout_accuracy_by_type"]) == {"location", "modality", "count", "size", "choice"}
     assert report["chat_answer"] is not None
     assert (run / "stage2" / "final" / "config.json").exists()
+    # The pretrained backbones ship in the wheel and went through the converter.
+    assert json.loads((run / "pretrained" / "conversion.json").read_text())["sources"]["vision"]["format"] == "hf-clip"
     # The resolved config names the tokenizer inside the installed package.
     assert "site-packages" in (run / "config.yaml").read_text()

@@ -6,9 +6,6 @@ Writes into the output folder:
   images/*.png             grayscale PNGs (CT-like, X-ray-like, ultrasound-like, MR-like)
   alignment.json           stage 1: LLaVA rows, human "<image>", gpt = Chinese caption
   instruction.json         stage 2: LLaVA rows with Chinese questions, short closed-set answers
-  grounding.json           demo stage 0: location questions on the one-lesion alignment images
-  count_size.json          demo stage 0b: the instruction rows that ask only count / size
-  grounding_size.json      demo stage 0b too: size questions on the images of grounding.json
   heldout.json             held-out cases (disjoint images), one question each, with "answer"
   pmc_vqa_style.csv        PMC-VQA-format multiple choice over held-out images
   meta.json                counts, seed, answer sets, chance levels
@@ -44,9 +41,19 @@ from qilin_jax.demo_data.templates import (  # noqa: F401  (re-exported for eval
     normalize_answer,
 )
 
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5
 # Split ids keep the per-sample RNG streams of the splits independent.
-_SPLIT_ID = {"alignment": 1, "instruction": 2, "heldout": 3, "csv": 4, "grounding": 5, "grounding_size": 6}
+_SPLIT_ID = {
+    "alignment": 1,
+    "instruction": 2,
+    "heldout": 3,
+    "csv": 4,
+    # The backbones' pretraining data (pretrain_backbones.py): streams of their own, so none of
+    # its images or texts is a demo sample, held-out ones included.
+    "pretrain_vision": 7,
+    "pretrain_vision_eval": 8,
+    "pretrain_text": 9,
+}
 # Lesion radius as a fraction of the shorter image side, per size class.
 SIZE_RADIUS = {"小": 0.05, "中": 0.08, "大": 0.115}
 # Quadrant centres (x, y) as fractions of width/height.
@@ -274,65 +281,46 @@ def make_alignment_sample(seed: int, idx: int, image_size: int, img_dir: Path) -
     }
 
 
-def make_instruction_sample(seed: int, idx: int, image_size: int, img_dir: Path) -> dict:
-    """Return one stage-2 sample with 1-3 question turns (and write its images)."""
-    rng = _rng(seed, "instruction", idx)
+def instruction_qtypes(rng: np.random.Generator, n_images: int | None = None) -> tuple[dict, list[str], str | None]:
+    """Return (case, question types, choice sub-topic or None) of one instruction sample: a
+    uniform first question type, then 1-2 more of the case's types for some samples."""
     qtype = QTYPES[rng.integers(len(QTYPES))]
     # Choice questions: draw the sub-topic first so all five are equally common.
     topic = T.CHOICE_TOPICS[rng.integers(len(T.CHOICE_TOPICS))] if qtype == "choice" else None
-    case = _case_for_qtype(rng, topic or qtype, _n_images(rng, True))
+    case = _case_for_qtype(rng, topic or qtype, _n_images(rng, True) if n_images is None else n_images)
     qtypes = [qtype]
     if rng.uniform() < P_MULTI_TURN:
         rest = [q for q in T.applicable_qtypes(case) if q != qtype]
         extra = int(rng.integers(1, 3))
         qtypes += [rest[i] for i in rng.permutation(len(rest))[:extra]]
-    stem = f"inst_{idx:05d}"
-    image = _write_images(case, rng, stem, image_size, img_dir)
+    return case, qtypes, topic
+
+
+def instruction_turns(case: dict, qtypes: list[str], topic: str | None, rng: np.random.Generator) -> list[dict]:
+    """Return the LLaVA turns of an instruction sample: "<image>\\n" + the first question, then
+    one gpt reply per question."""
     conv = []
     for t, q in enumerate(qtypes):
         qa = T.question(case, q, rng, topic=topic if t == 0 else None)
         conv.append({"from": "human", "value": ("<image>\n" if t == 0 else "") + qa["question"]})
         conv.append({"from": "gpt", "value": qa["reply"]})
+    return conv
+
+
+def make_instruction_sample(seed: int, idx: int, image_size: int, img_dir: Path) -> dict:
+    """Return one stage-2 sample with 1-3 question turns (and write its images)."""
+    rng = _rng(seed, "instruction", idx)
+    case, qtypes, topic = instruction_qtypes(rng)
+    qtype = qtypes[0]
+    stem = f"inst_{idx:05d}"
+    image = _write_images(case, rng, stem, image_size, img_dir)
     return {
         "id": stem,
         "image": image,
-        "conversations": conv,
+        "conversations": instruction_turns(case, qtypes, topic, rng),
         "qtype": qtype,
         "qtypes": qtypes,
         "case": _public_case(case),
-    }
-
-
-# The one-lesion curriculum files: question type -> (RNG split, id prefix).
-GROUNDING = {"location": ("grounding", "ground"), "size": ("grounding_size", "ground_size")}
-
-
-def make_grounding_sample(seed: int, idx: int, alignment: dict, qtype: str = "location") -> dict | None:
-    """Return a `qtype` question (location or size) on an alignment image with exactly one
-    lesion, else None. No new images: the alignment images are reused.
-
-    location (grounding.json) is demo stage 0's curriculum: localising one lesion is what a
-    from-scratch ViT learns first (in a mixed question set it does not get there in a CPU
-    budget); the other questions build on the lesion features it learns. size
-    (grounding_size.json, demo stage 0b beside count_size.json) is the next step once the ViT
-    knows where a lesion is. Asked together with location in stage 0 instead, size crowded
-    out location (which that stage then never learned: "右下" to every location question
-    after 500 steps).
-    """
-    case = alignment["case"]
-    if case["count"] != 1 or isinstance(alignment["image"], list):
-        return None
-    split, prefix = GROUNDING[qtype]
-    qa = T.question(case, qtype, _rng(seed, split, idx))
-    return {
-        "id": f"{prefix}_{idx:05d}",
-        "image": alignment["image"],
-        "conversations": [
-            {"from": "human", "value": "<image>\n" + qa["question"]},
-            {"from": "gpt", "value": qa["reply"]},
-        ],
-        "qtype": qtype,
-        "case": case,
     }
 
 
@@ -424,17 +412,11 @@ def generate(
     alignment = [make_alignment_sample(seed, i, image_size, img_dir) for i in range(n_align)]
     instruction = [make_instruction_sample(seed, i, image_size, img_dir) for i in range(n_instruct)]
     heldout = [make_heldout_sample(seed, i, image_size, img_dir) for i in range(n_heldout)]
-    grounding = [g for i, a in enumerate(alignment) if (g := make_grounding_sample(seed, i, a))]
-    count_size = [s for s in instruction if set(s["qtypes"]) <= {"count", "size"}]
-    grounding_size = [g for i, a in enumerate(alignment) if (g := make_grounding_sample(seed, i, a, "size"))]
     single = [h for h in heldout if isinstance(h["image"], str)]
     rows = [make_csv_row(seed, i, single[i]) for i in range(min(n_csv, len(single)))]
     _dump_json(alignment, out / "alignment.json")
     _dump_json(instruction, out / "instruction.json")
     _dump_json(heldout, out / "heldout.json")
-    _dump_json(grounding, out / "grounding.json")
-    _dump_json(count_size, out / "count_size.json")
-    _dump_json(grounding_size, out / "grounding_size.json")
     with open(out / "pmc_vqa_style.csv", "w", encoding="utf-8", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, lineterminator="\n")
         w.writeheader()
@@ -457,18 +439,12 @@ def generate(
             "alignment": "alignment.json",
             "instruction": "instruction.json",
             "heldout": "heldout.json",
-            "grounding": "grounding.json",
-            "count_size": "count_size.json",
-            "grounding_size": "grounding_size.json",
             "pmc_vqa_style": "pmc_vqa_style.csv",
         },
         "counts": {
             "alignment": len(alignment),
             "instruction": len(instruction),
             "heldout": len(heldout),
-            "grounding": len(grounding),
-            "count_size": len(count_size),
-            "grounding_size": len(grounding_size),
             "pmc_vqa_style": len(rows),
             "images": n_files,
             "composite_alignment": sum(isinstance(s["image"], list) for s in alignment),
@@ -516,7 +492,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     c = meta["counts"]
     print(
-        f"wrote {a.out}: {c['alignment']} alignment, {c['instruction']} instruction, {c['grounding']} grounding, "
+        f"wrote {a.out}: {c['alignment']} alignment, {c['instruction']} instruction, "
         f"{c['heldout']} held-out, "
         f"{c['pmc_vqa_style']} csv rows, {c['images']} images, {meta['total_bytes'] / 1e6:.1f} MB "
         f"in {meta['_seconds']:.1f} s"
