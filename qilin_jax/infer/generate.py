@@ -137,14 +137,6 @@ def _on_cpu(state) -> bool:
     return all(d.platform == "cpu" for d in leaf.devices())
 
 
-def batch_decode_layers(graphdef, state) -> list[dict] | None:
-    """The decoder layers, unstacked in the model's [in, out] layout, for CPU programs that
-    decode several rows per step (the serving engine), or None off CPU. XLA:CPU multiplies a
-    matrix of 2 or more rows faster by [in, out] weights, and one row (a matrix-vector
-    product) faster by the [out, in] copy that `decode_layers` keeps for generate."""
-    return _layer_list_jit(graphdef, state, transpose=False) if _on_cpu(state) else None
-
-
 def decode_layers(model, graphdef, state, max_new_tokens: int | None) -> tuple[list[dict] | None, bool]:
     """The decode layout switch: (unstacked decoder layers to pass in, or None; whether the
     compiled generate call should unstack them itself).

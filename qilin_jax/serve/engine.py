@@ -44,10 +44,10 @@ import numpy as np
 from flax import nnx
 
 from qilin_jax.infer.common import IncrementalDecoder
-from qilin_jax.infer.generate import batch_decode_layers, decode_layers, prompt_length_bucket
+from qilin_jax.infer.generate import decode_layers, prompt_length_bucket
 from qilin_jax.models.attention import _MASKED, attention
 from qilin_jax.models.common import DTYPES, rms_norm, scan_layers, stacked_values
-from qilin_jax.models.llama import KVCache, _out_mlp, _qkv, rope_cos_sin
+from qilin_jax.models.llama import MATRICES, KVCache, _out_mlp, _qkv, rope_cos_sin
 
 log = logging.getLogger("qilin_jax.serve")
 
@@ -191,6 +191,53 @@ def _chunked_attention(q, ks, vs, lens, dtype):
     return o.reshape(S, 1, H, d).astype(q.dtype)
 
 
+def _feature_major(p) -> bool:
+    """Whether a CPU layer dict holds every matrix as a plain [out, in] `<name>_t` array (no
+    LoRA adapter, nothing quantized): the layers `_layers_feature_major` runs."""
+    return all(m + "_t" in p for m in MATRICES) and not any(m + "_lora_a" in p for m in MATRICES)
+
+
+def _layers_feature_major(layers, x, k, v, cfg, cos, sin, rows, lens, window: int, dtype):
+    """The decoder layers of one CPU decode step with the activations kept [features, slots]:
+    every projection is W [out, in] @ h [in, slots]. With slots as the narrow dimension of
+    the product XLA:CPU runs the layers' matmuls in ~2/3 of the time of h [slots, in] @ W
+    [in, out] at 8-32 slots (bench/serve.py; docs/serving.md); the attention reads the
+    chunked cache as before. The same math as `_qkv` / `_out_mlp` (RMSNorm in float32, RoPE,
+    SwiGLU), transposed. Returns (x [slots, 1, embed], k chunks, v chunks)."""
+    S = x.shape[0]
+    H, KV, hd, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps
+    half = hd // 2
+    cos_t, sin_t = cos[:, 0].T.astype(dtype), sin[:, 0].T.astype(dtype)  # [hd, S]
+
+    def norm(xt, w):  # common.rms_norm over the feature axis 0
+        x32 = xt.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=0, keepdims=True) + eps)
+        return w.astype(xt.dtype)[:, None] * x32.astype(xt.dtype)
+
+    def rope(t):  # llama.apply_rope on [heads, hd, S]
+        rot = jnp.concatenate([-t[:, half:], t[:, :half]], axis=1)
+        return t * cos_t + rot * sin_t
+
+    def mm(p, name, h):
+        return p[name + "_t"].astype(dtype) @ h
+
+    ks, vs = list(k), list(v)
+    n = -(-window // ks[0][0].shape[2])  # the chunks that hold the window
+    xt = x[:, 0].T  # [D, S]
+    for i, p in enumerate(layers):
+        h = norm(xt, p["attn_norm"])
+        q = rope(mm(p, "q_proj", h).reshape(H, hd, S))
+        kk = rope(mm(p, "k_proj", h).reshape(KV, hd, S))
+        vv = mm(p, "v_proj", h).reshape(KV, hd, S)
+        ks[i] = _write_chunks(ks[i], jnp.transpose(kk, (2, 0, 1)), rows, lens)
+        vs[i] = _write_chunks(vs[i], jnp.transpose(vv, (2, 0, 1)), rows, lens)
+        out = _chunked_attention(jnp.transpose(q, (2, 0, 1))[:, None], ks[i][:n], vs[i][:n], lens, dtype)
+        xt = xt + mm(p, "o_proj", out.reshape(S, H * hd).T.astype(dtype))
+        h = norm(xt, p["mlp_norm"])
+        xt = xt + mm(p, "down_proj", jax.nn.silu(mm(p, "gate_proj", h)) * mm(p, "up_proj", h))
+    return xt.T[:, None], tuple(ks), tuple(vs)
+
+
 def _decode(graphdef, state, layers, k, v, tok, lens, temperature, top_p, seed, count, *, window: int):
     """One decode step for every slot: token tok[s] is written at position lens[s] of row s, which
     then attends to its first lens[s] + 1 positions (all < window): (k, v, next tokens [slots])."""
@@ -218,10 +265,10 @@ def _decode(graphdef, state, layers, k, v, tok, lens, temperature, top_p, seed, 
         vw = jax.lax.dynamic_slice(v, (i, 0, 0, 0, 0), (1, S, window) + v.shape[3:])[0]
         return attend(p, h, q, kw, vw), k, v
 
-    if layers is not None:
-        # CPU: unstacked layers read in place (llama.layer_list), and per layer a tuple of
-        # cache chunks: a write into a stacked cache between reads of it made XLA:CPU copy
-        # the whole cache at every layer, and a window sliced from one array was copied too.
+    if layers is not None and _feature_major(layers[0]):
+        x, k, v = _layers_feature_major(layers, x, k, v, cfg, cos, sin, rows, lens, window, dtype)
+    elif layers is not None:
+        # CPU with adapters or quantized matrices on the layers: row-major, through _proj.
         ks, vs = list(k), list(v)
         n = -(-window // ks[0][0].shape[2])  # the chunks that hold the window
         for i, p in enumerate(layers):
@@ -359,13 +406,10 @@ class Engine:
         self.image_shape = (1, 3, cfg.vision.image_size, cfg.vision.image_size)
 
         self.graphdef, self.state = nnx.split(model)
-        # CPU: the layers unstacked once for the server's life; the step multiplies `slots`
-        # rows at a time, for which the [in, out] layout is the faster one (one slot: the
-        # [out, in] copy generate uses for matrix-vector products).
-        if self.slots >= 2:
-            self.layers = batch_decode_layers(self.graphdef, self.state)
-        else:
-            self.layers, _ = decode_layers(model, self.graphdef, self.state, None)
+        # CPU: the layers unstacked once for the server's life, [out, in] (the copy generate
+        # decodes with; shared with it when the model fits the layer cache): the step runs
+        # them feature-major (`_layers_feature_major`), prefill as x @ W.T.
+        self.layers, _ = decode_layers(model, self.graphdef, self.state, None)
         text = cfg.text
         shape = (text.num_hidden_layers, self.slots, self.max_len, text.num_key_value_heads, text.head_dim)
         dtype = DTYPES[cfg.dtype]
