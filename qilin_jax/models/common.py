@@ -44,12 +44,16 @@ def dense_t(x, kernel_t):
     return y.reshape(*lead, kernel_t.shape[0])
 
 
-def rms_norm(x, weight, eps: float):
-    """LLaMA RMSNorm, computed in float32 and cast back as HF does."""
+def rms_norm(x, weight, eps: float, axis: int = -1):
+    """LLaMA RMSNorm over the features `axis` (the last, or 0 for [features, rows] activations),
+    computed in float32 and cast back as HF does."""
     dtype = x.dtype
     x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return weight.astype(dtype) * x32.astype(dtype)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=axis, keepdims=True) + eps)
+    w = weight.astype(dtype)
+    if axis % x.ndim != x.ndim - 1:
+        w = w.reshape(w.shape + (1,) * (x.ndim - 1 - axis % x.ndim))
+    return w * x32.astype(dtype)
 
 
 def layer_norm(x, scale, bias, eps: float):

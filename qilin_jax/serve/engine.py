@@ -48,6 +48,7 @@ from qilin_jax.infer.generate import decode_layers, prompt_length_bucket
 from qilin_jax.models.attention import _MASKED, attention
 from qilin_jax.models.common import DTYPES, rms_norm, scan_layers, stacked_values
 from qilin_jax.models.llama import MATRICES, KVCache, _out_mlp, _qkv, rope_cos_sin
+from qilin_jax.models.lora import SUFFIX_A
 
 log = logging.getLogger("qilin_jax.serve")
 
@@ -194,7 +195,7 @@ def _chunked_attention(q, ks, vs, lens, dtype):
 def _feature_major(p) -> bool:
     """Whether a CPU layer dict holds every matrix as a plain [out, in] `<name>_t` array (no
     LoRA adapter, nothing quantized): the layers `_layers_feature_major` runs."""
-    return all(m + "_t" in p for m in MATRICES) and not any(m + "_lora_a" in p for m in MATRICES)
+    return all(m + "_t" in p for m in MATRICES) and not any(m + SUFFIX_A in p for m in MATRICES)
 
 
 def _layers_feature_major(layers, x, k, v, cfg, cos, sin, rows, lens, window: int, dtype):
@@ -209,11 +210,6 @@ def _layers_feature_major(layers, x, k, v, cfg, cos, sin, rows, lens, window: in
     half = hd // 2
     cos_t, sin_t = cos[:, 0].T.astype(dtype), sin[:, 0].T.astype(dtype)  # [hd, S]
 
-    def norm(xt, w):  # common.rms_norm over the feature axis 0
-        x32 = xt.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=0, keepdims=True) + eps)
-        return w.astype(xt.dtype)[:, None] * x32.astype(xt.dtype)
-
     def rope(t):  # llama.apply_rope on [heads, hd, S]
         rot = jnp.concatenate([-t[:, half:], t[:, :half]], axis=1)
         return t * cos_t + rot * sin_t
@@ -225,7 +221,7 @@ def _layers_feature_major(layers, x, k, v, cfg, cos, sin, rows, lens, window: in
     n = -(-window // ks[0][0].shape[2])  # the chunks that hold the window
     xt = x[:, 0].T  # [D, S]
     for i, p in enumerate(layers):
-        h = norm(xt, p["attn_norm"])
+        h = rms_norm(xt, p["attn_norm"], eps, axis=0)
         q = rope(mm(p, "q_proj", h).reshape(H, hd, S))
         kk = rope(mm(p, "k_proj", h).reshape(KV, hd, S))
         vv = mm(p, "v_proj", h).reshape(KV, hd, S)
@@ -233,7 +229,7 @@ def _layers_feature_major(layers, x, k, v, cfg, cos, sin, rows, lens, window: in
         vs[i] = _write_chunks(vs[i], jnp.transpose(vv, (2, 0, 1)), rows, lens)
         out = _chunked_attention(jnp.transpose(q, (2, 0, 1))[:, None], ks[i][:n], vs[i][:n], lens, dtype)
         xt = xt + mm(p, "o_proj", out.reshape(S, H * hd).T.astype(dtype))
-        h = norm(xt, p["mlp_norm"])
+        h = rms_norm(xt, p["mlp_norm"], eps, axis=0)
         xt = xt + mm(p, "down_proj", jax.nn.silu(mm(p, "gate_proj", h)) * mm(p, "up_proj", h))
     return xt.T[:, None], tuple(ks), tuple(vs)
 
